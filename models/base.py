@@ -1,0 +1,90 @@
+"""Interfaces every model component implements.
+
+Axis legend used across ``models/``: ``b`` streams (batch), ``n`` time, ``c`` channels,
+``d`` features, ``h`` heads.
+
+Components hold only shared, pretrained parameters. Everything that changes for one stream
+lives in a ``TensorDict`` whose leading batch dimension is the stream dimension; it is passed
+in and the next one is returned. Nothing is assigned to ``self`` after ``__init__``.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from enum import Enum
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+
+class StorePolicy(str, Enum):
+    """Which tokens of an input window a memory learns from during one forward pass.
+
+    ``window``: every token (pretraining: each window starts from a fresh memory).
+    ``last``: only the newest token (online: the older tokens were stored when they arrived,
+    so each observation is learned from exactly once).
+    ``none``: retrieve only (forecasting without learning, or re-scoring a past window).
+    """
+
+    WINDOW = "window"
+    LAST = "last"
+    NONE = "none"
+
+
+class ModelCapabilityError(ValueError):
+    """A configuration asks a component for something it cannot do."""
+
+
+def empty_state(batch: int, device: torch.device | str | None = None) -> TensorDict:
+    """A state with no entries, for components that keep nothing per stream."""
+    return TensorDict({}, batch_size=[batch], device=device)
+
+
+class StatefulModule(nn.Module, metaclass=ABCMeta):
+    """A component with per-stream state.
+
+    Subclasses implement :meth:`init_state` and a forward pass
+    ``forward(x, state, store) -> (y, next_state)``. Components whose state changes from
+    gradients of the forecasting loss (FSNet) also override :meth:`adapt`.
+    """
+
+    def init_state(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TensorDict:
+        return empty_state(batch, device)
+
+    @property
+    def learns_from_gradients(self) -> bool:
+        """True when :meth:`adapt` must be given the gradients of the forecasting loss."""
+        return False
+
+    def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
+        """Update the state of ONE stream (batch 1) from the gradients of its forecast loss.
+
+        ``grads`` maps this module's own parameter names (relative to this module) to the
+        gradients of that stream's loss. The default keeps the state unchanged.
+        """
+        return state
+
+
+class Backbone(StatefulModule):
+    """Maps embedded inputs ``[b, n, d]`` to features ``[b, n, d]``."""
+
+    @abstractmethod
+    def forward(  # type: ignore[override]
+        self, x: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict]: ...
+
+
+class MemoryUnit(StatefulModule):
+    """A memory read beside the backbone: features ``[b, n, d]`` -> memory output ``[b, n, d]``.
+
+    With ``store`` other than ``none`` it first learns from the chosen tokens of ``x`` (in time
+    order), then retrieves with queries made from every token of ``x``.
+    """
+
+    @abstractmethod
+    def forward(  # type: ignore[override]
+        self, x: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict]: ...

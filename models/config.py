@@ -1,0 +1,128 @@
+"""Model configuration: a frozen dataclass that checkpoints carry, so any process can rebuild
+the model from a checkpoint directory alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKBONES = ("lstm", "transformer", "tcn", "titans")
+MEMORIES = ("titans", "fsnet", "fsnet_nomem", "none")
+FUSIONS = ("add", "concat", "gated", "layer", "context")
+MEMORY_MODELS = ("mlp", "attention")
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be built; the message says which field to change."""
+
+
+@dataclass(frozen=True)
+class NeuralMemoryConfig:
+    """Titans NeuralMemory settings (Behrouz et al., 2025, section 3.1)."""
+
+    model: str = "mlp"  # inner memory network: "mlp" or "attention"
+    depth: int = 2  # layers of the MLP memory
+    expansion: float = 2.0  # hidden width of the MLP memory, relative to the head dimension
+    heads: int = 2
+    dim_head: int = 16
+    chunk_size: int = 1  # tokens that share one gradient step
+    batch_size: int | None = None  # commit weight updates only every this many tokens
+    max_lr: float = 1e-1  # data-dependent learning rate is mapped into [1e-7, max_lr]
+
+
+@dataclass(frozen=True)
+class FSNetConfig:
+    """FSNet fast-and-slow adaptation settings (Pham et al., ICLR 2023)."""
+
+    gamma_long: float = 0.9
+    gamma_short: float = 0.3
+    tau: float = 0.75
+    slots: int = 32
+    top_k: int = 2
+    temperature: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a :class:`~models.forecaster.ContinualForecaster`."""
+
+    seq_len: int = 48
+    pred_len: int = 12
+    channels: int = 1  # input channels
+    targets: tuple[int, ...] | None = None  # indices of forecast channels; None = all
+    backbone: str = "lstm"
+    memory: str = "titans"
+    fusion: str = "add"
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    kernel_size: int = 3  # tcn
+    dropout: float = 0.0
+    revin: bool = True  # reversible instance normalisation of each window
+    predict_delta: bool = True  # forecast the change from the last observed value
+    linear_skip: bool = True  # channel-independent linear map from the window to the horizon
+    neural_memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
+    fsnet: FSNetConfig = field(default_factory=FSNetConfig)
+    online_lr: float = 1e-3  # full_model: per-stream AdamW learning rate
+    online_weight_decay: float = 0.0
+    online_betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        _check_choice("backbone", self.backbone, BACKBONES)
+        _check_choice("memory", self.memory, MEMORIES)
+        _check_choice("fusion", self.fusion, FUSIONS)
+        _check_choice("neural_memory.model", self.neural_memory.model, MEMORY_MODELS)
+        if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
+            raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
+        if self.memory in ("fsnet", "fsnet_nomem") and self.backbone != "tcn":
+            raise ConfigError(f"memory {self.memory!r} adapts the tcn backbone: set backbone='tcn'")
+        if self.fusion == "context" and self.backbone != "titans":
+            raise ConfigError("fusion 'context' (memory as context) needs backbone='titans'")
+        if self.backbone == "titans" and self.memory not in ("titans", "none"):
+            raise ConfigError("backbone 'titans' integrates memory 'titans' (or 'none')")
+        for t in self.out_indices:
+            if not 0 <= t < self.channels:
+                raise ConfigError(f"target index {t} outside 0..{self.channels - 1}")
+
+    @property
+    def out_indices(self) -> tuple[int, ...]:
+        return tuple(range(self.channels)) if self.targets is None else tuple(self.targets)
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.out_indices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model config fields: {sorted(unknown)}")
+        if "neural_memory" in data:
+            data["neural_memory"] = NeuralMemoryConfig(**data["neural_memory"])
+        if "fsnet" in data:
+            data["fsnet"] = FSNetConfig(**data["fsnet"])
+        for key in ("targets", "online_betas"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def digest(self) -> str:
+        """Stable hash of the configuration (part of a model's fingerprint)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")

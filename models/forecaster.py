@@ -1,0 +1,122 @@
+"""The backbone-plus-memory forecaster: a window ``[b, seq_len, c]`` -> ``[b, pred_len, c_out]``.
+
+Pipeline: reversible instance normalisation of the window -> linear embedding -> backbone P
+-> fusion with memory M -> head on the last token, plus a channel-independent linear map of
+the window; the sum is a change from the last observed value (``predict_delta``) and is
+de-normalised back to the window's units. Head and linear map start at zero, so an
+untrained model forecasts the last value, the baseline every method must beat.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from models.base import Backbone, MemoryUnit, StatefulModule, StorePolicy, empty_state
+from models.config import ModelConfig
+from models.registry import build_backbone, build_memory
+
+_EPS = 1e-5
+
+
+class Fusion(nn.Module):
+    """Combines backbone features and memory output (both ``[b, n, d]``)."""
+
+    def __init__(self, kind: str, d: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind in ("concat", "gated"):
+            self.proj = nn.Linear(2 * d, d)
+
+    def forward(self, features: Tensor, memory: Tensor) -> Tensor:
+        if self.kind == "add":
+            return features + memory
+        if self.kind == "layer":
+            return memory
+        both = torch.cat([features, memory], dim=-1)  # [b, n, 2d]
+        if self.kind == "concat":
+            return self.proj(both)
+        gate = torch.sigmoid(self.proj(both))
+        return gate * features + (1 - gate) * memory
+
+
+class ContinualForecaster(nn.Module):
+    """Shared, pretrained parameters only; per-stream state is passed in and returned."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Linear(config.channels, d)
+        self.backbone: Backbone = build_backbone(config)
+        self.memory: MemoryUnit | None = build_memory(config)
+        self.fusion = Fusion(config.fusion, d) if self.memory is not None else None
+        self.head = nn.Linear(d, config.pred_len * config.out_channels)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.skip: nn.Linear | None = None
+        if config.linear_skip:
+            self.skip = nn.Linear(config.seq_len, config.pred_len)
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
+
+    def stateful_children(self) -> dict[str, StatefulModule]:
+        children: dict[str, StatefulModule] = {"backbone": self.backbone}
+        if self.memory is not None:
+            children["memory"] = self.memory
+        return children
+
+    def init_state(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TensorDict:
+        """Fresh component state for ``batch`` streams: ``{"backbone": ..., "memory": ...}``."""
+        state = empty_state(batch, device)
+        for name, child in self.stateful_children().items():
+            state[name] = child.init_state(batch, device=device, dtype=dtype)
+        return state
+
+    @property
+    def learns_from_gradients(self) -> bool:
+        return any(c.learns_from_gradients for c in self.stateful_children().values())
+
+    def forward(  # type: ignore[override]
+        self, window: Tensor, state: TensorDict, store: StorePolicy = StorePolicy.NONE
+    ) -> tuple[Tensor, TensorDict]:
+        cfg = self.config
+        x, mean, std = self._normalise(window)  # [b, n, c]
+        features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
+        next_state = state.clone(recurse=False)
+        next_state["backbone"] = backbone_state
+        if self.memory is not None and self.fusion is not None:
+            retrieved, memory_state = self.memory(features, state["memory"], store)
+            features = self.fusion(features, retrieved)
+            next_state["memory"] = memory_state
+        out_idx = list(cfg.out_indices)
+        b = window.shape[0]
+        y = self.head(features[:, -1]).view(b, cfg.pred_len, cfg.out_channels)
+        x_out = x[:, :, out_idx]  # [b, n, c_out]
+        if self.skip is not None:
+            y = y + self.skip(x_out.transpose(1, 2)).transpose(1, 2)
+        if cfg.predict_delta:
+            y = y + x_out[:, -1:, :]
+        y = y * std[:, :, out_idx] + mean[:, :, out_idx]
+        return y, next_state
+
+    def _normalise(self, window: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.config.revin:
+            ones = torch.ones_like(window[:, :1])
+            return window, torch.zeros_like(ones), ones
+        mean = window.mean(dim=1, keepdim=True)  # [b, 1, c]
+        std = (window.var(dim=1, keepdim=True, unbiased=False) + _EPS).sqrt()
+        return (window - mean) / std, mean, std
+
+    def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
+        """Gradient-driven state updates (FSNet) of one stream; grads keyed by parameter name."""
+        next_state = state.clone(recurse=False)
+        for name, child in self.stateful_children().items():
+            if child.learns_from_gradients:
+                prefix = name + "."
+                sub = {k[len(prefix) :]: g for k, g in grads.items() if k.startswith(prefix)}
+                next_state[name] = child.adapt(state[name], sub)
+        return next_state

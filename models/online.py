@@ -1,0 +1,252 @@
+"""Online learning step functions: the one code path the service, the evaluator and the
+benchmarks share.
+
+A stream state (``TensorDict`` with leading stream dimension ``b``) holds:
+
+- ``history`` ``[b, seq_len + pred_len, c]``: the latest values, oldest first;
+- ``count`` ``[b]``: observations seen;
+- ``model``: the forecaster's component state (memory weights, FSNet EMAs, ...);
+- ``params`` and ``opt`` (``full_model`` only): the stream's own copy of the weights and its
+  AdamW moments.
+
+The history is long enough to hold, besides the input window, the ``pred_len`` values of the
+oldest forecast whose horizon is now fully observed: with delayed feedback that pair is
+learned from when its last value arrives, and never before.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import Tensor
+from torch.func import functional_call
+
+from models.base import StorePolicy
+from models.forecaster import ContinualForecaster
+from models.optim import adamw_step
+
+
+class UpdateMode(str, Enum):
+    NONE = "none"
+    MEMORY_ONLY = "memory_only"
+    FULL_MODEL = "full_model"
+
+
+class Feedback(str, Enum):
+    DELAYED = "delayed"  # a target is learned from once all its values were observed
+    IMMEDIATE = "immediate"  # the literature's protocol: the caller reveals the horizon
+
+
+def init_stream_state(
+    model: ContinualForecaster,
+    batch: int,
+    mode: UpdateMode = UpdateMode.MEMORY_ONLY,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TensorDict:
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    state = TensorDict(
+        {
+            "history": torch.zeros(batch, cfg.seq_len + cfg.pred_len, cfg.channels, dtype=dtype),
+            "count": torch.zeros(batch, dtype=torch.int64),
+            "model": model.init_state(batch, device=device, dtype=dtype),
+        },
+        batch_size=[batch],
+        device=device,
+    )
+    return ensure_mode(model, state, mode)
+
+
+def ensure_mode(model: ContinualForecaster, state: TensorDict, mode: UpdateMode) -> TensorDict:
+    """Give a state what ``mode`` needs: a ``full_model`` stream starts from the shared weights."""
+    if mode is not UpdateMode.FULL_MODEL or "params" in state.keys():
+        return state
+    b = state.batch_size[0]
+    shared = {k: v.detach() for k, v in model.named_parameters()}
+
+    def per_stream(fill: float | None) -> TensorDict:
+        leaves = {
+            k: (v.expand(b, *v.shape).clone() if fill is None else torch.full((b, *v.shape), fill, dtype=v.dtype))
+            for k, v in shared.items()
+        }
+        return TensorDict(leaves, batch_size=[b]).unflatten_keys(".")
+
+    state = state.clone(recurse=False)
+    state["params"] = per_stream(None)
+    state["opt"] = TensorDict(
+        {"exp_avg": per_stream(0.0), "exp_avg_sq": per_stream(0.0), "step": torch.zeros(b, dtype=torch.int64)},
+        batch_size=[b],
+    )
+    return state
+
+
+def window(model: ContinualForecaster, state: TensorDict) -> Tensor:
+    return state["history"][:, -model.config.seq_len :]
+
+
+def is_ready(model: ContinualForecaster, state: TensorDict) -> Tensor:
+    """Per stream: enough values seen to fill the input window."""
+    return state["count"] >= model.config.seq_len
+
+
+def predict(model: ContinualForecaster, state: TensorDict) -> Tensor:
+    """The forecast ``[b, pred_len, c_out]`` from the current window, learning nothing."""
+    forecast, _ = _forward(model, state, window(model, state), StorePolicy.NONE)
+    return forecast
+
+
+def observe(
+    model: ContinualForecaster,
+    state: TensorDict,
+    values: Tensor,
+    mode: UpdateMode,
+    feedback: Feedback = Feedback.DELAYED,
+    need_forecast: bool = True,
+) -> tuple[TensorDict, Tensor | None]:
+    """Apply one observation ``values [b, c]`` per stream; return the next state and forecast.
+
+    Order: append the value; with delayed feedback learn from the forecast pair whose horizon
+    just completed; let the memory store the newest token; forecast the next horizon.
+    """
+    cfg = model.config
+    history = torch.cat([state["history"][:, 1:], values.to(state["history"].dtype)[:, None]], dim=1)
+    state = state.clone(recurse=False)
+    state["history"] = history
+    state["count"] = state["count"] + 1
+    if mode is not UpdateMode.NONE and feedback is Feedback.DELAYED:
+        matured = state["count"] >= cfg.seq_len + cfg.pred_len
+        if bool(matured.any()):
+            past, target = history[:, : cfg.seq_len], history[:, cfg.seq_len :, list(cfg.out_indices)]
+            state = learn(model, state, past, target, mode, mask=matured)
+    stores = mode is not UpdateMode.NONE and _has_memory(model)
+    if not (stores or need_forecast):
+        return state, None
+    policy = StorePolicy.LAST if stores else StorePolicy.NONE
+    forecast, stored = _forward(model, state, window(model, state), policy)
+    if stores:
+        state["model"] = _where(is_ready(model, state), stored["model"], state["model"])
+    return state, forecast
+
+
+def observe_many(
+    model: ContinualForecaster,
+    state: TensorDict,
+    values: Tensor,
+    mode: UpdateMode,
+    feedback: Feedback = Feedback.DELAYED,
+) -> tuple[TensorDict, Tensor]:
+    """Apply ``values [b, t, c]`` in time order; return the final state and forecast."""
+    if values.shape[1] == 0:
+        raise ValueError("observe_many needs at least one observation")
+    forecast: Tensor | None = None
+    last = values.shape[1] - 1
+    for i in range(values.shape[1]):
+        state, forecast = observe(model, state, values[:, i], mode, feedback, need_forecast=i == last)
+    assert forecast is not None
+    return state, forecast
+
+
+def learn(
+    model: ContinualForecaster,
+    state: TensorDict,
+    inputs: Tensor,
+    targets: Tensor,
+    mode: UpdateMode,
+    mask: Tensor | None = None,
+) -> TensorDict:
+    """Learn from fully observed pairs: ``inputs [b, seq_len, c]`` -> ``targets [b, pred_len, c_out]``.
+
+    ``full_model`` takes an AdamW step on each stream's own weights; gradient-driven memories
+    (FSNet) update their state in both learning modes. Streams where ``mask`` is false are
+    left unchanged. Gradients are per stream, so streams are processed one by one.
+    """
+    if mode is UpdateMode.NONE or not (mode is UpdateMode.FULL_MODEL or model.learns_from_gradients):
+        return state
+    state = ensure_mode(model, state, mode)
+    rows = []
+    for i in range(state.batch_size[0]):
+        row = state[i : i + 1]
+        if mask is None or bool(mask[i]):
+            row = _learn_one(model, row, inputs[i : i + 1], targets[i : i + 1], mode)
+        rows.append(row)
+    return torch.cat(rows, dim=0)
+
+
+def _learn_one(
+    model: ContinualForecaster, row: TensorDict, inputs: Tensor, targets: Tensor, mode: UpdateMode
+) -> TensorDict:
+    cfg = model.config
+    full = mode is UpdateMode.FULL_MODEL
+    source = _stream_params(row) if full else {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach().requires_grad_(True) for k, v in source.items()}
+    with torch.enable_grad():
+        forecast, _ = functional_call(model, params, (inputs, row["model"], StorePolicy.NONE))
+        loss = F.mse_loss(forecast, targets)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    grad_map = {k: torch.zeros_like(p) if g is None else g.detach() for (k, p), g in zip(params.items(), grads)}
+    row = row.clone(recurse=False)
+    row["model"] = model.adapt(row["model"], grad_map)
+    if full:
+        opt = row["opt"]
+        new_p, avg, avg_sq, step = adamw_step(
+            source,
+            grad_map,
+            _flat(opt["exp_avg"]),
+            _flat(opt["exp_avg_sq"]),
+            opt["step"][0],
+            lr=cfg.online_lr,
+            betas=cfg.online_betas,
+            weight_decay=cfg.online_weight_decay,
+        )
+        row["params"] = _nest(new_p)
+        row["opt"] = TensorDict(
+            {"exp_avg": _nest(avg), "exp_avg_sq": _nest(avg_sq), "step": step.reshape(1)}, batch_size=[1]
+        )
+    return row
+
+
+def _forward(
+    model: ContinualForecaster, state: TensorDict, inputs: Tensor, policy: StorePolicy
+) -> tuple[Tensor, TensorDict]:
+    """Forecast with the shared weights (batched) or, for full_model streams, each stream's own."""
+    if "params" not in state.keys():
+        forecast, model_state = model(inputs, state["model"], policy)
+        out = state.clone(recurse=False)
+        out["model"] = model_state
+        return forecast, out
+    forecasts, rows = [], []
+    for i in range(state.batch_size[0]):
+        row = state[i : i + 1].clone(recurse=False)
+        f, row["model"] = functional_call(model, _stream_params(row), (inputs[i : i + 1], row["model"], policy))
+        forecasts.append(f)
+        rows.append(row)
+    return torch.cat(forecasts, dim=0), torch.cat(rows, dim=0)
+
+
+def _has_memory(model: ContinualForecaster) -> bool:
+    """True when the forecaster holds a memory that learns from stored tokens."""
+    return model.memory is not None or model.config.backbone == "titans" and model.config.memory == "titans"
+
+
+def _stream_params(row: TensorDict) -> dict[str, Tensor]:
+    return _flat(row["params"])
+
+
+def _flat(td: TensorDict) -> dict[str, Tensor]:
+    """Leaves of a one-stream nested TensorDict, keyed by dotted name, without the stream dim."""
+    return {k: v[0] for k, v in td.flatten_keys(".").items()}
+
+
+def _nest(flat: dict[str, Tensor]) -> TensorDict:
+    return TensorDict({k: v.unsqueeze(0) for k, v in flat.items()}, batch_size=[1]).unflatten_keys(".")
+
+
+def _where(mask: Tensor, new: TensorDict, old: TensorDict) -> TensorDict:
+    """Per stream: ``new`` where ``mask`` holds, else ``old`` (same keys and shapes)."""
+    if bool(mask.all()):
+        return new
+    return new.apply(lambda a, b: torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b), old)
