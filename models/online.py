@@ -93,12 +93,14 @@ def is_ready(model: ContinualForecaster, state: TensorDict) -> Tensor:
     return state["count"] >= model.config.seq_len
 
 
+@torch.no_grad()
 def predict(model: ContinualForecaster, state: TensorDict) -> Tensor:
     """The forecast ``[b, pred_len, c_out]`` from the current window, learning nothing."""
     forecast, _ = _forward(model, state, window(model, state), StorePolicy.NONE)
     return forecast
 
 
+@torch.no_grad()
 def observe(
     model: ContinualForecaster,
     state: TensorDict,
@@ -150,6 +152,7 @@ def observe_many(
     return state, forecast
 
 
+@torch.no_grad()
 def learn(
     model: ContinualForecaster,
     state: TensorDict,

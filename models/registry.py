@@ -38,10 +38,15 @@ def build_memory(config: ModelConfig) -> MemoryUnit | None:
 
 
 def supported_combinations() -> Iterator[tuple[str, str, str]]:
-    """Every (backbone, memory, fusion) the configuration accepts."""
+    """Every distinct (backbone, memory, fusion) the configuration accepts.
+
+    Fusion only matters where a NeuralMemory meets the backbone, so other memories are listed
+    once, with the default fusion.
+    """
     for backbone in BACKBONES:
         for memory in MEMORIES:
-            for fusion in FUSIONS:
+            fuses = memory == "titans"
+            for fusion in FUSIONS if fuses else ("add",):
                 try:
                     ModelConfig(backbone=backbone, memory=memory, fusion=fusion)
                 except ConfigError:

@@ -1,0 +1,204 @@
+"""Properties of the forecaster and the online step functions, for every registered model.
+
+All in float64 with weights randomised away from the zero-initialised head, so that every
+component influences the forecast and a leak between streams or observations shows.
+"""
+
+from __future__ import annotations
+
+import struct
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from models import (
+    ContinualForecaster,
+    FingerprintMismatchError,
+    ModelConfig,
+    NeuralMemoryConfig,
+    UpdateMode,
+    init_stream_state,
+    model_fingerprint,
+    observe,
+    observe_many,
+    predict,
+    state_from_bytes,
+    state_to_bytes,
+)
+from models.registry import supported_combinations
+
+COMBOS = list(supported_combinations())
+MODES = list(UpdateMode)
+SEQ, PRED, CH = 8, 3, 2
+
+
+def make_model(backbone: str, memory: str, fusion: str, seed: int = 0, **overrides) -> ContinualForecaster:
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        seq_len=SEQ,
+        pred_len=PRED,
+        channels=CH,
+        backbone=backbone,
+        memory=memory,
+        fusion=fusion,
+        d_model=8,
+        n_layers=1,
+        n_heads=2,
+        neural_memory=NeuralMemoryConfig(heads=2, dim_head=4, chunk_size=2, max_lr=0.5),
+        online_lr=1e-2,
+        **overrides,
+    )
+    model = ContinualForecaster(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def series(b: int, t: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.arange(t, dtype=torch.float64)
+    seasonal = torch.sin(steps / 3.0)[None, :, None]
+    return seasonal + 0.3 * torch.randn(b, t, CH, generator=g, dtype=torch.float64)
+
+
+def flat(state: TensorDict) -> dict[str, torch.Tensor]:
+    return dict(state.flatten_keys(".").items())
+
+
+def assert_states_close(a: TensorDict, b: TensorDict, atol: float = 1e-6) -> None:
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        torch.testing.assert_close(fa[key], fb[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+T = SEQ + PRED + 5  # long enough to fill the window, learn from matured pairs and store tokens
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_batched_streams_equal_single_stream_calls(combo, mode):
+    model = make_model(*combo)
+    values = series(3, T)
+    state, forecast = observe_many(model, init_stream_state(model, 3, mode), values, mode)
+    for i in range(3):
+        single, f_i = observe_many(model, init_stream_state(model, 1, mode), values[i : i + 1], mode)
+        torch.testing.assert_close(forecast[i : i + 1], f_i, atol=1e-6, rtol=0)
+        assert_states_close(state[i : i + 1], single)
+
+
+@pytest.mark.parametrize("mode", [UpdateMode.MEMORY_ONLY, UpdateMode.FULL_MODEL], ids=lambda m: m.value)
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_grouping_of_observations_does_not_change_state(combo, mode):
+    """Each observation is learned from exactly once, however requests group them; the
+    state survives a bytes round trip between requests."""
+    model = make_model(*combo)
+    fp = model_fingerprint(model, model.config.digest())
+    values = series(1, T)
+    whole, f_whole = observe_many(model, init_stream_state(model, 1, mode), values, mode)
+    state = init_stream_state(model, 1, mode)
+    for chunk in torch.split(values, [1, 6, 4, T - 11], dim=1):
+        state, f_split = observe_many(model, state, chunk, mode)
+        state, _ = state_from_bytes(state_to_bytes(state, fp), fp)
+    torch.testing.assert_close(f_split, f_whole, atol=1e-6, rtol=0)
+    assert_states_close(state, whole)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_modules_hold_only_shared_parameters(combo):
+    model = make_model(*combo)
+    before_dict = {name: dict(vars(m)) for name, m in model.named_modules()}
+    before_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in MODES:
+        state, _ = observe_many(model, init_stream_state(model, 2, mode), series(2, T), mode)
+        assert state.batch_size == torch.Size([2])
+        for key, value in flat(state).items():
+            assert value.shape[0] == 2, f"{key} has no leading stream dimension"
+    for name, m in model.named_modules():
+        assert vars(m).keys() == before_dict[name].keys(), f"attributes added to {name or 'model'}"
+        for attr in ("_parameters", "_buffers"):
+            assert vars(m)[attr].keys() == before_dict[name][attr].keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before_weights[key]), f"shared weight {key} changed"
+
+
+@pytest.mark.parametrize("mode", [UpdateMode.MEMORY_ONLY, UpdateMode.FULL_MODEL], ids=lambda m: m.value)
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_updating_one_stream_leaves_another_unchanged(combo, mode):
+    model = make_model(*combo)
+    values = series(2, T)
+    state, _ = observe_many(model, init_stream_state(model, 2, mode), values, mode)
+    b_before = predict(model, state)[1:2]
+    a = state[0:1]
+    for k in range(PRED + 2):
+        a, _ = observe(model, a, values[0, k % T][None] * 3.0, mode)
+    state = torch.cat([a, state[1:2]])
+    assert torch.equal(predict(model, state)[1:2], b_before)
+    assert not torch.equal(flat(state[0:1])["history"], flat(state[1:2])["history"])
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_learning_modes_change_the_forecast_and_none_does_not_learn(combo):
+    model = make_model(*combo)
+    values = series(1, T)
+    forecasts = {}
+    for mode in MODES:
+        _, forecasts[mode] = observe_many(model, init_stream_state(model, 1, mode), values, mode)
+    assert torch.isfinite(forecasts[UpdateMode.NONE]).all()
+    learns = combo[1] != "none" or combo[0] == "titans" and combo[1] == "titans"
+    assert not torch.allclose(forecasts[UpdateMode.FULL_MODEL], forecasts[UpdateMode.NONE])
+    if learns:
+        assert not torch.allclose(forecasts[UpdateMode.MEMORY_ONLY], forecasts[UpdateMode.NONE])
+    else:
+        assert torch.equal(forecasts[UpdateMode.MEMORY_ONLY], forecasts[UpdateMode.NONE])
+
+
+def test_state_round_trip_is_bit_exact_and_pickle_free():
+    model = make_model("lstm", "titans", "gated")
+    fp = model_fingerprint(model, model.config.digest())
+    state, _ = observe_many(
+        model, init_stream_state(model, 2, UpdateMode.FULL_MODEL), series(2, T), UpdateMode.FULL_MODEL
+    )
+    blob = state_to_bytes(state, fp, {"stream": "a"})
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])  # safetensors: a JSON header, then raw tensor bytes
+    assert header["__metadata__"]["memcast.schema"] == "1"
+    assert header["__metadata__"]["memcast.fingerprint"] == fp
+    restored, meta = state_from_bytes(blob, fp)
+    assert meta == {"stream": "a"}
+    fa, fb = flat(state), flat(restored)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        assert fa[key].dtype == fb[key].dtype and torch.equal(fa[key], fb[key]), key
+    assert torch.equal(predict(model, state), predict(model, restored))
+
+
+def test_state_from_another_model_is_refused():
+    model, other = make_model("lstm", "titans", "add", seed=0), make_model("lstm", "titans", "add", seed=1)
+    fp, other_fp = (model_fingerprint(m, m.config.digest()) for m in (model, other))
+    assert fp != other_fp
+    blob = state_to_bytes(init_stream_state(model, 1), fp)
+    with pytest.raises(FingerprintMismatchError, match="reset the stream"):
+        state_from_bytes(blob, other_fp)
+
+
+def test_untrained_forecaster_forecasts_the_last_value():
+    """Zero-initialised head and skip: a fresh model is the last-value baseline."""
+    model = ContinualForecaster(ModelConfig(seq_len=SEQ, pred_len=PRED, channels=CH)).double()
+    state, forecast = observe_many(model, init_stream_state(model, 1, UpdateMode.NONE), series(1, SEQ), UpdateMode.NONE)
+    torch.testing.assert_close(forecast, state["history"][:, -1:].expand(1, PRED, CH))
+
+
+def test_no_cuda_calls_or_debuggers_in_the_code():
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        str(path)
+        for package in ("models", "trainer", "service", "memcast")
+        for path in (root / package).rglob("*.py")
+        if any(bad in path.read_text() for bad in (".cuda(", "pdb.set_trace", "breakpoint()"))
+    ]
+    assert offenders == []

@@ -1,0 +1,370 @@
+"""FSNet adaptive convolution and the TCN backbone: retrieval, trigger, EMAs, purity, causality.
+
+Everything runs in float64 on tiny shapes (d_model 4) so tolerances can be tight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+from models import fsnet
+from models.base import StorePolicy
+from models.config import FSNetConfig, ModelConfig
+from models.fsnet import FSNetConv, read_memory
+from models.tcn import TCNBackbone
+
+D, K, N = 4, 3, 16
+CFG = FSNetConfig()
+
+
+def _config(memory: str = "fsnet", **changes: object) -> ModelConfig:
+    return ModelConfig(
+        backbone="tcn", memory=memory, d_model=D, n_layers=2, kernel_size=K, seq_len=N, **changes
+    )
+
+
+def _randomise_controller(module: nn.Module, seed: int = 0) -> None:
+    """The head starts at zero (identity calibration); give it weights so calibration varies."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in module.modules():
+        if isinstance(layer, FSNetConv):
+            with torch.no_grad():
+                layer.head.weight.copy_(torch.randn(layer.head.weight.shape, generator=gen) * 0.3)
+                layer.head.bias.copy_(torch.randn(layer.head.bias.shape, generator=gen) * 0.3)
+
+
+def _backbone(memory: str = "fsnet", seed: int = 0) -> TCNBackbone:
+    torch.manual_seed(seed)
+    model = TCNBackbone(_config(memory)).double()
+    _randomise_controller(model, seed)
+    return model
+
+
+def _random_state(model: TCNBackbone, batch: int, seed: int = 1) -> TensorDict:
+    """A lived-in state: random EMAs, queries and memories; triggers alternate per stream."""
+    gen = torch.Generator().manual_seed(seed)
+    state = model.init_state(batch, dtype=torch.float64)
+    for name in model.layer_paths:
+        layer_state = state[name]
+        for key in ("grad_long", "grad_short", "q_ema", "memory"):
+            if key in layer_state.keys():
+                layer_state[key] = torch.randn(layer_state[key].shape, generator=gen, dtype=torch.float64)
+        layer_state["trigger"] = torch.arange(batch) % 2 == 0
+    return state
+
+
+def _clone_leaves(state: TensorDict) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in state.flatten_keys(".").items()}
+
+
+def _assert_leaves_equal(state: TensorDict, expected: dict[str, Tensor]) -> None:
+    leaves = state.flatten_keys(".")
+    assert set(leaves.keys()) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(leaves[key], value), key
+
+
+def _weight_grads(model: TCNBackbone, x: Tensor, state: TensorDict) -> dict[str, Tensor]:
+    """Gradients of a toy loss, keyed by parameter name (the adapt contract)."""
+    named = dict(model.named_parameters())
+    features, _ = model(x, state, StorePolicy.NONE)
+    grads = torch.autograd.grad(features.pow(2).mean(), list(named.values()))
+    return dict(zip(named, grads, strict=True))
+
+
+# ---------------------------------------------------------------- 1. corrected retrieval
+
+
+def test_read_memory_weights_topk_slots_by_attention_values() -> None:
+    memory = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [2.0, 1.0], [1.0, 2.0]]], dtype=torch.float64)
+    query = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    # scores / temperature 0.5 = [1, 2, 5, 4]: the top-2 slots are 2 and 3
+    total = sum(math.exp(s) for s in (1.0, 2.0, 5.0, 4.0))
+    a2, a3 = math.exp(5.0) / total, math.exp(4.0) / total
+    by_value = torch.tensor([[a2 * 2.0 + a3 * 1.0, a2 * 1.0 + a3 * 2.0]], dtype=torch.float64)
+    by_index = torch.tensor([[2 * 2.0 + 3 * 1.0, 2 * 1.0 + 3 * 2.0]], dtype=torch.float64)
+
+    retrieved, weights, slots = read_memory(memory, query, temperature=0.5, top_k=2)
+
+    assert slots.tolist() == [[2, 3]]
+    torch.testing.assert_close(weights, torch.tensor([[a2, a3]], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(retrieved, by_value, rtol=0, atol=1e-12)
+    assert not torch.allclose(retrieved, by_index)
+
+
+def _hand_retrieval(memory: Tensor, query: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One stream's read written out: softmax by exp/sum, top-2 by sorting, value-weighted sum."""
+    scores = memory @ query / CFG.temperature  # [s]
+    attention = torch.exp(scores - scores.max()) / torch.exp(scores - scores.max()).sum()
+    top = torch.argsort(attention, descending=True)[: CFG.top_k]
+    by_value = sum(attention[s] * memory[s] for s in top)
+    by_index = sum(float(s) * memory[s] for s in top)
+    return by_value, by_index, top
+
+
+def _reference_conv(layer: FSNetConv, x: Tensor, u: Tensor) -> Tensor:
+    """The calibrated conv for one stream from a calibration ``u [c]``, with torch's conv1d."""
+    o, _, k = layer.weight.shape
+    u = u.view(o, k + 2)
+    weight = layer.weight * (1 + u[:, None, :k])
+    padded = F.pad(x, ((k - 1) * layer.dilation, 0))
+    y = F.conv1d(padded, weight, layer.bias * (1 + u[:, k]), dilation=layer.dilation)
+    return (1 + u[:, k + 1])[None, :, None] * y
+
+
+def test_triggered_forward_blends_value_weighted_retrieval() -> None:
+    torch.manual_seed(0)
+    layer = FSNetConv(D, D, K, dilation=2, fsnet=CFG, use_memory=True).double()
+    _randomise_controller(layer)
+    state = layer.init_state(1)
+    gen = torch.Generator().manual_seed(3)
+    state["grad_long"] = torch.randn(state["grad_long"].shape, generator=gen, dtype=torch.float64)
+    state["q_ema"] = torch.randn(state["q_ema"].shape, generator=gen, dtype=torch.float64)
+    state["memory"] = torch.randn(state["memory"].shape, generator=gen, dtype=torch.float64) * 0.2
+    state["trigger"] = torch.tensor([True])
+    x = torch.randn(1, D, N, generator=gen, dtype=torch.float64)
+
+    by_value, by_index, top = _hand_retrieval(state["memory"][0], state["q_ema"][0])
+    assert set(top.tolist()) != {0, 1}  # indices and values differ as weights
+    own = layer.calibration(state["grad_long"])[0].detach()
+    expected = _reference_conv(layer, x, CFG.tau * own + (1 - CFG.tau) * by_value)
+    wrong = _reference_conv(layer, x, CFG.tau * own + (1 - CFG.tau) * by_index)
+
+    y = layer(x, state)
+
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+    assert not torch.allclose(y, wrong)
+    state["trigger"] = torch.tensor([False])  # untriggered: the controller's own calibration
+    torch.testing.assert_close(layer(x, state), _reference_conv(layer, x, own), rtol=0, atol=1e-10)
+
+
+def test_triggered_adapt_writes_blend_into_topk_slots_by_attention() -> None:
+    cfg = FSNetConfig(slots=4)
+    torch.manual_seed(0)
+    layer = FSNetConv(2, 2, 2, dilation=1, fsnet=cfg, use_memory=True).double()
+    _randomise_controller(layer)
+    state = layer.init_state(1)
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(2, 2, 2, generator=gen, dtype=torch.float64)
+    for _ in range(4):  # a steady direction, then its reversal fires the trigger
+        state = layer.adapt(state, {"weight": g})
+    memory = torch.randn(state["memory"].shape, generator=gen, dtype=torch.float64) * 0.1
+    state["memory"] = memory
+    before = state.clone()
+
+    after = layer.adapt(state, {"weight": -g})
+
+    assert bool(after["trigger"][0])
+    u = layer.calibration(after["grad_long"])[0].detach()
+    query = cfg.gamma_short * before["q_ema"][0] + (1 - cfg.gamma_short) * u
+    torch.testing.assert_close(after["q_ema"][0], query, rtol=0, atol=1e-12)
+    scores = memory[0] @ query / cfg.temperature
+    attention = torch.exp(scores) / torch.exp(scores).sum()
+    top = torch.argsort(attention, descending=True)[: cfg.top_k]
+    blend = cfg.tau * u + (1 - cfg.tau) * sum(attention[s] * memory[0, s] for s in top)
+    expected = memory[0].clone()
+    for s in top:
+        expected[s] = cfg.tau * memory[0, s] + (1 - cfg.tau) * attention[s] * blend
+    expected = expected / max(1.0, float(expected.norm()))
+    torch.testing.assert_close(after["memory"][0], expected, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- 2. drift trigger
+
+
+def test_trigger_fires_on_gradient_sign_flip_only() -> None:
+    model = _backbone()
+    state = model.init_state(1, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    steady = {
+        f"{path}.weight": torch.randn(D, D, K, generator=gen, dtype=torch.float64)
+        for path in model.layer_paths.values()
+    }
+    for _ in range(8):
+        state = model.adapt(state, steady)
+        for name in model.layer_paths:
+            assert not bool(state[name]["trigger"][0]), name
+
+    state = model.adapt(state, {k: -g for k, g in steady.items()})
+
+    for name in model.layer_paths:
+        assert bool(state[name]["trigger"][0]), name
+    for _ in range(12):  # once the slow EMA has turned too, the reversal is the new normal
+        state = model.adapt(state, {k: -g for k, g in steady.items()})
+    assert not any(bool(state[name]["trigger"][0]) for name in model.layer_paths)
+
+
+def test_adapt_rejects_missing_weight_gradient() -> None:
+    model = _backbone()
+    grads = {
+        f"{path}.weight": torch.zeros(D, D, K, dtype=torch.float64) for path in model.layer_paths.values()
+    }
+    del grads["blocks.1.conv2.weight"]
+    with pytest.raises(KeyError, match=re.escape("blocks.1.conv2.weight")):
+        model.adapt(model.init_state(1, dtype=torch.float64), grads)
+
+
+# ---------------------------------------------------------------- 3. EMA recurrences
+
+
+@pytest.mark.parametrize("memory", ["fsnet", "fsnet_nomem"])
+def test_emas_follow_their_recurrences(memory: str) -> None:
+    torch.manual_seed(0)
+    layer = FSNetConv(D, D, K, dilation=1, fsnet=CFG, use_memory=memory == "fsnet").double()
+    _randomise_controller(layer)
+    state = layer.init_state(1)
+    long = torch.zeros(D, D * K, dtype=torch.float64)
+    short = torch.zeros_like(long)
+    query = torch.zeros(layer.calibration_size, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(5):
+        g = torch.randn(D, D, K, generator=gen, dtype=torch.float64) * 10
+        unit = (g / g.norm(dim=1, keepdim=True)).reshape(D, D * K)  # unit norm over inputs
+        long = 0.9 * long + 0.1 * unit
+        short = 0.3 * short + 0.7 * unit
+        query = 0.3 * query + 0.7 * layer.calibration(long[None])[0].detach()
+
+        state = layer.adapt(state, {"weight": g})
+
+        torch.testing.assert_close(state["grad_long"][0], long, rtol=0, atol=1e-12)
+        torch.testing.assert_close(state["grad_short"][0], short, rtol=0, atol=1e-12)
+        if memory == "fsnet":
+            torch.testing.assert_close(state["q_ema"][0], query, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- 4. batching and purity
+
+
+def _module_snapshot(model: nn.Module) -> dict[str, object]:
+    """Every submodule's attribute names and identities, and every parameter/buffer value."""
+    snap: dict[str, object] = {}
+    for name, module in model.named_modules():
+        snap[f"{name}:attrs"] = {k: id(v) for k, v in vars(module).items()}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        snap[name] = (id(tensor), tensor.detach().clone())
+    return snap
+
+
+def _assert_same_snapshot(before: dict[str, object], after: dict[str, object]) -> None:
+    assert before.keys() == after.keys()
+    for key, old in before.items():
+        new = after[key]
+        if isinstance(old, tuple):
+            assert old[0] == new[0] and torch.equal(old[1], new[1]), key
+        else:
+            assert old == new, key
+
+
+@pytest.mark.parametrize("memory", ["fsnet", "fsnet_nomem", "none"])
+def test_forward_batched_equals_looped(memory: str) -> None:
+    model = _backbone(memory)
+    state = _random_state(model, batch=3)
+    x = torch.randn(3, N, D, dtype=torch.float64)
+
+    batched, _ = model(x, state, StorePolicy.LAST)
+    looped = torch.cat([model(x[i : i + 1], state[i : i + 1], StorePolicy.LAST)[0] for i in range(3)])
+
+    torch.testing.assert_close(batched, looped, rtol=0, atol=1e-9)
+
+
+def test_adapt_batched_equals_looped() -> None:
+    model = _backbone()
+    state = _random_state(model, batch=3)
+    x = torch.randn(3, N, D, dtype=torch.float64)
+    per_stream = [_weight_grads(model, x[i : i + 1], state[i : i + 1]) for i in range(3)]
+    stacked = {k: torch.stack([g[k] for g in per_stream]) for k in per_stream[0]}
+
+    batched = model.adapt(state, stacked)
+    looped = torch.cat([model.adapt(state[i : i + 1], per_stream[i]) for i in range(3)])
+
+    for key, value in looped.flatten_keys(".").items():
+        torch.testing.assert_close(batched.flatten_keys(".")[key], value, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory", ["fsnet", "fsnet_nomem"])
+def test_forward_and_adapt_leave_state_and_module_untouched(memory: str) -> None:
+    model = _backbone(memory)
+    state = _random_state(model, batch=1)
+    x = torch.randn(1, N, D, dtype=torch.float64)
+    leaves = _clone_leaves(state)
+    module_before = _module_snapshot(model)
+
+    _, returned = model(x, state, StorePolicy.LAST)
+    grads = _weight_grads(model, x, state)
+    adapted = model.adapt(state, grads)
+
+    assert returned is state
+    _assert_leaves_equal(state, leaves)
+    _assert_same_snapshot(module_before, _module_snapshot(model))
+    assert not torch.equal(adapted["block0_conv1"]["grad_long"], state["block0_conv1"]["grad_long"])
+    assert all(not v.requires_grad for v in adapted.flatten_keys(".").values())
+
+
+# ---------------------------------------------------------------- 5. fsnet_nomem
+
+
+def test_nomem_keeps_no_memory_and_never_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _backbone("fsnet_nomem")
+    state = _random_state(model, batch=2)
+    for name in model.layer_paths:
+        assert set(state[name].keys()) == {"grad_long", "grad_short", "trigger"}
+    assert not any("memory" in name for name, _ in model.named_buffers())
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fsnet_nomem touched the associative memory")
+
+    monkeypatch.setattr(fsnet, "read_memory", forbidden)
+    monkeypatch.setattr(fsnet, "write_memory", forbidden)
+    x = torch.randn(2, N, D, dtype=torch.float64)
+    model(x, state, StorePolicy.LAST)  # stream 0 is triggered
+    grads = _weight_grads(model, x[:1], state[0:1])
+    model.adapt(model.adapt(state[0:1], grads), {k: -g for k, g in grads.items()})
+
+
+def test_fsnet_reads_memory_through_the_patched_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the test above: the same patch does catch a memory read."""
+    model = _backbone("fsnet")
+    calls: list[int] = []
+    real = fsnet.read_memory
+
+    def spy(*args: object, **kwargs: object) -> tuple[Tensor, Tensor, Tensor]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fsnet, "read_memory", spy)
+    model(torch.randn(1, N, D, dtype=torch.float64), _random_state(model, batch=1), StorePolicy.LAST)
+    assert calls
+
+
+# ---------------------------------------------------------------- 6. causality
+
+
+@pytest.mark.parametrize("memory", ["fsnet", "fsnet_nomem", "none"])
+def test_tcn_is_causal(memory: str) -> None:
+    model = _backbone(memory)
+    state = _random_state(model, batch=2)
+    x = torch.randn(2, N, D, dtype=torch.float64)
+    t = 9
+    changed = x.clone()
+    changed[:, t] += 1.0
+
+    y, _ = model(x, state, StorePolicy.NONE)
+    y_changed, _ = model(changed, state, StorePolicy.NONE)
+
+    assert torch.equal(y[:, :t], y_changed[:, :t])
+    assert not torch.allclose(y[:, t], y_changed[:, t])
+
+
+def test_plain_tcn_has_empty_state_and_no_gradient_learning() -> None:
+    model = _backbone("none")
+    state = model.init_state(2)
+    assert list(state.keys()) == [] and state.batch_size == torch.Size([2])
+    assert not model.learns_from_gradients
+    assert model.adapt(state, {}) is state
