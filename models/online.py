@@ -70,10 +70,10 @@ def ensure_mode(model: ContinualForecaster, state: TensorDict, mode: UpdateMode)
 
     def per_stream(fill: float | None) -> TensorDict:
         leaves = {
-            k: (v.expand(b, *v.shape).clone() if fill is None else torch.full((b, *v.shape), fill, dtype=v.dtype))
+            _key(k): (v.expand(b, *v.shape).clone() if fill is None else torch.full((b, *v.shape), fill, dtype=v.dtype))
             for k, v in shared.items()
         }
-        return TensorDict(leaves, batch_size=[b]).unflatten_keys(".")
+        return TensorDict(leaves, batch_size=[b])
 
     state = state.clone(recurse=False)
     state["params"] = per_stream(None)
@@ -170,6 +170,8 @@ def learn(
     if mode is UpdateMode.NONE or not (mode is UpdateMode.FULL_MODEL or model.learns_from_gradients):
         return state
     state = ensure_mode(model, state, mode)
+    if state.batch_size[0] == 1:  # the common single-stream case skips slicing and concatenation
+        return state if mask is not None and not bool(mask[0]) else _learn_one(model, state, inputs, targets, mode)
     rows = []
     for i in range(state.batch_size[0]):
         row = state[i : i + 1]
@@ -223,10 +225,12 @@ def _forward(
         return forecast, out
     forecasts, rows = [], []
     for i in range(state.batch_size[0]):
-        row = state[i : i + 1].clone(recurse=False)
+        row = (state if state.batch_size[0] == 1 else state[i : i + 1]).clone(recurse=False)
         f, row["model"] = functional_call(model, _stream_params(row), (inputs[i : i + 1], row["model"], policy))
         forecasts.append(f)
         rows.append(row)
+    if len(rows) == 1:
+        return forecasts[0], rows[0]
     return torch.cat(forecasts, dim=0), torch.cat(rows, dim=0)
 
 
@@ -235,17 +239,22 @@ def _has_memory(model: ContinualForecaster) -> bool:
     return model.memory is not None or model.config.backbone == "titans" and model.config.memory == "titans"
 
 
+def _key(param_name: str) -> str:
+    """Parameter names flattened into one level of keys (dots would nest on serialisation)."""
+    return param_name.replace(".", "-")
+
+
 def _stream_params(row: TensorDict) -> dict[str, Tensor]:
     return _flat(row["params"])
 
 
 def _flat(td: TensorDict) -> dict[str, Tensor]:
-    """Leaves of a one-stream nested TensorDict, keyed by dotted name, without the stream dim."""
-    return {k: v[0] for k, v in td.flatten_keys(".").items()}
+    """A one-stream per-parameter TensorDict as ``{parameter name: tensor without stream dim}``."""
+    return {k.replace("-", "."): v[0] for k, v in td.items()}
 
 
 def _nest(flat: dict[str, Tensor]) -> TensorDict:
-    return TensorDict({k: v.unsqueeze(0) for k, v in flat.items()}, batch_size=[1]).unflatten_keys(".")
+    return TensorDict({_key(k): v.unsqueeze(0) for k, v in flat.items()}, batch_size=[1])
 
 
 def _where(mask: Tensor, new: TensorDict, old: TensorDict) -> TensorDict:

@@ -24,15 +24,15 @@ def adamw_step(
     beta1, beta2 = betas
     step = step + 1
     t = step.to(torch.float64)
-    correction1 = 1 - beta1**t
-    correction2 = 1 - beta2**t
+    correction1 = float(1 - beta1**t)
+    correction2 = float(1 - beta2**t)
     new_params, new_avg, new_avg_sq = {}, {}, {}
     for name, p in params.items():
         g = grads[name]
         m = beta1 * exp_avg[name] + (1 - beta1) * g
         v = beta2 * exp_avg_sq[name] + (1 - beta2) * g * g
-        denom = (v / correction2.to(v.dtype)).sqrt() + eps
-        update = (m / correction1.to(m.dtype)) / denom
+        denom = (v / correction2).sqrt() + eps
+        update = (m / correction1) / denom
         new_params[name] = p * (1 - lr * weight_decay) - lr * update
         new_avg[name], new_avg_sq[name] = m, v
     return new_params, new_avg, new_avg_sq, step
