@@ -1,0 +1,203 @@
+"""NeuralMemory and TitansBackbone: learning, equivalences (batched = looped, chunked = whole),
+statelessness of the module, gradient flow. Everything in float64 with tight tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from models.base import StorePolicy
+from models.config import ConfigError, ModelConfig, NeuralMemoryConfig
+from models.neural_memory import NeuralMemory, momentum_decay_scan
+from models.titans_backbone import TitansBackbone
+
+D = 16
+ATOL = 1e-9
+
+
+def make_memory(seed: int = 0, **memory: object) -> NeuralMemory:
+    settings = {"heads": 2, "dim_head": 8, **memory}
+    config = ModelConfig(d_model=D, neural_memory=NeuralMemoryConfig(**settings))  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    return NeuralMemory(config).double()
+
+
+def tokens(b: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(b, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_states_close(a: TensorDict, b: TensorDict, atol: float = ATOL) -> None:
+    assert set(a.keys(True, True)) == set(b.keys(True, True))
+    for key in a.keys(True, True):
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=f"state entry {key}")
+
+
+def store(memory: NeuralMemory, x: torch.Tensor, state: TensorDict, splits: list[int]) -> TensorDict:
+    """Stores the tokens of ``x`` in consecutive calls of the given lengths."""
+    start = 0
+    for size in splits:
+        _, state = memory(x[:, start : start + size], state, StorePolicy.WINDOW)
+        start += size
+    assert start == x.shape[1]
+    return state
+
+
+def test_store_reduces_retrieval_error() -> None:
+    memory = make_memory(max_lr=1.0)
+    x = tokens(2, 6)
+    state = memory.init_state(2)
+    with torch.no_grad():
+        before = memory.surprise(x, state).mean()
+        for _ in range(4):
+            _, state = memory(x, state, StorePolicy.WINDOW)
+        after = memory.surprise(x, state).mean()
+    assert after < 0.7 * before
+
+
+def test_zero_learning_rate_keeps_weights() -> None:
+    memory = make_memory(max_lr=0.0, chunk_size=2)
+    with torch.no_grad():
+        memory.to_decay.bias.fill_(-1e4)  # alpha = 0: no forgetting either
+    state = memory.init_state(2)
+    _, after = memory(tokens(2, 5), state, StorePolicy.WINDOW)
+    _, after = memory(tokens(2, 5, seed=2), after, StorePolicy.LAST)
+    for part in ("weights", "pending"):
+        for name, w in state[part].items():
+            assert torch.equal(after[part][name], w), f"{part}.{name} changed"
+    assert all(torch.equal(m, torch.zeros_like(m)) for m in after["momentum"].values())
+    assert after["seq_index"].tolist() == [6, 6]
+
+
+def test_scan_equals_step_loop() -> None:
+    gen = torch.Generator().manual_seed(3)
+    s, steps, shape = 3, 7, (4, 5)
+    eta, alpha = torch.rand(s, steps, generator=gen), torch.rand(s, steps, generator=gen)
+    eta[0, 2], alpha[1, 3], alpha[2, 0] = 0.0, 1.0, 0.0  # gates at their ends
+    update = torch.randn(s, steps, *shape, generator=gen, dtype=torch.float64)
+    momentum0 = torch.randn(s, *shape, generator=gen, dtype=torch.float64)
+    weights0 = torch.randn(s, *shape, generator=gen, dtype=torch.float64)
+    eta, alpha = eta.double(), alpha.double()
+    s_all, m_all = momentum_decay_scan(eta, alpha, update, momentum0, weights0)
+    momentum, weights = momentum0, weights0
+    for j in range(steps):
+        momentum = eta[:, j, None, None] * momentum + update[:, j]
+        weights = (1 - alpha[:, j, None, None]) * weights + momentum
+        torch.testing.assert_close(s_all[:, j], momentum, atol=1e-12, rtol=0)
+        torch.testing.assert_close(m_all[:, j], weights, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["mlp", "attention"])
+@pytest.mark.parametrize("policy", [StorePolicy.WINDOW, StorePolicy.LAST])
+def test_batched_equals_looped(model: str, policy: StorePolicy) -> None:
+    memory = make_memory(model=model, chunk_size=2, batch_size=4)
+    x = tokens(3, 5)
+    # streams at different positions: buffers and commit phases differ between them
+    states = [store(memory, tokens(1, i + 2, seed=10 + i), memory.init_state(1), [i + 2]) for i in range(3)]
+    out, state = memory(x, torch.cat(states), policy)
+    for i in range(3):
+        out_i, state_i = memory(x[i : i + 1], states[i], policy)
+        torch.testing.assert_close(out[i : i + 1], out_i, atol=ATOL, rtol=0)
+        assert_states_close(state[i : i + 1], state_i)
+
+
+@pytest.mark.parametrize(
+    ("model", "chunk_size", "batch_size"),
+    [("mlp", 1, None), ("mlp", 4, None), ("mlp", 2, 6), ("attention", 4, 8)],
+)
+def test_chunking_invariance(model: str, chunk_size: int, batch_size: int | None) -> None:
+    memory = make_memory(model=model, chunk_size=chunk_size, batch_size=batch_size)
+    x = tokens(1, 12)
+    whole = store(memory, x, memory.init_state(1), [12])
+    for splits in ([1] * 12, [5, 3, 4], [3, 9]):
+        assert_states_close(store(memory, x, memory.init_state(1), splits), whole)
+    online = memory.init_state(1)
+    for t in range(12):  # the online path: a growing window, learning its newest token
+        _, online = memory(x[:, max(0, t - 3) : t + 1], online, StorePolicy.LAST)
+    assert_states_close(online, whole)
+    query = tokens(1, 4, seed=5)
+    out_whole, _ = memory(query, whole, StorePolicy.NONE)
+    out_online, _ = memory(query, online, StorePolicy.NONE)
+    torch.testing.assert_close(out_online, out_whole, atol=ATOL, rtol=0)
+    assert whole["seq_index"].item() == 12 and whole["buffer", "count"].item() == 12 % chunk_size
+
+
+def test_forward_keeps_module_unchanged_and_learns_projections() -> None:
+    memory = make_memory(chunk_size=2)
+
+    def attributes() -> dict[str, dict[str, int]]:
+        return {name: {k: id(v) for k, v in vars(m).items()} for name, m in memory.named_modules()}
+
+    before = attributes()
+    params = {k: v.detach().clone() for k, v in memory.state_dict().items()}
+    out, state = memory(tokens(2, 6), memory.init_state(2), StorePolicy.WINDOW)
+    assert attributes() == before
+    assert list(memory.buffers()) == []
+    assert all(torch.equal(v, params[k]) for k, v in memory.state_dict().items())
+    out.pow(2).sum().backward()
+    for name in ("to_k", "to_v", "to_lr", "to_momentum", "to_decay"):
+        weight = getattr(memory, name).weight
+        assert weight.grad is not None and weight.grad.abs().sum() > 0, name
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in memory.memory_model.parameters())
+
+
+def test_none_policy_and_bad_batch_size() -> None:
+    memory = make_memory(chunk_size=2)
+    state = memory.init_state(1)
+    _, same = memory(tokens(1, 3), state, StorePolicy.NONE)
+    assert same is state
+    with pytest.raises(ConfigError, match="multiple of chunk_size"):
+        make_memory(chunk_size=2, batch_size=3)
+
+
+def titans_config(fusion: str, memory: str = "titans") -> ModelConfig:
+    return ModelConfig(
+        seq_len=6,
+        d_model=D,
+        n_heads=2,
+        n_layers=2,
+        backbone="titans",
+        memory=memory,
+        fusion=fusion,
+        neural_memory=NeuralMemoryConfig(heads=2, dim_head=8, chunk_size=2),
+    )
+
+
+@pytest.mark.parametrize("fusion", ["layer", "context", "gated"])
+def test_titans_backbone_batched_equals_looped(fusion: str) -> None:
+    torch.manual_seed(0)
+    backbone = TitansBackbone(titans_config(fusion)).double()
+    state = backbone.init_state(3)
+    assert set(state.keys()) == {"layer0", "layer1"}
+    _, state = backbone(tokens(3, 6), state, StorePolicy.WINDOW)
+    state = torch.cat([state[:2], backbone(tokens(1, 6, seed=4), state[2:], StorePolicy.LAST)[1]])
+    x = tokens(3, 6, seed=7)
+    out, next_state = backbone(x, state, StorePolicy.LAST)
+    assert out.shape == (3, 6, D) and set(next_state.keys()) == {"layer0", "layer1"}
+    for i in range(3):
+        out_i, state_i = backbone(x[i : i + 1], state[i : i + 1], StorePolicy.LAST)
+        torch.testing.assert_close(out[i : i + 1], out_i, atol=ATOL, rtol=0)
+        assert_states_close(next_state[i : i + 1], state_i)
+    assert not torch.equal(next_state["layer1", "weights", "w0"], state["layer1", "weights", "w0"])
+
+
+@pytest.mark.parametrize(("alias", "fusion"), [("add", "gated"), ("concat", "context")])
+def test_titans_backbone_fusion_aliases(alias: str, fusion: str) -> None:
+    torch.manual_seed(0)
+    aliased = TitansBackbone(titans_config(alias)).double()
+    torch.manual_seed(0)
+    named = TitansBackbone(titans_config(fusion)).double()
+    x = tokens(1, 6)
+    out_aliased, _ = aliased(x, aliased.init_state(1), StorePolicy.WINDOW)
+    out_named, _ = named(x, named.init_state(1), StorePolicy.WINDOW)
+    torch.testing.assert_close(out_aliased, out_named, atol=0, rtol=0)
+
+
+def test_titans_backbone_without_memory_is_plain_transformer() -> None:
+    backbone = TitansBackbone(titans_config("layer", memory="none")).double()
+    state = backbone.init_state(2)
+    assert list(state.keys()) == []
+    out, next_state = backbone(tokens(2, 6), state, StorePolicy.LAST)
+    assert out.shape == (2, 6, D) and list(next_state.keys()) == []
+    causal, _ = backbone(tokens(2, 6)[:, :4], state, StorePolicy.NONE)
+    assert causal.shape == (2, 4, D)
