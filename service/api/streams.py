@@ -1,0 +1,56 @@
+"""/v1/streams: create, inspect, delete and reset streams; post observations; read forecasts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Response, status
+
+from service import schemas
+from service.api.deps import Authenticated, EngineDep
+from service.api.errors import ERROR_RESPONSES
+
+router = APIRouter(
+    prefix="/v1/streams", tags=["streams"], dependencies=[Authenticated], responses=ERROR_RESPONSES
+)
+
+StreamIdPath = Annotated[schemas.StreamId, Path(description="stream id")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.StreamOut)
+async def create_stream(
+    req: schemas.CreateStream, engine: EngineDep, response: Response
+) -> schemas.StreamOut:
+    record = await engine.create(req)
+    response.headers["Location"] = f"/v1/streams/{record.stream_id}"
+    return engine.summary(record)
+
+
+@router.get("/{stream_id}", response_model=schemas.StreamOut)
+async def get_stream(stream_id: StreamIdPath, engine: EngineDep) -> schemas.StreamOut:
+    return engine.summary(await engine.get(stream_id))
+
+
+@router.delete("/{stream_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_stream(stream_id: StreamIdPath, engine: EngineDep) -> Response:
+    await engine.delete(stream_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{stream_id}/reset", response_model=schemas.StreamOut)
+async def reset_stream(
+    stream_id: StreamIdPath, engine: EngineDep, req: Annotated[schemas.ResetStream | None, Body()] = None
+) -> schemas.StreamOut:
+    return engine.summary(await engine.reset(stream_id, req or schemas.ResetStream()))
+
+
+@router.post("/{stream_id}/observations", response_model=schemas.ObservationsOut)
+async def post_observations(
+    stream_id: StreamIdPath, batch: schemas.ObservationBatch, engine: EngineDep
+) -> schemas.ObservationsOut:
+    return await engine.observe(stream_id, batch)
+
+
+@router.get("/{stream_id}/forecast", response_model=schemas.ForecastOut)
+async def get_forecast(stream_id: StreamIdPath, engine: EngineDep) -> schemas.ForecastOut:
+    return await engine.forecast(stream_id)

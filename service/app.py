@@ -1,0 +1,67 @@
+"""The FastAPI application: ``create_app(settings)``; uvicorn uses it as a factory.
+
+The lifespan loads the model registry, opens the state store and starts the engine, all kept
+on ``app.state``; nothing lives in module globals, so several apps can share a process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+
+from memcast import __version__
+from service.api import health, models, streams
+from service.api.errors import install_error_handlers
+from service.engine import Engine
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, LatencyMiddleware
+from service.registry import load_registry
+from service.settings import Settings, get_settings
+from service.store import make_store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
+        registry = load_registry(settings.checkpoint_dir, settings.default_model, settings.device)
+        metrics.models_loaded.set(len(registry))
+        store = make_store(settings)
+        engine = Engine(registry, store, settings, metrics)
+        app.state.registry, app.state.store, app.state.engine = registry, store, engine
+        log.info(
+            "memcast ready to serve %d model(s) with the %s store",
+            len(registry),
+            "redis" if settings.redis_url else "embedded",
+        )
+        try:
+            yield
+        finally:
+            engine.close()
+            await store.aclose()
+
+    app = FastAPI(
+        title="memcast",
+        version=__version__,
+        description="Online forecasting that keeps learning from every observation.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.metrics = settings, metrics
+    install_error_handlers(app)
+    app.include_router(streams.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    # outermost last: latency covers everything, including refused bodies
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(LatencyMiddleware, metrics=metrics)
+    return app

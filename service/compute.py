@@ -1,0 +1,98 @@
+"""Model computation, run in a worker thread: decode states, ``models.online.observe``, encode.
+
+Values arrive raw (the stream's units); they are scaled with the checkpoint's ``DataSchema``
+before the model sees them, and forecasts are unscaled back. Each thread computes with its own
+replica of the model (see :mod:`service.registry`).
+
+Axis legend: ``b`` streams, ``t`` observations, ``c`` channels, ``p`` horizon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor
+
+from models.online import UpdateMode, ensure_mode, init_stream_state, is_ready, observe, observe_many
+from models.state_io import FingerprintMismatchError, StateFormatError, state_from_bytes, state_to_bytes
+from service.errors import ServiceError, StateIncompatible
+from service.registry import LoadedModel
+
+Forecast = tuple[tuple[float, ...], ...]  # [pred_len][c_out] in the stream's units
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one computation produced for one stream."""
+
+    state: bytes
+    steps: int
+    forecast: Forecast | None  # None until the stream has seen seq_len values
+
+
+def compute(
+    model: LoadedModel, blob: bytes | None, rows: list[list[float]], mode: UpdateMode, fresh_mode: UpdateMode
+) -> Step:
+    """Decode (or start, in ``fresh_mode``) one stream's state, learn from ``rows`` in order, encode."""
+    net = model.replica()
+    with torch.no_grad():  # full_model learning enables grad itself, inside models.online.learn
+        state = init_stream_state(net, 1, fresh_mode) if blob is None else decode(model, blob)
+        state = ensure_mode(net, state, mode)
+        out = None
+        if rows:
+            scaled = model.schema.scale(torch.tensor(rows, dtype=torch.float64))  # [t, c]
+            state, out = observe_many(net, state, scaled[None], mode)  # out [1, p, c_out]
+        return _finish(model, state, out, 0, bool(is_ready(net, state)[0]))
+
+
+def compute_batch(
+    model: LoadedModel, blobs: list[bytes], rows: list[list[float]], mode: UpdateMode
+) -> list[Step | ServiceError]:
+    """One new observation for each of several streams, in ONE ``observe`` call over the
+    stream dimension; the per-stream results (or errors) come back in order."""
+    net = model.replica()
+    results: list[Step | ServiceError | None] = [None] * len(blobs)
+    with torch.no_grad():
+        states, ok = [], []
+        for i, blob in enumerate(blobs):
+            try:
+                states.append(ensure_mode(net, decode(model, blob), mode))
+                ok.append(i)
+            except StateIncompatible as exc:
+                results[i] = exc
+        if ok:
+            try:
+                state = torch.cat(states, dim=0)  # [b]
+            except (RuntimeError, KeyError, ValueError):
+                # states of different layouts (e.g. one has its own weights): one call each
+                for i in ok:
+                    results[i] = compute(model, blobs[i], [rows[i]], mode, mode)
+                return results  # type: ignore[return-value]
+            scaled = model.schema.scale(torch.tensor([rows[i] for i in ok], dtype=torch.float64))  # [b, c]
+            state, out = observe(net, state, scaled, mode)
+            assert out is not None  # need_forecast defaults to True
+            ready = is_ready(net, state).tolist()
+            for j, i in enumerate(ok):
+                results[i] = _finish(model, state[j : j + 1], out, j, ready[j])
+    return results  # type: ignore[return-value]
+
+
+def decode(model: LoadedModel, blob: bytes) -> TensorDict:
+    try:
+        state, _ = state_from_bytes(blob, model.fingerprint)
+    except FingerprintMismatchError as exc:
+        raise StateIncompatible(str(exc), details={"found": exc.found, "expected": exc.expected}) from exc
+    except StateFormatError as exc:
+        raise StateIncompatible(f"stored state is unreadable: {exc}") from exc
+    return state
+
+
+def _finish(model: LoadedModel, state: TensorDict, out: Tensor | None, row: int, ready: bool) -> Step:
+    forecast = None
+    if out is not None and ready:
+        unscaled = model.schema.unscale_targets(out[row].double())  # [p, c_out]
+        forecast = tuple(tuple(float(v) for v in r) for r in unscaled.tolist())
+    blob = state_to_bytes(state, model.fingerprint, {"model": model.name})
+    return Step(blob, int(state["count"][0]), forecast)

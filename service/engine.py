@@ -1,0 +1,261 @@
+"""The per-request work: read a stream's record, validate and order its observations, run
+``models.online`` off the event loop, and write the next record by compare-and-set.
+
+One request for a stream = one read, one computation, one write (or no write at all on any
+error or when every observation is a duplicate), so nothing partial is ever stored. Requests
+for the same stream are serialised by the store's compare-and-set, and within a process by a
+per-stream lock that saves them from losing races to each other; different streams proceed
+concurrently in the model thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from models.online import UpdateMode
+from models.state_io import STATE_SCHEMA_VERSION
+from service import schemas
+from service.batching import Batcher
+from service.compute import Step, compute
+from service.errors import PayloadTooLarge, StateIncompatible, StreamExists, StreamNotFound
+from service.metrics import Metrics
+from service.observations import Plan, check_freq, future_timestamps, plan_batch
+from service.registry import LoadedModel, ModelRegistry
+from service.settings import Settings
+from service.store import StateStore, StreamRecord, Timestamp, update_stream
+
+
+class StreamLocks:
+    """One asyncio lock per stream id in use, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class Engine:
+    def __init__(
+        self, registry: ModelRegistry, store: StateStore, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.registry, self.store, self.settings, self.metrics = registry, store, settings, metrics
+        self._pool = ThreadPoolExecutor(settings.workers_threads, thread_name_prefix="memcast-model")
+        self._batcher = Batcher(self._pool, settings.batch_slots, settings.batch_streams, metrics)
+        self._locks = StreamLocks()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- streams ----------------------------------------------------------------------------
+    async def create(self, req: schemas.CreateStream) -> StreamRecord:
+        model = self.registry.get(req.model)
+        check_freq(req.freq)
+        if len(req.history) > self.settings.max_history:
+            raise PayloadTooLarge(
+                f"history has {len(req.history)} rows; the limit is {self.settings.max_history}"
+            )
+        stream_id = req.id or uuid.uuid4().hex
+        await self._refuse_existing(stream_id)
+        plan = self._plan(model, req.history, None, (), prefix="history")
+        mode = UpdateMode(req.mode)
+        step = await self._batcher.run(lambda: compute(model, None, plan.rows, mode, mode))
+        now = _now()
+        record = StreamRecord(
+            stream_id=stream_id,
+            state=step.state,
+            model=model.name,
+            fingerprint=model.fingerprint,
+            mode=mode.value,
+            schema_version=STATE_SCHEMA_VERSION,
+            freq=req.freq if req.freq is not None else model.schema.freq,
+            created_at=now,
+            updated_at=now,
+        )
+        record = self._advance(record, plan, step)
+        stored = await self.store.create(record)
+        self.metrics.applied(mode.value, len(plan.rows), len(plan.statuses) - len(plan.rows), len(step.state))
+        return stored
+
+    async def _refuse_existing(self, stream_id: str) -> None:
+        try:
+            await self.store.get(stream_id)
+        except StreamNotFound:
+            return
+        raise StreamExists(stream_id)
+
+    async def get(self, stream_id: str) -> StreamRecord:
+        return await self.store.get(stream_id)
+
+    async def delete(self, stream_id: str) -> None:
+        async with self._locks.hold(stream_id):
+            await self.store.delete(stream_id)
+
+    async def reset(self, stream_id: str, req: schemas.ResetStream) -> StreamRecord:
+        async def change(current: StreamRecord) -> tuple[StreamRecord, None]:
+            model = self.registry.get(req.model or current.model)
+            mode = UpdateMode(req.mode or current.mode)
+            step = await self._batcher.run(lambda: compute(model, None, [], mode, mode))
+            return current.replace(
+                state=step.state,
+                model=model.name,
+                fingerprint=model.fingerprint,
+                mode=mode.value,
+                schema_version=STATE_SCHEMA_VERSION,
+                steps=0,
+                last_timestamp=None,
+                last_values_hash=None,
+                recent=(),
+                forecast=None,
+                updated_at=_now(),
+            ), None
+
+        async with self._locks.hold(stream_id):
+            record, _ = await update_stream(
+                self.store, stream_id, change, attempts=self.settings.store_retries, stats=self.metrics
+            )
+        assert record is not None
+        return record
+
+    # -- observations -------------------------------------------------------------------------
+    async def observe(self, stream_id: str, batch: schemas.ObservationBatch) -> schemas.ObservationsOut:
+        items = batch.items()
+        if len(items) > self.settings.max_batch:
+            raise PayloadTooLarge(
+                f"{len(items)} observations in one request; the limit is {self.settings.max_batch}"
+            )
+
+        async def change(current: StreamRecord) -> tuple[StreamRecord | None, tuple[Plan, str]]:
+            model = self.compatible_model(current)
+            mode = UpdateMode(batch.mode or current.mode)
+            plan = self._plan(model, items, current.last_timestamp, current.recent)
+            if not plan.rows:
+                return None, (plan, mode.value)
+            step = await self._batcher.observe(model, current.state, plan.rows, mode)
+            return self._advance(current, plan, step), (plan, mode.value)
+
+        async with self._locks.hold(stream_id):
+            record, (plan, mode) = await update_stream(
+                self.store, stream_id, change, attempts=self.settings.store_retries, stats=self.metrics
+            )
+        assert record is not None
+        applied = len(plan.rows)
+        nbytes = len(record.state) if applied else None
+        self.metrics.applied(mode, applied, len(plan.statuses) - applied, nbytes)
+        return schemas.ObservationsOut(
+            **self.status(record, mode).model_dump(),
+            applied=applied,
+            duplicates=len(plan.statuses) - applied,
+            observations=[schemas.ObservationStatus(timestamp=ts, status=s) for ts, s in plan.statuses],
+            forecast=self.forecast_of(record),
+        )
+
+    async def forecast(self, stream_id: str) -> schemas.ForecastOut:
+        record = await self.store.get(stream_id)
+        self.compatible_model(record)
+        return schemas.ForecastOut(**self.status(record).model_dump(), forecast=self.forecast_of(record))
+
+    # -- helpers -------------------------------------------------------------------------------
+    def compatible_model(self, record: StreamRecord) -> LoadedModel:
+        if record.model not in self.registry.models:
+            raise StateIncompatible(f"stream's model {record.model!r} is no longer loaded")
+        model = self.registry.models[record.model]
+        if record.fingerprint != model.fingerprint:
+            raise StateIncompatible(
+                f"stream state was made by model {record.model!r} with fingerprint {record.fingerprint[:12]}, "
+                f"the loaded one is {model.fingerprint[:12]}",
+                details={"found": record.fingerprint, "expected": model.fingerprint},
+            )
+        if record.schema_version != STATE_SCHEMA_VERSION:
+            raise StateIncompatible(
+                f"state schema {record.schema_version}, this service reads {STATE_SCHEMA_VERSION}"
+            )
+        return model
+
+    def _plan(
+        self,
+        model: LoadedModel,
+        items: Sequence[schemas.Observation],
+        last: Timestamp | None,
+        recent: Sequence[tuple[Timestamp, str]],
+        prefix: str = "observations",
+    ) -> Plan:
+        return plan_batch(model, items, last, recent, self.settings.dedup_window, prefix)
+
+    @staticmethod
+    def _advance(record: StreamRecord, plan: Plan, step: Step) -> StreamRecord:
+        return record.replace(
+            state=step.state,
+            steps=step.steps,
+            last_timestamp=plan.last_timestamp,
+            last_values_hash=plan.last_values_hash,
+            recent=plan.recent,
+            forecast=step.forecast,
+            updated_at=_now(),
+        )
+
+    def _seq_len(self, record: StreamRecord) -> int | None:
+        model = self.registry.models.get(record.model)
+        return model.seq_len if model is not None else None
+
+    def status(self, record: StreamRecord, mode: str | None = None) -> schemas.StreamStatus:
+        seq_len = self._seq_len(record)
+        needs = max(0, seq_len - record.steps) if seq_len is not None else 0
+        return schemas.StreamStatus(
+            stream_id=record.stream_id,
+            model=record.model,
+            mode=mode or record.mode,  # type: ignore[arg-type]
+            steps=record.steps,
+            last_timestamp=record.last_timestamp,
+            ready=seq_len is not None and needs == 0,
+            needs=needs,
+        )
+
+    def summary(self, record: StreamRecord) -> schemas.StreamOut:
+        model = self.registry.models.get(record.model)
+        return schemas.StreamOut(
+            **self.status(record).model_dump(),
+            freq=record.freq,
+            state_bytes=len(record.state),
+            version=record.version,
+            fingerprint=record.fingerprint,
+            compatible=model is not None and model.fingerprint == record.fingerprint,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+        )
+
+    def forecast_of(self, record: StreamRecord) -> schemas.Forecast | None:
+        model = self.registry.models.get(record.model)
+        if record.forecast is None or model is None:
+            return None
+        stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
+        targets = model.targets
+        return schemas.Forecast(
+            columns=list(targets),
+            rows=[
+                schemas.ForecastRow(
+                    step=k + 1, timestamp=stamps[k], values=dict(zip(targets, row, strict=True))
+                )
+                for k, row in enumerate(record.forecast)
+            ],
+        )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()

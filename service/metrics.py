@@ -1,0 +1,66 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BYTES_BUCKETS = tuple(float(2**k) for k in range(8, 27, 2))  # 256 B .. 64 MiB
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "memcast_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.updates = Counter(
+            "memcast_updates", "Observations learned from, by update mode", ["mode"], registry=r
+        )
+        self.duplicates = Counter("memcast_duplicates", "Observations acknowledged as duplicates", registry=r)
+        self.state_bytes = Histogram(
+            "memcast_state_bytes",
+            "Size of a stream state written to the store",
+            buckets=BYTES_BUCKETS,
+            registry=r,
+        )
+        self.store_conflicts = Counter(
+            "memcast_store_conflicts", "Compare-and-set writes that lost a race", registry=r
+        )
+        self.store_retries = Counter(
+            "memcast_store_retries", "Read-modify-write attempts retried", registry=r
+        )
+        self.errors = Counter("memcast_errors", "Error responses, by kind", ["kind"], registry=r)
+        self.batch_streams = Histogram(
+            "memcast_batch_streams",
+            "Streams computed in one model call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.models_loaded = Gauge("memcast_models_loaded", "Checkpoints loaded", registry=r)
+
+    # StoreStats
+    def conflict(self) -> None:
+        self.store_conflicts.inc()
+
+    def retry(self) -> None:
+        self.store_retries.inc()
+
+    def applied(self, mode: str, applied: int, duplicates: int, state_bytes: int | None) -> None:
+        if applied:
+            self.updates.labels(mode=mode).inc(applied)
+        if duplicates:
+            self.duplicates.inc(duplicates)
+        if state_bytes is not None:
+            self.state_bytes.observe(state_bytes)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind=kind).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,147 @@
+"""Ordering and idempotency of a stream's observations, and forecast timestamps.
+
+Timestamps are integer steps or datetimes and must increase within a stream. An observation
+whose timestamp is not after the last applied one is a duplicate when the same timestamp and
+the same values were applied recently (the record keeps the last ``dedup_window`` of them),
+and a conflict (409 with the last applied timestamp) otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+
+from service.errors import InvalidObservation, OutOfOrder
+from service.registry import LoadedModel
+from service.schemas import Observation
+from service.store import Timestamp
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with a batch: the rows to learn from and each observation's status."""
+
+    rows: list[list[float]]  # raw values of the new observations, in the model's column order
+    statuses: list[tuple[Timestamp, str]]  # (timestamp, "applied" | "duplicate") per observation
+    last_timestamp: Timestamp | None
+    last_values_hash: str | None
+    recent: tuple[tuple[Timestamp, str], ...]
+
+
+def canonical(timestamp: int | datetime) -> Timestamp:
+    return timestamp if isinstance(timestamp, int) else timestamp.isoformat()
+
+
+def values_row(model: LoadedModel, values: list[float] | dict[str, float], field: str) -> list[float]:
+    columns = model.columns
+    if isinstance(values, dict):
+        unknown = sorted(set(values) - set(columns))
+        if unknown:
+            raise InvalidObservation(
+                f"unknown columns {unknown}; model {model.name!r} reads {list(columns)}",
+                field=field,
+                details={"unknown": unknown, "columns": list(columns)},
+            )
+        missing = [c for c in columns if c not in values]
+        if missing:
+            raise InvalidObservation(f"missing columns {missing}", field=field, details={"missing": missing})
+        return [float(values[c]) for c in columns]
+    if len(values) != len(columns):
+        raise InvalidObservation(
+            f"{len(values)} values given, model {model.name!r} reads {len(columns)}: {list(columns)}",
+            field=field,
+        )
+    return [float(v) for v in values]
+
+
+def values_hash(row: Sequence[float]) -> str:
+    return hashlib.blake2b(struct.pack(f"<{len(row)}d", *row), digest_size=8).hexdigest()
+
+
+def plan_batch(
+    model: LoadedModel,
+    observations: Sequence[Observation],
+    last_timestamp: Timestamp | None,
+    recent: Sequence[tuple[Timestamp, str]],
+    dedup_window: int,
+    prefix: str = "observations",
+) -> Plan:
+    """Validate a batch in order against the stream's last applied observation."""
+    rows: list[list[float]] = []
+    statuses: list[tuple[Timestamp, str]] = []
+    recent_list = list(recent)
+    seen = set(recent_list)
+    last_hash: str | None = recent_list[-1][1] if recent_list else None
+    for i, obs in enumerate(observations):
+        ts = canonical(obs.timestamp)
+        row = values_row(model, obs.values, f"{prefix}.{i}.values")
+        digest = values_hash(row)
+        if last_timestamp is None or _after(ts, last_timestamp, f"{prefix}.{i}.timestamp"):
+            rows.append(row)
+            statuses.append((ts, "applied"))
+            last_timestamp, last_hash = ts, digest
+            recent_list.append((ts, digest))
+            seen.add((ts, digest))
+        elif (ts, digest) in seen:
+            statuses.append((ts, "duplicate"))
+        else:
+            reason = "has other values than" if ts == last_timestamp else "is older than"
+            raise OutOfOrder(
+                f"observation {i} at {ts} {reason} the last applied observation ({last_timestamp}); "
+                "timestamps must increase",
+                index=i,
+                last_timestamp=last_timestamp,
+            )
+    return Plan(rows, statuses, last_timestamp, last_hash, tuple(recent_list[-dedup_window:]))
+
+
+def _after(ts: Timestamp, last: Timestamp, field: str) -> bool:
+    if isinstance(ts, int) != isinstance(last, int):
+        kind = "integer steps" if isinstance(last, int) else "datetimes"
+        raise InvalidObservation(f"this stream's timestamps are {kind}", field=field)
+    if isinstance(ts, int):
+        return ts > int(last)
+    a, b = datetime.fromisoformat(ts), datetime.fromisoformat(str(last))
+    if (a.tzinfo is None) != (b.tzinfo is None):
+        raise InvalidObservation("mixing timestamps with and without a time zone", field=field)
+    return a > b
+
+
+def check_freq(freq: str | None) -> None:
+    if freq is None or _int_step(freq) is not None:
+        return
+    try:
+        pd.tseries.frequencies.to_offset(freq)
+    except ValueError as exc:
+        raise InvalidObservation(
+            f"freq {freq!r} is neither a pandas offset alias ('h', '15min') nor an integer step",
+            field="freq",
+        ) from exc
+
+
+def future_timestamps(last: Timestamp | None, freq: str | None, horizon: int) -> list[Timestamp | None]:
+    """``last + k * freq`` for k = 1..horizon, where the frequency fits the timestamps."""
+    none: list[Timestamp | None] = [None] * horizon
+    if last is None or freq is None:
+        return none
+    step = _int_step(freq)
+    if isinstance(last, int):
+        return [last + k * step for k in range(1, horizon + 1)] if step is not None else none
+    if step is not None:
+        return none
+    start = pd.Timestamp(last)
+    offset = pd.tseries.frequencies.to_offset(freq)
+    return [(start + k * offset).isoformat() for k in range(1, horizon + 1)]
+
+
+def _int_step(freq: str) -> int | None:
+    try:
+        step = int(freq)
+    except ValueError:
+        return None
+    return step if step > 0 else None

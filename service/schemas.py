@@ -1,0 +1,158 @@
+"""Request and response bodies of the HTTP API (pydantic v2)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StrictInt,
+    StringConstraints,
+    model_validator,
+)
+
+Mode = Literal["memory_only", "full_model", "none"]
+# No braces: the id goes inside the Redis cluster hash tag ``memcast:{id}``.
+StreamId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+
+
+def _no_float(value: object) -> object:
+    if isinstance(value, float):
+        raise ValueError("a timestamp is an integer step or an ISO 8601 datetime string")
+    return value
+
+
+TimestampIn = Annotated[StrictInt | datetime, BeforeValidator(_no_float)]
+TimestampOut = int | str
+Values = list[FiniteFloat] | dict[str, FiniteFloat]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Observation(_Strict):
+    timestamp: TimestampIn = Field(description="integer step or ISO 8601 datetime; must increase")
+    values: Values = Field(description="by column name, or a list in the model's column order")
+
+
+class ObservationBatch(_Strict):
+    """Either ``observations: [...]`` or a single ``timestamp`` + ``values``."""
+
+    observations: list[Observation] | None = None
+    timestamp: TimestampIn | None = None
+    values: Values | None = None
+    mode: Mode | None = Field(None, description="update mode for this request only")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ObservationBatch:
+        single = self.timestamp is not None or self.values is not None
+        if self.observations is not None and single:
+            raise ValueError("give either observations or timestamp and values, not both")
+        if self.observations is None and (self.timestamp is None or self.values is None):
+            raise ValueError("give observations, or both timestamp and values")
+        if self.observations is not None and not self.observations:
+            raise ValueError("observations is empty")
+        return self
+
+    def items(self) -> list[Observation]:
+        if self.observations is not None:
+            return self.observations
+        assert self.timestamp is not None and self.values is not None  # checked by _one_form
+        return [Observation(timestamp=self.timestamp, values=self.values)]
+
+
+class CreateStream(_Strict):
+    id: StreamId | None = Field(None, description="generated when absent")
+    model: str | None = Field(None, description="a loaded model; the default model when absent")
+    mode: Mode = "memory_only"
+    freq: str | None = Field(None, description="pandas offset alias ('h', '15min') or an integer step")
+    history: list[Observation] = Field(default_factory=list, description="rows applied at creation")
+
+
+class ResetStream(_Strict):
+    model: str | None = Field(None, description="switch to this model (default: the stream's)")
+    mode: Mode | None = None
+
+
+class ForecastRow(BaseModel):
+    step: int
+    timestamp: TimestampOut | None
+    values: dict[str, float]
+
+
+class Forecast(BaseModel):
+    columns: list[str]
+    rows: list[ForecastRow]
+
+
+class ObservationStatus(BaseModel):
+    timestamp: TimestampOut
+    status: Literal["applied", "duplicate"]
+
+
+class StreamStatus(BaseModel):
+    stream_id: str
+    model: str
+    mode: Mode
+    steps: int = Field(description="observations learned from")
+    last_timestamp: TimestampOut | None
+    ready: bool = Field(description="seq_len values seen: forecasts are meaningful")
+    needs: int = Field(description="values still needed before the stream is ready")
+
+
+class ObservationsOut(StreamStatus):
+    applied: int
+    duplicates: int
+    observations: list[ObservationStatus]
+    forecast: Forecast | None
+
+
+class ForecastOut(StreamStatus):
+    forecast: Forecast | None
+
+
+class StreamOut(StreamStatus):
+    freq: str | None
+    state_bytes: int
+    version: int
+    fingerprint: str
+    compatible: bool = Field(description="made by the model now loaded under this name")
+    created_at: str
+    updated_at: str
+
+
+class ModelOut(BaseModel):
+    name: str
+    default: bool
+    fingerprint: str
+    columns: list[str]
+    targets: list[str]
+    mean: list[float]
+    std: list[float]
+    seq_len: int
+    pred_len: int
+    freq: str | None
+    features: str
+    config: dict
+
+
+class ModelsOut(BaseModel):
+    default: str | None
+    models: list[ModelOut]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+    details: object | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,134 @@
+"""The state store contract: one record per stream, read-modify-write by compare-and-set.
+
+A :class:`StreamRecord` is immutable. Writers read a record, compute the next one off the
+event loop and ask the store to replace it only if its version is still the one they read
+(:meth:`StateStore.compare_and_set`); :func:`update_stream` retries a lost race with jittered
+backoff, so concurrent writers never lose an update. Nothing is pickled: the state is the
+``models.state_io`` safetensors blob and every other field is a string, a number or JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from service.errors import StoreContention
+
+Timestamp = int | str  # an integer step or an ISO 8601 datetime, as the stream's client sent it
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    stream_id: str
+    state: bytes  # models.state_io safetensors blob
+    model: str
+    fingerprint: str
+    mode: str
+    schema_version: str
+    steps: int = 0  # observations learned from (== the state's count)
+    last_timestamp: Timestamp | None = None
+    last_values_hash: str | None = None
+    # (timestamp, values hash) of the latest applied observations, oldest first: duplicates
+    # of any of them are acknowledged without being learned from again
+    recent: tuple[tuple[Timestamp, str], ...] = ()
+    freq: str | None = None
+    forecast: tuple[tuple[float, ...], ...] | None = None  # in the stream's units
+    created_at: str = ""
+    updated_at: str = ""
+    version: int = 0
+
+    def replace(self, **changes: Any) -> StreamRecord:
+        return dataclasses.replace(self, **changes)
+
+    # flat string fields, for stores that keep a hash per stream
+    def to_fields(self) -> dict[str, bytes | str]:
+        fields: dict[str, bytes | str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fields[f.name] = value if f.name == "state" else json.dumps(value)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> StreamRecord:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = fields[f.name.encode()]
+            values[f.name] = raw if f.name == "state" else json.loads(raw)
+        values["recent"] = tuple((ts, h) for ts, h in values["recent"])
+        if values["forecast"] is not None:
+            values["forecast"] = tuple(tuple(row) for row in values["forecast"])
+        return cls(**values)
+
+
+class StateStore(Protocol):
+    """What the engine needs from a store; both stores give the same guarantees."""
+
+    async def create(self, record: StreamRecord) -> StreamRecord:
+        """Store a new stream at version 1; ``StreamExists`` if the id is taken."""
+        ...
+
+    async def get(self, stream_id: str) -> StreamRecord:
+        """The current record; ``StreamNotFound`` if there is none."""
+        ...
+
+    async def compare_and_set(self, record: StreamRecord, expected_version: int) -> StreamRecord | None:
+        """Replace the record if its version is still ``expected_version``; return the stored
+        record (version + 1), ``None`` when another writer got there first, or raise
+        ``StreamNotFound`` when the stream was deleted meanwhile."""
+        ...
+
+    async def delete(self, stream_id: str) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class StoreStats(Protocol):
+    def conflict(self) -> None: ...
+    def retry(self) -> None: ...
+
+
+T = TypeVar("T")
+Change = Callable[[StreamRecord], Awaitable[tuple[StreamRecord | None, T]]]
+
+
+async def update_stream(
+    store: StateStore,
+    stream_id: str,
+    change: Change[T],
+    *,
+    attempts: int,
+    stats: StoreStats | None = None,
+    base_delay: float = 0.002,
+    max_delay: float = 0.1,
+) -> tuple[StreamRecord | None, T]:
+    """Atomic read-modify-write of one stream.
+
+    ``change(current)`` returns ``(next_record or None, result)``; ``None`` means nothing to
+    write (for example a batch of duplicates). A lost compare-and-set is retried from a fresh
+    read, at most ``attempts`` times in all, then ``StoreContention`` (503) is raised; no
+    partial state is ever written because each attempt writes one whole record or nothing.
+    """
+    for attempt in range(attempts):
+        if attempt:
+            if stats:
+                stats.retry()
+            await asyncio.sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
+        current = await store.get(stream_id)
+        new, result = await change(current)
+        if new is None:
+            return current, result
+        stored = await store.compare_and_set(new, current.version)
+        if stored is not None:
+            return stored, result
+        if stats:
+            stats.conflict()
+    raise StoreContention(f"stream {stream_id!r} is being updated concurrently; try again")

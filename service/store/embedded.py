@@ -1,0 +1,59 @@
+"""The embedded in-process store: the default for a single process (no MEMCAST_REDIS_URL).
+
+Records are immutable, so a dict guarded by a lock gives the Redis store's guarantees:
+create-if-absent, versioned compare-and-set and delete are each atomic, across event-loop
+tasks and threads alike. State does not survive the process.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from service.errors import StreamExists, StreamNotFound
+from service.store.base import StreamRecord
+
+
+class EmbeddedStore:
+    def __init__(self) -> None:
+        self._records: dict[str, StreamRecord] = {}
+        self._lock = threading.Lock()
+
+    async def create(self, record: StreamRecord) -> StreamRecord:
+        stored = record.replace(version=1)
+        with self._lock:
+            if record.stream_id in self._records:
+                raise StreamExists(record.stream_id)
+            self._records[record.stream_id] = stored
+        return stored
+
+    async def get(self, stream_id: str) -> StreamRecord:
+        with self._lock:
+            record = self._records.get(stream_id)
+        if record is None:
+            raise StreamNotFound(stream_id)
+        return record
+
+    async def compare_and_set(self, record: StreamRecord, expected_version: int) -> StreamRecord | None:
+        stored = record.replace(version=expected_version + 1)
+        with self._lock:
+            current = self._records.get(record.stream_id)
+            if current is None:
+                raise StreamNotFound(record.stream_id)
+            if current.version != expected_version:
+                return None
+            self._records[record.stream_id] = stored
+        return stored
+
+    async def delete(self, stream_id: str) -> None:
+        with self._lock:
+            if self._records.pop(stream_id, None) is None:
+                raise StreamNotFound(stream_id)
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self._records)

@@ -1,0 +1,113 @@
+"""The Redis store (redis.asyncio): one hash per stream, compare-and-set in a Lua script.
+
+Key: ``{prefix}:{<stream_id>}``; the braces are a cluster hash tag, so everything about a
+stream lives in one slot. Hash fields: ``state`` (the safetensors blob) and the JSON-encoded
+metadata of :class:`~service.store.base.StreamRecord` (schema version, model, fingerprint,
+mode, steps, last timestamp and values hash, recent duplicates window, frequency, forecast,
+created/updated times, version).
+
+Every write is one server-side script, so a record is replaced whole or not at all: the
+compare-and-set script checks the ``version`` field and writes every field in one step.
+redis-py errors become :class:`~service.errors.StoreUnavailable` here and nowhere else. The
+client keeps no dead connection: redis-py drops a broken one and reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from service.errors import StoreUnavailable, StreamExists, StreamNotFound
+from service.store.base import StreamRecord
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+_COMPARE_AND_SET = """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return -1 end
+if version ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str = "memcast", timeout_s: float = 2.0, retry_after: int = 1):
+        # One immediate retry lets a pooled connection broken by a Redis restart reconnect
+        # within the same call; a Redis that is down fails fast instead of backing off.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._prefix = prefix
+        self._retry_after = retry_after
+        self._create = self._redis.register_script(_CREATE)
+        self._cas = self._redis.register_script(_COMPARE_AND_SET)
+
+    def key(self, stream_id: str) -> str:
+        return f"{self._prefix}:{{{stream_id}}}"
+
+    @asynccontextmanager
+    async def _translate(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
+
+    async def create(self, record: StreamRecord) -> StreamRecord:
+        stored = record.replace(version=1)
+        async with self._translate():
+            created = await self._create(keys=[self.key(record.stream_id)], args=_flatten(stored))
+        if not created:
+            raise StreamExists(record.stream_id)
+        return stored
+
+    async def get(self, stream_id: str) -> StreamRecord:
+        async with self._translate():
+            fields = await self._redis.hgetall(self.key(stream_id))
+        if not fields:
+            raise StreamNotFound(stream_id)
+        return StreamRecord.from_fields(fields)
+
+    async def compare_and_set(self, record: StreamRecord, expected_version: int) -> StreamRecord | None:
+        stored = record.replace(version=expected_version + 1)
+        async with self._translate():
+            outcome = await self._cas(
+                keys=[self.key(record.stream_id)], args=[str(expected_version), *_flatten(stored)]
+            )
+        if outcome == -1:
+            raise StreamNotFound(record.stream_id)
+        return stored if outcome == 1 else None
+
+    async def delete(self, stream_id: str) -> None:
+        async with self._translate():
+            removed = await self._redis.delete(self.key(stream_id))
+        if not removed:
+            raise StreamNotFound(stream_id)
+
+    async def ping(self) -> None:
+        async with self._translate():
+            await self._redis.ping()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def _flatten(record: StreamRecord) -> list[bytes | str]:
+    args: list[bytes | str] = []
+    for name, value in record.to_fields().items():
+        args += [name, value]
+    return args

@@ -1,0 +1,128 @@
+"""The state stores' guarantees, straight through the StateStore protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from service.errors import StoreContention, StreamExists, StreamNotFound
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store import RedisStore, StateStore, StreamRecord, make_store, update_stream
+
+
+def record(stream_id: str = "s1", **changes: object) -> StreamRecord:
+    base = StreamRecord(
+        stream_id=stream_id,
+        state=b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ",
+        model="small",
+        fingerprint="f" * 64,
+        mode="memory_only",
+        schema_version="1",
+        recent=((1, "ab"), ("2024-01-01T00:00:00", "cd")),
+        forecast=((1.5, 2.25), (3.0, -1.0)),
+        freq="h",
+    )
+    return base.replace(**changes)
+
+
+@pytest.fixture
+async def store(store_url: str | None) -> AsyncIterator[StateStore]:
+    store = make_store(Settings(redis_url=store_url, redis_key_prefix="test"))
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def test_create_get_delete(store: StateStore) -> None:
+    created = await store.create(record())
+    assert created.version == 1
+    assert await store.get("s1") == created
+    with pytest.raises(StreamExists):
+        await store.create(record(steps=5))
+    assert (await store.get("s1")).steps == 0
+    await store.delete("s1")
+    with pytest.raises(StreamNotFound):
+        await store.get("s1")
+    with pytest.raises(StreamNotFound):
+        await store.delete("s1")
+
+
+async def test_compare_and_set(store: StateStore) -> None:
+    await store.create(record())
+    stored = await store.compare_and_set(record(steps=1), expected_version=1)
+    assert stored is not None and stored.version == 2 and (await store.get("s1")) == stored
+    assert await store.compare_and_set(record(steps=99), expected_version=1) is None  # lost the race
+    assert (await store.get("s1")).steps == 1
+    await store.delete("s1")
+    with pytest.raises(StreamNotFound):
+        await store.compare_and_set(record(steps=2), expected_version=2)
+
+
+async def test_update_stream_concurrent_writers_lose_nothing(store: StateStore) -> None:
+    """50 writers read, yield to each other, then write: without the version check most
+    increments would be lost."""
+    await store.create(record())
+    metrics = Metrics()
+
+    async def increment(current: StreamRecord) -> tuple[StreamRecord, int]:
+        await asyncio.sleep(0)  # let the others read the same version
+        return current.replace(steps=current.steps + 1), current.steps
+
+    results = await asyncio.gather(
+        *(
+            update_stream(store, "s1", increment, attempts=200, stats=metrics, base_delay=0.0005)
+            for _ in range(50)
+        )
+    )
+    final = await store.get("s1")
+    assert final.steps == 50 and final.version == 51
+    assert sorted(seen for _, seen in results) == list(range(50))  # each saw a distinct predecessor
+    assert metrics.store_conflicts._value.get() > 0
+    assert metrics.store_retries._value.get() >= metrics.store_conflicts._value.get()
+
+
+async def test_update_stream_gives_up_after_attempts(store: StateStore) -> None:
+    await store.create(record())
+
+    async def meddle(current: StreamRecord) -> tuple[StreamRecord, None]:
+        await store.compare_and_set(current.replace(mode="none"), current.version)  # someone else wins
+        return current.replace(steps=current.steps + 100), None
+
+    with pytest.raises(StoreContention) as raised:
+        await update_stream(store, "s1", meddle, attempts=3, base_delay=0)
+    assert raised.value.headers() == {"Retry-After": "1"}
+    assert (await store.get("s1")).steps == 0  # never written
+
+
+async def test_update_stream_without_change_writes_nothing(store: StateStore) -> None:
+    await store.create(record())
+
+    async def nothing(current: StreamRecord) -> tuple[None, str]:
+        return None, "ok"
+
+    stored, result = await update_stream(store, "s1", nothing, attempts=1)
+    assert result == "ok" and stored is not None and stored.version == 1
+
+
+async def test_redis_layout_one_hash_per_stream_with_hash_tag(redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix="memcast")
+    try:
+        await store.create(record("stream.7"))
+    finally:
+        await store.aclose()
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.keys("*") == [b"memcast:{stream.7}"]
+        fields = client.hgetall("memcast:{stream.7}")
+    assert fields[b"state"] == record().state  # the safetensors blob, as is
+    meta = {k.decode(): json.loads(v) for k, v in fields.items() if k != b"state"}  # the rest is JSON
+    assert meta["version"] == 1 and meta["fingerprint"] == "f" * 64 and meta["schema_version"] == "1"
+    assert meta["model"] == "small" and meta["mode"] == "memory_only" and meta["freq"] == "h"
+    assert meta["recent"] == [[1, "ab"], ["2024-01-01T00:00:00", "cd"]]
+    for name in ("steps", "last_timestamp", "last_values_hash", "created_at", "updated_at", "forecast"):
+        assert name in meta

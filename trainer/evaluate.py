@@ -1,0 +1,211 @@
+"""Online evaluation (``memcast evaluate``): every method replays the test split through
+``models.online`` and is scored on the same forecasts' values.
+
+Scale: metrics are on the data set's scaled values (the scaler fitted on its train split), the
+literature's convention. A checkpoint trained with another scaler sees the test rows on its
+own scale and its forecasts are mapped back, so every method is scored on one scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.forecaster import ContinualForecaster
+from models.online import Feedback, UpdateMode
+from trainer.checkpoint import Checkpoint, DataSchema
+from trainer.data import LoadedData, load_dataset
+from trainer.methods import MethodSpec, checkpoint_for, parse_methods
+from trainer.online_eval import (
+    ReplayConfig,
+    StreamResult,
+    count_steps,
+    metrics,
+    naive_forecasts,
+    replay_stream,
+    truths_of,
+)
+from trainer.pretrain import TrainConfig
+from trainer.report import write_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """An evaluation run. ``train`` names the data (path, features, target, seq_len, pred_len)
+    and is the pretraining config of every method whose checkpoint is missing."""
+
+    train: TrainConfig
+    methods: tuple[str, ...] = ("naive", "memcast")
+    checkpoint: str | None = None  # the ``memcast`` method's checkpoint
+    mode: str = UpdateMode.MEMORY_ONLY.value
+    feedback: str = Feedback.DELAYED.value
+    online_lr: float | None = None  # overrides every model's online learning rate
+    max_steps: int | None = None
+    out: str = "runs/eval"
+    runs_dir: str = "runs"
+    er_buffer: int = 500
+    er_samples: int = 2
+    plots: bool = True
+    save_forecasts: bool = False  # forecasts.npz: every method's forecasts and the truths
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["train"] = self.train.to_dict()
+        return data
+
+
+@dataclass
+class MethodRun:
+    spec: MethodSpec
+    result: StreamResult
+    checkpoint: Checkpoint | None
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every method, write ``report.json`` (+ plots) to ``cfg.out`` and return the report."""
+    started = time.perf_counter()
+    train = cfg.train
+    feedback = Feedback(cfg.feedback)
+    specs = parse_methods(cfg.methods, UpdateMode(cfg.mode), Path(cfg.checkpoint) if cfg.checkpoint else None)
+    data = load_dataset(
+        train.data,
+        train.features,
+        train.target,
+        train.seq_len,
+        train.pred_len,
+        train.val_fraction,
+        train.test_fraction,
+    )
+    raw_test = torch.as_tensor(data.split("test", scaled=False), dtype=torch.float64)
+    steps = count_steps(len(raw_test), train.seq_len, train.pred_len, cfg.max_steps)
+    log.info(
+        "online test of %s: %d steps (%s feedback), methods %s",
+        data.path.name,
+        steps,
+        feedback.value,
+        ", ".join(s.name for s in specs),
+    )
+    runs = [_run_method(spec, cfg, data, raw_test, feedback) for spec in specs]
+    report = {
+        "config": cfg.to_dict(),
+        "data": {
+            "path": str(data.path),
+            "features": data.schema.features,
+            "columns": list(data.schema.columns),
+            "targets": list(data.schema.targets),
+            "splits": data.splits.to_dict(),
+            "test_steps": steps,
+            "seq_len": train.seq_len,
+            "pred_len": train.pred_len,
+        },
+        "feedback": feedback.value,
+        "metric_scale": "scaled (standard scaler fitted on the train split)",
+        "methods": {run.spec.name: _summary(run) for run in runs},
+        "wall_time_s": time.perf_counter() - started,
+    }
+    write_outputs(Path(cfg.out), report, {r.spec.name: r.result for r in runs}, cfg.plots, cfg.save_forecasts)
+    return report
+
+
+def _run_method(
+    spec: MethodSpec, cfg: EvalConfig, data: LoadedData, raw_test: torch.Tensor, feedback: Feedback
+) -> MethodRun:
+    train, schema = cfg.train, data.schema
+    scaled = torch.as_tensor(schema.scale(raw_test), dtype=torch.float32)
+    if not spec.needs_model:
+        out_idx = schema.target_indices
+        result = naive_forecasts(scaled, train.seq_len, train.pred_len, out_idx, _steps(cfg, scaled))
+        log.info("%s: MSE %.4f", spec.name, metrics(result.forecasts, result.truths)["mse"])
+        return MethodRun(spec, result, None)
+    ckpt = checkpoint_for(spec, train, Path(cfg.runs_dir), train.device)
+    _check_compatible(spec, ckpt.schema, schema)
+    online_lr = (
+        cfg.online_lr if cfg.online_lr is not None else (train.online_lr if spec.checkpoint is None else None)
+    )
+    model = with_online_lr(ckpt.model, online_lr)
+    series = torch.as_tensor(ckpt.schema.scale(raw_test), dtype=torch.float32).to(train.device)
+    replay = ReplayConfig(cfg.er_buffer, cfg.er_samples, train.seed) if spec.replay else None
+    result = replay_stream(
+        model, series, spec.mode, feedback, cfg.max_steps, replay, progress=train.progress, desc=spec.name
+    )
+    truths = truths_of(scaled, train.seq_len, train.pred_len, schema.target_indices, result.steps)
+    result = dataclasses.replace(
+        result, forecasts=_rescale(result.forecasts, ckpt.schema, schema), truths=truths
+    )
+    log.info(
+        "%s: MSE %.4f, %.1f steps/s",
+        spec.name,
+        metrics(result.forecasts, result.truths)["mse"],
+        result.steps / max(result.wall_s, 1e-9),
+    )
+    return MethodRun(spec, result, ckpt)
+
+
+def with_online_lr(model: ContinualForecaster, online_lr: float | None) -> ContinualForecaster:
+    """The same weights under a config with another online learning rate (a new fingerprint)."""
+    if online_lr is None or online_lr == model.config.online_lr:
+        return model
+    rebuilt = ContinualForecaster(model.config.replace(online_lr=online_lr))
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.to(next(model.parameters()).device).eval()
+    for p in rebuilt.parameters():
+        p.requires_grad_(False)
+    return rebuilt
+
+
+def _steps(cfg: EvalConfig, series: torch.Tensor) -> int:
+    return count_steps(len(series), cfg.train.seq_len, cfg.train.pred_len, cfg.max_steps)
+
+
+def _check_compatible(spec: MethodSpec, ckpt: DataSchema, data: DataSchema) -> None:
+    same = ckpt.columns == data.columns and ckpt.targets == data.targets
+    if not same or (ckpt.seq_len, ckpt.pred_len) != (data.seq_len, data.pred_len):
+        raise ValueError(
+            f"{spec.name}: the checkpoint reads {list(ckpt.columns)} -> {list(ckpt.targets)} with "
+            f"seq_len {ckpt.seq_len}, pred_len {ckpt.pred_len}; the evaluation uses {list(data.columns)} -> "
+            f"{list(data.targets)} with {data.seq_len}, {data.pred_len}"
+        )
+
+
+def _rescale(forecasts: np.ndarray, ckpt: DataSchema, data: DataSchema) -> np.ndarray:
+    """Map a checkpoint's forecasts to the data set's scale (a no-op when the scalers agree)."""
+    if (ckpt.mean, ckpt.std) == (data.mean, data.std):
+        return forecasts
+    raw = ckpt.unscale_targets(torch.as_tensor(forecasts, dtype=torch.float64))
+    idx = list(data.target_indices)
+    mean = torch.tensor(data.mean, dtype=torch.float64)[idx]
+    std = torch.tensor(data.std, dtype=torch.float64)[idx]
+    return ((raw - mean) / std).numpy()
+
+
+def _summary(run: MethodRun) -> dict[str, Any]:
+    r = run.result
+    row: dict[str, Any] = metrics(r.forecasts, r.truths)
+    row.update(
+        mode=run.spec.mode.value,
+        steps=r.steps,
+        wall_s=r.wall_s,
+        steps_per_s=r.steps / max(r.wall_s, 1e-9),
+        learn_calls=r.learn_calls,
+        updates_per_s=r.learn_calls / max(r.wall_s, 1e-9),
+    )
+    if run.checkpoint is not None:
+        cfg = run.checkpoint.config
+        row.update(
+            checkpoint=str(run.checkpoint.path),
+            fingerprint=run.checkpoint.fingerprint,
+            backbone=cfg.backbone,
+            memory=cfg.memory,
+            fusion=cfg.fusion,
+            replay=run.spec.replay,
+        )
+    return row
