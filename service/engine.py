@@ -22,7 +22,14 @@ from models.state_io import STATE_SCHEMA_VERSION
 from service import schemas
 from service.batching import Batcher
 from service.compute import Step, compute
-from service.errors import PayloadTooLarge, StateIncompatible, StreamExists, StreamNotFound
+from service.errors import (
+    InvalidObservation,
+    OutOfOrder,
+    PayloadTooLarge,
+    StateIncompatible,
+    StreamExists,
+    StreamNotFound,
+)
 from service.metrics import Metrics
 from service.observations import Plan, check_freq, future_timestamps, plan_batch
 from service.registry import LoadedModel, ModelRegistry
@@ -73,7 +80,13 @@ class Engine:
             )
         stream_id = req.id or uuid.uuid4().hex
         await self._refuse_existing(stream_id)
-        plan = self._plan(model, req.history, None, (), prefix="history")
+        try:
+            plan = self._plan(model, req.history, None, (), prefix="history")
+        except OutOfOrder as exc:  # no stream yet: the request itself is wrong
+            index = exc.details["index"]
+            raise InvalidObservation(
+                f"history row {index} is not after the row before it", field=f"history.{index}.timestamp"
+            ) from exc
         mode = UpdateMode(req.mode)
         step = await self._batcher.run(lambda: compute(model, None, plan.rows, mode, mode))
         now = _now()
