@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_dataset": "trainer.data",
     "EvalConfig": "trainer.evaluate",
     "evaluate": "trainer.evaluate",
-    "TrainConfig": "trainer.pretrain",
+    "TrainConfig": "trainer.train_config",
     "pretrain": "trainer.pretrain",
     "write_synthetic_csv": "trainer.synthetic",
 }

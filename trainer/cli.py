@@ -119,7 +119,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
     """TrainConfig from ``base`` (a checkpoint's training settings) and the flags given."""
-    from trainer.pretrain import TrainConfig
+    from trainer.train_config import TrainConfig
 
     values = dict(base or {})
     values.update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})

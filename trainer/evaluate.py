@@ -32,8 +32,8 @@ from trainer.online_eval import (
     replay_stream,
     truths_of,
 )
-from trainer.pretrain import TrainConfig
 from trainer.report import write_outputs
+from trainer.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 

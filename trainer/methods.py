@@ -29,7 +29,8 @@ from typing import Any
 
 from models.online import UpdateMode
 from trainer.checkpoint import REPORT_FILE, Checkpoint, is_checkpoint, load_checkpoint
-from trainer.pretrain import TrainConfig, file_identity, pretrain
+from trainer.pretrain import pretrain
+from trainer.train_config import TrainConfig, file_identity
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.pretrain import TrainConfig
 from trainer.synthetic import write_synthetic_csv
+from trainer.train_config import TrainConfig
 
 SEQ, PRED = 16, 4
 
