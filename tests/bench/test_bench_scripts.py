@@ -1,0 +1,157 @@
+"""The benchmark scripts run end to end on tiny inputs and write their outputs.
+
+Nothing here asserts a speed or an accuracy: the scripts are run as a user runs them (separate
+processes), with a tiny checkpoint, a tiny CSV, a few streams and a few steps, and the tests
+check the JSON they write and the report made from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models import ContinualForecaster, ModelConfig
+from trainer.checkpoint import DataSchema, save_checkpoint
+from trainer.synthetic import write_synthetic_csv
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SEQ_LEN, PRED_LEN = 8, 3
+
+
+def run_script(script: str, *args: str, timeout: float = 300) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCAST_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, f"bench/{script}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def tiny_checkpoint(directory: Path) -> Path:
+    """An lstm + titans checkpoint for the tiny CSV's two columns (random weights, no training)."""
+    torch.manual_seed(0)
+    config = ModelConfig(channels=2, seq_len=SEQ_LEN, pred_len=PRED_LEN, d_model=8, n_layers=1)
+    schema = DataSchema(
+        columns=("load_a", "OT"),
+        targets=("load_a", "OT"),
+        mean=(0.0, 0.0),
+        std=(1.0, 1.0),
+        seq_len=SEQ_LEN,
+        pred_len=PRED_LEN,
+        freq="h",
+    )
+    return save_checkpoint(directory, ContinualForecaster(config), schema, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run floor, load and accuracy once on tiny inputs; their JSON files by part."""
+    work = tmp_path_factory.mktemp("bench")
+    csv = write_synthetic_csv(work / "tiny.csv", rows=400, channels=2, seed=1)
+    checkpoint = tiny_checkpoint(work / "checkpoints" / "tiny")
+    results = work / "quick"
+    out = {part: results / f"{part}.json" for part in ("floor", "load", "accuracy")}
+    run_script(
+        "floor.py",
+        *("--checkpoint", str(checkpoint), "--configs", "titans,fsnet", "--batches", "1,3"),
+        *("--budget", "0.05", "--max-steps", "2", "--out", str(out["floor"])),
+    )
+    stores = "embedded,redis" if shutil.which("redis-server") else "embedded"
+    run_script(
+        "load.py",
+        *("--checkpoint-dir", str(checkpoint), "--data", str(csv), "--work", str(work / "load")),
+        *("--stores", stores, "--streams", "1,2", "--concurrency", "1,2", "--cell-seconds", "1"),
+        *("--cell-obs", "4", "--floor", str(out["floor"]), "--out", str(out["load"])),
+    )
+    run_script(
+        "accuracy.py",
+        *("--data", str(csv), "--seq-len", "16", "--horizons", "1,4", "--max-steps", "6"),
+        *("--epochs", "1", "--max-train-windows", "16", "--quick", "--river-val-steps", "4"),
+        *("--work", str(work / "accuracy"), "--out", str(out["accuracy"])),
+    )
+    return out
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def test_floor_writes_every_mode_and_batch(outputs: dict[str, Path]) -> None:
+    floor = read(outputs["floor"])
+    cells = {(r["config"], r["mode"], r["batch"]) for r in floor["rows"]}
+    assert len(cells) == 2 * 3 * 2 == len(floor["rows"])
+    for row in floor["rows"]:
+        assert row["steps"] >= 1 and row["obs_per_s"] > 0
+        assert row["state_nbytes"] > 0 and row["state_blob_bytes"] > row["state_nbytes"]
+    assert floor["machine"]["torch_threads"] == 1
+
+
+def test_load_writes_cells_for_each_store(outputs: dict[str, Path]) -> None:
+    load = read(outputs["load"])
+    expected_stores = ["embedded", "redis"] if shutil.which("redis-server") else ["embedded"]
+    assert [s["store"] for s in load["stores"]] == expected_stores
+    for store in load["stores"]:
+        # C > N is skipped: N=1 runs C=1 only, N=2 runs C=1 and C=2, in each mode
+        grid = {(c["mode"], c["streams"], c["concurrency"]) for c in store["cells"]}
+        assert grid == {(m, n, c) for m in ("memory_only", "full_model") for n, c in ((1, 1), (2, 1), (2, 2))}
+        for cell in store["cells"]:
+            assert cell["errors"] == 0, cell["error_samples"]
+            assert cell["observations"] >= 1 and cell["latency_ms"]["p99"] >= cell["latency_ms"]["p50"] > 0
+            assert cell["state_bytes"] > 0 and cell["ratio_to_floor_b1"] > 0
+            if store["store"] == "redis":
+                assert cell["redis_round_trips_per_obs"] >= 1
+        assert store["memory"][0]["rss_bytes"] > 0 and store["creation"][-1]["errors"] == 0
+    full = [c for s in load["stores"] for c in s["cells"] if c["mode"] == "full_model"]
+    memory_only = [c for s in load["stores"] for c in s["cells"] if c["mode"] == "memory_only"]
+    assert min(c["state_bytes"] for c in full) > max(c["state_bytes"] for c in memory_only)
+
+
+def test_accuracy_writes_every_method_horizon_and_feedback(outputs: dict[str, Path]) -> None:
+    acc = read(outputs["accuracy"])
+    assert acc["data"]["etth1"] is False
+    methods = {r["method"] for r in acc["rows"]}
+    assert methods >= {"naive", "titans_memory_only", "titans_full_model", "fsnet", "ogd", "river_snarimax"}
+    for h in (1, 4):
+        for feedback in ("delayed", "immediate"):
+            rows = [r for r in acc["rows"] if r["horizon"] == h and r["feedback"] == feedback]
+            assert {r["method"] for r in rows} == methods
+            assert all(r["steps"] == 6 and r["mse"] >= 0 for r in rows)
+
+
+def test_report_writes_markdown_and_plots(outputs: dict[str, Path], tmp_path: Path) -> None:
+    from bench.report import main as report_main
+
+    out = tmp_path / "docs" / "benchmarks.md"
+    args = ["--mode", "quick", "--out", str(out)]
+    for part, path in outputs.items():
+        args += [f"--{part}", str(path)]
+    assert report_main(args) == 0
+    text = out.read_text()
+    headings = ("## Headline", "## Accuracy", "## Compute floor", "## Service", "### Memory", "## Commands")
+    assert all(heading in text for heading in headings)
+    assert "ETTh1 was not found" in text and "capped at 6" in text
+    assert (tmp_path / "docs" / "img" / "bench_latency.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "img" / "bench_throughput.png").stat().st_size > 0
+
+
+def test_run_all_rebuilds_report_from_existing_results(outputs: dict[str, Path], tmp_path: Path) -> None:
+    work = outputs["floor"].parents[1]
+    out = tmp_path / "benchmarks.md"
+    stdout = run_script("run_all.py", "--quick", "--report-only", "--work", str(work), "--out", str(out))
+    assert "report" in stdout and "## Service" in out.read_text()
