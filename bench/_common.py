@@ -108,7 +108,7 @@ def ensure_checkpoint(
     """A checkpoint directory for the speed benchmarks: ``given``, or a small one made once under
     ``work`` with ``memcast make-data`` + ``memcast pretrain`` (the CLI a user runs)."""
     if given is not None:
-        from trainer.checkpoint import is_checkpoint
+        from models.checkpoint import is_checkpoint
 
         if not is_checkpoint(given):
             raise SystemExit(f"{given} is not a checkpoint directory (model.safetensors + config.json)")

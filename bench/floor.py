@@ -55,7 +55,7 @@ def build_models(configs: list[str], checkpoint: Path | None) -> dict[str, Conti
     base = default_config()
     models: dict[str, ContinualForecaster] = {}
     if checkpoint is not None:
-        from trainer.checkpoint import load_checkpoint
+        from models.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
         base = ckpt.config

@@ -12,6 +12,7 @@ from memcast import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so `memcast --version` stays fast and each package owns its subcommands.
+    from memcast import replay
     from service import cli as service_cli
     from trainer import cli as trainer_cli
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     trainer_cli.register(sub)
     service_cli.register(sub)
+    replay.register(sub)
     return parser
 
 

@@ -11,14 +11,14 @@ in and the next one is returned. Nothing is assigned to ``self`` after ``__init_
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
 
-class StorePolicy(str, Enum):
+class StorePolicy(StrEnum):
     """Which tokens of an input window a memory learns from during one forward pass.
 
     ``window``: every token (pretraining: each window starts from a fresh memory).

@@ -16,7 +16,7 @@ learned from when its last value arrives, and never before.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +29,13 @@ from models.forecaster import ContinualForecaster
 from models.optim import adamw_step
 
 
-class UpdateMode(str, Enum):
+class UpdateMode(StrEnum):
     NONE = "none"
     MEMORY_ONLY = "memory_only"
     FULL_MODEL = "full_model"
 
 
-class Feedback(str, Enum):
+class Feedback(StrEnum):
     DELAYED = "delayed"  # a target is learned from once all its values were observed
     IMMEDIATE = "immediate"  # the literature's protocol: the caller reveals the horizon
 
@@ -70,7 +70,11 @@ def ensure_mode(model: ContinualForecaster, state: TensorDict, mode: UpdateMode)
 
     def per_stream(fill: float | None) -> TensorDict:
         leaves = {
-            _key(k): (v.expand(b, *v.shape).clone() if fill is None else torch.full((b, *v.shape), fill, dtype=v.dtype))
+            _key(k): (
+                v.expand(b, *v.shape).clone()
+                if fill is None
+                else torch.full((b, *v.shape), fill, dtype=v.dtype)
+            )
             for k, v in shared.items()
         }
         return TensorDict(leaves, batch_size=[b])
@@ -78,7 +82,11 @@ def ensure_mode(model: ContinualForecaster, state: TensorDict, mode: UpdateMode)
     state = state.clone(recurse=False)
     state["params"] = per_stream(None)
     state["opt"] = TensorDict(
-        {"exp_avg": per_stream(0.0), "exp_avg_sq": per_stream(0.0), "step": torch.zeros(b, dtype=torch.int64)},
+        {
+            "exp_avg": per_stream(0.0),
+            "exp_avg_sq": per_stream(0.0),
+            "step": torch.zeros(b, dtype=torch.int64),
+        },
         batch_size=[b],
     )
     return state
@@ -171,7 +179,11 @@ def learn(
         return state
     state = ensure_mode(model, state, mode)
     if state.batch_size[0] == 1:  # the common single-stream case skips slicing and concatenation
-        return state if mask is not None and not bool(mask[0]) else _learn_one(model, state, inputs, targets, mode)
+        return (
+            state
+            if mask is not None and not bool(mask[0])
+            else _learn_one(model, state, inputs, targets, mode)
+        )
     rows = []
     for i in range(state.batch_size[0]):
         row = state[i : i + 1]
@@ -192,7 +204,10 @@ def _learn_one(
         forecast, _ = functional_call(model, params, (inputs, row["model"], StorePolicy.NONE))
         loss = F.mse_loss(forecast, targets)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    grad_map = {k: torch.zeros_like(p) if g is None else g.detach() for (k, p), g in zip(params.items(), grads)}
+    grad_map = {
+        k: torch.zeros_like(p) if g is None else g.detach()
+        for (k, p), g in zip(params.items(), grads, strict=True)
+    }
     row = row.clone(recurse=False)
     row["model"] = model.adapt(row["model"], grad_map)
     if full:
@@ -226,7 +241,9 @@ def _forward(
     forecasts, rows = [], []
     for i in range(state.batch_size[0]):
         row = (state if state.batch_size[0] == 1 else state[i : i + 1]).clone(recurse=False)
-        f, row["model"] = functional_call(model, _stream_params(row), (inputs[i : i + 1], row["model"], policy))
+        f, row["model"] = functional_call(
+            model, _stream_params(row), (inputs[i : i + 1], row["model"], policy)
+        )
         forecasts.append(f)
         rows.append(row)
     if len(rows) == 1:

@@ -75,9 +75,7 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise StateFormatError("state blob header is not JSON") from exc
     meta = header.get("__metadata__") or {}
     if meta.get("memcast.schema") != STATE_SCHEMA_VERSION:
-        raise StateFormatError(
-            f"state schema {meta.get('memcast.schema')!r} is not {STATE_SCHEMA_VERSION!r}"
-        )
+        raise StateFormatError(f"state schema {meta.get('memcast.schema')!r} is not {STATE_SCHEMA_VERSION!r}")
     return dict(meta)
 
 

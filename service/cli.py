@@ -1,12 +1,9 @@
-"""``memcast serve`` and ``memcast replay``."""
+"""``memcast serve``."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,40 +16,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--workers-threads", type=int, help="model threads (MEMCAST_WORKERS_THREADS)")
     serve.add_argument("--log-level", dest="server_log_level", help="uvicorn log level (MEMCAST_LOG_LEVEL)")
     serve.set_defaults(func=run_serve)
-
-    replay = subparsers.add_parser(
-        "replay", help="post a data set's test split to a running server and score its forecasts"
-    )
-    replay.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    replay.add_argument("--data", required=True, type=Path, help="CSV with a date column")
-    replay.add_argument("--model", help="model name (default: the server's default model)")
-    replay.add_argument("--streams", type=int, default=1, help="streams, each a copy of the series")
-    replay.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: streams)")
-    replay.add_argument("--mode", default="memory_only", choices=["memory_only", "full_model", "none"])
-    replay.add_argument("--max-steps", type=int, default=None, help="observations per stream (default: all)")
-    replay.add_argument("--batch", type=int, default=1, help="observations per request")
-    replay.add_argument(
-        "--rate",
-        type=float,
-        default=None,
-        help="target observations/s over all streams (default: as fast as answered)",
-    )
-    replay.add_argument(
-        "--history-rows",
-        type=int,
-        default=None,
-        help="rows before the test border sent at creation (default seq_len)",
-    )
-    replay.add_argument(
-        "--api-key", default=os.environ.get("MEMCAST_API_KEY"), help="sent as Bearer (MEMCAST_API_KEY)"
-    )
-    replay.add_argument(
-        "--report-every", type=int, default=500, help="print the rolling errors every N observations"
-    )
-    replay.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    replay.add_argument("--keep", action="store_true", help="keep the streams after the replay")
-    replay.add_argument("--json", dest="json_out", type=Path, help="write the summary numbers to this file")
-    replay.set_defaults(func=run_replay)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -84,29 +47,3 @@ def run_serve(args: argparse.Namespace) -> int:
         access_log=settings.log_level == "debug",
     )
     return 0
-
-
-def run_replay(args: argparse.Namespace) -> int:
-    from service.replay import ReplayConfig, replay
-
-    config = ReplayConfig(
-        url=args.url,
-        data=args.data,
-        model=args.model,
-        streams=args.streams,
-        concurrency=args.concurrency or args.streams,
-        mode=args.mode,
-        max_steps=args.max_steps,
-        batch=args.batch,
-        history_rows=args.history_rows,
-        api_key=args.api_key,
-        report_every=args.report_every,
-        rate=args.rate,
-        timeout=args.timeout,
-        keep=args.keep,
-    )
-    summary = asyncio.run(replay(config))
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(summary, indent=2))
-    return 0 if summary["errors"] == 0 else 1

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from models.checkpoint import Checkpoint, DataSchema, is_checkpoint, load_checkpoint
 from models.forecaster import ContinualForecaster
 from service.errors import ModelNotFound
-from trainer.checkpoint import Checkpoint, DataSchema, is_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 

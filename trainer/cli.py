@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from models.checkpoint import REPORT_FILE, CheckpointError, is_checkpoint
 from models.config import BACKBONES, FUSIONS, MEMORIES
 from models.online import Feedback, UpdateMode
-from trainer.checkpoint import REPORT_FILE, CheckpointError, is_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from trainer.checkpoint import DataSchema
+from models.checkpoint import DataSchema
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.checkpoint import Checkpoint, DataSchema
 from models.forecaster import ContinualForecaster
 from models.online import Feedback, UpdateMode
-from trainer.checkpoint import Checkpoint, DataSchema
 from trainer.data import LoadedData, load_dataset
 from trainer.methods import MethodSpec, checkpoint_for, parse_methods
 from trainer.online_eval import (

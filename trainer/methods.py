@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import REPORT_FILE, Checkpoint, is_checkpoint, load_checkpoint
 from models.online import UpdateMode
-from trainer.checkpoint import REPORT_FILE, Checkpoint, is_checkpoint, load_checkpoint
 from trainer.pretrain import pretrain
 from trainer.train_config import TrainConfig, file_identity
 

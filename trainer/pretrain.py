@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from models.base import StorePolicy
+from models.checkpoint import REPORT_FILE, is_checkpoint, save_checkpoint
 from models.forecaster import ContinualForecaster
-from trainer.checkpoint import REPORT_FILE, is_checkpoint, save_checkpoint
 from trainer.data import LoadedData, WindowSet, load_dataset
 from trainer.train_config import TrainConfig, file_identity
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import DataSchema
 from models.config import ModelConfig
-from trainer.checkpoint import DataSchema
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from models import ContinualForecaster, ModelConfig
-from trainer.checkpoint import DataSchema, save_checkpoint
+from models.checkpoint import DataSchema, save_checkpoint
 from trainer.synthetic import write_synthetic_csv
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from models.checkpoint import is_checkpoint
 from tests.deploy import _deploy as d
 from tests.deploy.conftest import Api, ConfiguredRedis, clean_env
-from trainer.checkpoint import is_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ component influences the forecast and a leak between streams or observations sho
 
 from __future__ import annotations
 
-import struct
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -189,7 +189,9 @@ def test_state_from_another_model_is_refused():
 def test_untrained_forecaster_forecasts_the_last_value():
     """Zero-initialised head and skip: a fresh model is the last-value baseline."""
     model = ContinualForecaster(ModelConfig(seq_len=SEQ, pred_len=PRED, channels=CH)).double()
-    state, forecast = observe_many(model, init_stream_state(model, 1, UpdateMode.NONE), series(1, SEQ), UpdateMode.NONE)
+    state, forecast = observe_many(
+        model, init_stream_state(model, 1, UpdateMode.NONE), series(1, SEQ), UpdateMode.NONE
+    )
     torch.testing.assert_close(forecast, state["history"][:, -1:].expand(1, PRED, CH))
 
 

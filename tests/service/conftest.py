@@ -17,10 +17,10 @@ import torch
 from fastapi import FastAPI
 
 from models import ContinualForecaster, ModelConfig
+from models.checkpoint import DataSchema, save_checkpoint
 from service.app import create_app
 from service.settings import Settings
 from service.store import StreamRecord
-from trainer.checkpoint import DataSchema, save_checkpoint
 
 COLUMNS = ("load_a", "OT")
 SEQ_LEN, PRED_LEN = 8, 3

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from models import Feedback, UpdateMode
+from models.checkpoint import load_checkpoint
 from tests.conftest import free_port
 from tests.service.conftest import SEQ_LEN
-from trainer.checkpoint import load_checkpoint
 from trainer.data import read_frame, split_borders
 from trainer.online_eval import metrics, naive_forecasts, replay_stream
 from trainer.synthetic import write_synthetic_csv

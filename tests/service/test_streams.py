@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models import UpdateMode, init_stream_state, observe_many, state_from_bytes
+from models.checkpoint import load_checkpoint
 from service.settings import Settings
 from tests.service.conftest import (
     COLUMNS,
@@ -21,7 +22,6 @@ from tests.service.conftest import (
     series,
     state_content,
 )
-from trainer.checkpoint import load_checkpoint
 
 
 def expected_forecast(checkpoint_dir: Path, rows: list[list[float]], mode: str):

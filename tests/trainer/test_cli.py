@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from memcast.cli import main
+from models.checkpoint import load_checkpoint
 from trainer import methods as methods_module
-from trainer.checkpoint import load_checkpoint
 from trainer.report import CUMULATIVE_PNG, REPORT_JSON, SLICE_PNG
 
 SMALL = ["--seq-len", "16", "--pred-len", "4", "--d-model", "8", "--n-layers", "1", "--epochs", "1"]

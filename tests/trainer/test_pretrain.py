@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from models.checkpoint import REPORT_FILE, WEIGHTS_FILE, load_checkpoint
 from models.online import Feedback, UpdateMode, init_stream_state, observe, observe_many
 from tests.trainer.conftest import SEQ, tiny_config
 from trainer import pretrain as pretrain_module
-from trainer.checkpoint import REPORT_FILE, WEIGHTS_FILE, load_checkpoint
 from trainer.data import load_dataset
 from trainer.pretrain import pretrain
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,10 +127,10 @@ def save_checkpoint(
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
         if old.exists():
-            _remove_tree(old)
+            shutil.rmtree(old)
         os.replace(directory, old)
         os.replace(tmp, directory)
-        _remove_tree(old)
+        shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
     return directory
@@ -170,9 +171,3 @@ def _build(config: ModelConfig, weights: dict[str, torch.Tensor]) -> ContinualFo
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _remove_tree(path: Path) -> None:
-    for child in sorted(path.rglob("*"), reverse=True):
-        child.rmdir() if child.is_dir() else child.unlink()
-    path.rmdir()

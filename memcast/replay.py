@@ -12,9 +12,12 @@ errors of ``memcast evaluate --feedback delayed`` on the same data, through HTTP
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
 import math
+import os
 import ssl
 import sys
 import time
@@ -30,7 +33,7 @@ from trainer.data import read_frame, split_borders
 
 
 @dataclass(frozen=True)
-class ReplayConfig:
+class ReplayClientConfig:
     url: str
     data: Path
     model: str | None = None
@@ -107,7 +110,7 @@ def load_series(path: Path, model: dict[str, Any], history_rows: int | None, max
 
 
 class Replay:
-    def __init__(self, config: ReplayConfig, model: dict[str, Any], series: Series) -> None:
+    def __init__(self, config: ReplayClientConfig, model: dict[str, Any], series: Series) -> None:
         self.config, self.model, self.series = config, model, series
         cols = model["columns"]
         self.target_idx = [cols.index(t) for t in model["targets"]]
@@ -216,7 +219,7 @@ class Replay:
         }
 
 
-async def replay(config: ReplayConfig) -> dict[str, Any]:
+async def replay(config: ReplayClientConfig) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
@@ -285,3 +288,63 @@ async def _pick_model(client: httpx.AsyncClient, name: str | None) -> dict[str, 
     raise SystemExit(
         f"model {wanted!r} is not served at {client.base_url} (has {[m['name'] for m in listing['models']]})"
     )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    replay = subparsers.add_parser(
+        "replay", help="post a data set's test split to a running server and score its forecasts"
+    )
+    replay.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    replay.add_argument("--data", required=True, type=Path, help="CSV with a date column")
+    replay.add_argument("--model", help="model name (default: the server's default model)")
+    replay.add_argument("--streams", type=int, default=1, help="streams, each a copy of the series")
+    replay.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: streams)")
+    replay.add_argument("--mode", default="memory_only", choices=["memory_only", "full_model", "none"])
+    replay.add_argument("--max-steps", type=int, default=None, help="observations per stream (default: all)")
+    replay.add_argument("--batch", type=int, default=1, help="observations per request")
+    replay.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="target observations/s over all streams (default: as fast as answered)",
+    )
+    replay.add_argument(
+        "--history-rows",
+        type=int,
+        default=None,
+        help="rows before the test border sent at creation (default seq_len)",
+    )
+    replay.add_argument(
+        "--api-key", default=os.environ.get("MEMCAST_API_KEY"), help="sent as Bearer (MEMCAST_API_KEY)"
+    )
+    replay.add_argument(
+        "--report-every", type=int, default=500, help="print the rolling errors every N observations"
+    )
+    replay.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    replay.add_argument("--keep", action="store_true", help="keep the streams after the replay")
+    replay.add_argument("--json", dest="json_out", type=Path, help="write the summary numbers to this file")
+    replay.set_defaults(func=run_replay)
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    config = ReplayClientConfig(
+        url=args.url,
+        data=args.data,
+        model=args.model,
+        streams=args.streams,
+        concurrency=args.concurrency or args.streams,
+        mode=args.mode,
+        max_steps=args.max_steps,
+        batch=args.batch,
+        history_rows=args.history_rows,
+        api_key=args.api_key,
+        report_every=args.report_every,
+        rate=args.rate,
+        timeout=args.timeout,
+        keep=args.keep,
+    )
+    summary = asyncio.run(replay(config))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(summary, indent=2))
+    return 0 if summary["errors"] == 0 else 1
