@@ -200,7 +200,7 @@ def run_memcast(args: argparse.Namespace, horizon: int, feedback: str) -> list[d
         overrides["epochs"] = args.epochs
     if args.max_train_windows is not None:
         overrides["max_train_windows"] = args.max_train_windows
-    train = TrainConfig(
+    train = TrainConfig.build(
         data=str(args.data),
         features=args.features,
         seq_len=args.seq_len,

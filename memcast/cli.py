@@ -33,7 +33,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": %(message)r}',
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as exc:
+        sys.stderr.write(f"memcast {args.command}: error: {exc}\n")
+        return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Domain errors that end a command with a one-line message and exit code 2."""
+    from memcast.errors import USER_ERRORS
+    from trainer.data import DataError
+    from trainer.methods import MethodError
+    from trainer.train_config import TrainConfigError
+
+    return (*USER_ERRORS, DataError, MethodError, TrainConfigError)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ BACKBONES = ("lstm", "transformer", "tcn", "titans")
 MEMORIES = ("titans", "fsnet", "fsnet_nomem", "none")
 FUSIONS = ("add", "concat", "gated", "layer", "context")
 MEMORY_MODELS = ("mlp", "attention")
+# field (dotted for nested groups) -> the values it accepts; the CLI offers them as choices
+CHOICES: dict[str, tuple[str, ...]] = {
+    "backbone": BACKBONES,
+    "memory": MEMORIES,
+    "fusion": FUSIONS,
+    "neural_memory.model": MEMORY_MODELS,
+}
 
 
 class ConfigError(ValueError):
@@ -71,10 +78,9 @@ class ModelConfig:
     online_betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
-        _check_choice("backbone", self.backbone, BACKBONES)
-        _check_choice("memory", self.memory, MEMORIES)
-        _check_choice("fusion", self.fusion, FUSIONS)
-        _check_choice("neural_memory.model", self.neural_memory.model, MEMORY_MODELS)
+        for name, choices in CHOICES.items():
+            group, _, sub = name.rpartition(".")
+            _check_choice(name, getattr(getattr(self, group) if group else self, sub), choices)
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
         if self.memory in ("fsnet", "fsnet_nomem") and self.backbone != "tcn":

@@ -21,18 +21,13 @@ from typing import Any
 
 import torch
 
+from memcast.errors import CliError
 from models.checkpoint import REPORT_FILE, CheckpointError, is_checkpoint
-from models.config import BACKBONES, FUSIONS, MEMORIES
 from models.online import Feedback, UpdateMode
+from trainer.flags import add_train_flags, given
+from trainer.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-# flag dest -> TrainConfig field, for the flags shared by pretrain and evaluate
-_TRAIN_FLAGS = (
-    "data features target seq_len pred_len backbone memory fusion d_model n_layers n_heads dropout "
-    "online_lr epochs batch_size lr weight_decay seed patience clip cosine warmup two_phase_epochs "
-    "max_train_windows val_fraction test_fraction device"
-).split()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,48 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """Data, model and optimisation flags; unset ones take TrainConfig's (or the checkpoint's) values."""
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="CSV with a date column and numeric columns")
-    g.add_argument("--features", choices=["S", "M", "MS"])
-    g.add_argument("--target", help="target column (default OT, else the last column)")
-    g.add_argument("--seq-len", type=int)
-    g.add_argument("--pred-len", type=int)
-    g.add_argument("--val-fraction", type=float, help="non-ETT files: validation share (default 0.05)")
-    g.add_argument("--test-fraction", type=float, help="non-ETT files: online test share (default 0.75)")
-    m = p.add_argument_group("model")
-    m.add_argument("--backbone", choices=BACKBONES)
-    m.add_argument("--memory", choices=MEMORIES)
-    m.add_argument("--fusion", choices=FUSIONS)
-    m.add_argument("--d-model", type=int)
-    m.add_argument("--n-layers", type=int)
-    m.add_argument("--n-heads", type=int)
-    m.add_argument("--dropout", type=float)
-    m.add_argument("--online-lr", type=float, help="full_model: per-stream learning rate")
-    m.add_argument(
-        "--model-opt",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="another ModelConfig field, JSON value (e.g. revin=false, neural_memory.chunk_size=4)",
-    )
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    t.add_argument("--clip", type=float, help="max gradient norm (0: off)")
-    t.add_argument("--cosine", action="store_true", default=None, help="cosine learning-rate decay")
-    t.add_argument("--warmup", type=float, help="fraction of steps with linear warmup")
-    t.add_argument(
-        "--two-phase", dest="two_phase_epochs", type=int, help="epochs with the backbone frozen first"
-    )
-    t.add_argument("--max-train-windows", type=int)
-    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument(
+    """Data, model and training flags, generated from the dataclasses; unset ones take
+    TrainConfig's (or the checkpoint's) values."""
+    add_train_flags(p)
+    p.add_argument(
         "--threads",
         type=int,
         help="torch intra-op threads (default: torch's choice). On a busy machine 1 is much faster for "
@@ -117,19 +74,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+def train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
     """TrainConfig from ``base`` (a checkpoint's training settings) and the flags given."""
-    from trainer.train_config import TrainConfig
-
-    values = dict(base or {})
-    values.update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})
-    options = dict(tuple(kv) for kv in values.get("model_options", ()))
-    options.update(_parse_model_opts(args.model_opt))
-    values["model_options"] = tuple(sorted(options.items()))
-    values["progress"] = not args.no_progress
-    if not values.get("data"):
-        raise SystemExit("--data is required (or a --checkpoint whose train_report.json names its data)")
-    return TrainConfig.from_dict(values)
+    values = given(args)
+    if not values.get("data") and not (base or {}).get("data"):
+        raise CliError("--data is required (or a --checkpoint whose train_report.json names its data)")
+    config = TrainConfig.from_dict(base) if base else TrainConfig(data=values["data"])
+    return config.replace(**values)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -137,7 +88,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     cfg = train_config(args)
-    out = args.out or f"checkpoints/{_stem(cfg)}_{cfg.backbone}_{cfg.memory}"
+    out = args.out or f"checkpoints/{_stem(cfg)}_{cfg.model.backbone}_{cfg.model.memory}"
     cfg = cfg.replace(out=out, name=args.name)
     try:
         path = pretrain(cfg)
@@ -201,6 +152,9 @@ def _checkpoint_train_settings(directory: Path) -> dict[str, Any]:
     )
     for key in ("out", "name", "device", "progress"):
         settings.pop(key, None)
+    if isinstance(settings.get("model"), dict):  # this version's layout: lengths live in the model
+        settings["model"] = settings["model"] | {"seq_len": schema["seq_len"], "pred_len": schema["pred_len"]}
+        settings.pop("seq_len"), settings.pop("pred_len")
     return settings
 
 
@@ -209,18 +163,5 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)  # chosen once, at the edge, like the device
 
 
-def _parse_model_opts(items: list[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--model-opt {item!r}: expected KEY=VALUE")
-        try:
-            options[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key.strip()] = raw
-    return options
-
-
-def _stem(cfg: Any) -> str:
+def _stem(cfg: TrainConfig) -> str:
     return f"{Path(cfg.data).stem}_{cfg.features}_{cfg.seq_len}_{cfg.pred_len}"

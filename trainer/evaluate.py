@@ -129,7 +129,9 @@ def _run_method(
     ckpt = checkpoint_for(spec, train, Path(cfg.runs_dir), train.device)
     _check_compatible(spec, ckpt.schema, schema)
     online_lr = (
-        cfg.online_lr if cfg.online_lr is not None else (train.online_lr if spec.checkpoint is None else None)
+        cfg.online_lr
+        if cfg.online_lr is not None
+        else (train.model.online_lr if spec.checkpoint is None else None)
     )
     model = with_online_lr(ckpt.model, online_lr)
     series = torch.as_tensor(ckpt.schema.scale(raw_test), dtype=torch.float32).to(train.device)

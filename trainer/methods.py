@@ -102,10 +102,10 @@ def train_config_for(spec: MethodSpec, base: TrainConfig) -> TrainConfig | None:
     """The pretraining config of a method's model (None when it has no model to pretrain)."""
     if spec.model is None:
         return None
-    cfg = base.replace(**spec.model)
-    if cfg.backbone == "titans" and cfg.memory not in ("titans", "none"):
-        cfg = cfg.replace(memory="titans")
-    return cfg
+    changes = dict(spec.model)
+    if base.model.backbone == "titans" and changes.get("memory", "titans") not in ("titans", "none"):
+        changes["memory"] = "titans"
+    return base.replace(**changes)
 
 
 def checkpoint_for(spec: MethodSpec, base: TrainConfig, runs_dir: Path, device: str) -> Checkpoint:
@@ -116,11 +116,11 @@ def checkpoint_for(spec: MethodSpec, base: TrainConfig, runs_dir: Path, device: 
     if cfg is None:
         raise MethodError(f"method {spec.name!r} has no model")
     digest = cfg.digest(file_identity(cfg.data))[:12]
-    out = runs_dir / f"{cfg.backbone}-{cfg.memory}-{digest}"
+    out = runs_dir / f"{cfg.model.backbone}-{cfg.model.memory}-{digest}"
     if _finished(out):
         log.info("%s: using the cached checkpoint %s", spec.name, out)
     else:
-        log.info("%s: pretraining %s/%s into %s", spec.name, cfg.backbone, cfg.memory, out)
+        log.info("%s: pretraining %s/%s into %s", spec.name, cfg.model.backbone, cfg.model.memory, out)
         pretrain(cfg.replace(out=str(out), name=out.name))
     return load_checkpoint(out, device)
 

@@ -1,39 +1,42 @@
-"""``TrainConfig``: everything a pretraining run depends on (the CLI builds it from flags; the
-checkpoint's ``train_report.json`` stores it, so evaluation can pretrain the other methods'
-models with the same settings)."""
+"""``TrainConfig``: everything a pretraining run depends on.
+
+It holds the :class:`~models.config.ModelConfig` it trains (one source of truth for the
+model's fields); the CLI generates its flags from both dataclasses (``trainer/flags.py``), and
+the checkpoint's ``train_report.json`` stores it, so evaluation can pretrain the other methods'
+models with the same settings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from models.checkpoint import DataSchema
 from models.config import ModelConfig
 
+# ModelConfig fields the data decides (set from the data schema, never by a flag)
+DATA_DERIVED_MODEL_FIELDS = ("channels", "targets")
+# what only online updates use: it does not change the pretrained weights
+ONLINE_ONLY_MODEL_FIELDS = ("online_lr", "online_weight_decay", "online_betas")
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"features": ("S", "M", "MS")}
+
+
+class TrainConfigError(ValueError):
+    """Training settings that cannot work together; the message names the setting."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a pretraining run depends on (stored in ``train_report.json``)."""
 
-    data: str
-    features: str = "M"
-    target: str | None = None  # default: OT if present, else the last column
-    seq_len: int = 48
-    pred_len: int = 12
-    # model
-    backbone: str = "lstm"
-    memory: str = "titans"
-    fusion: str = "add"
-    d_model: int = 32
-    n_layers: int = 2
-    n_heads: int = 4
-    dropout: float = 0.0
-    online_lr: float = 1e-3
-    model_options: tuple[tuple[str, Any], ...] = ()  # further ModelConfig fields, dotted for nested
+    data: str  # CSV with a date column and numeric columns
+    model: ModelConfig = field(default_factory=ModelConfig)
+    features: str = "M"  # S (target only), M (all columns) or MS (all in, target out)
+    target: str | None = None  # target column (default OT if present, else the last column)
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -47,73 +50,96 @@ class TrainConfig:
     two_phase_epochs: int = 0  # first epochs train memory + head with the backbone frozen
     max_train_windows: int | None = None  # evenly spaced subset of the train windows
     # data splits (non-ETT files)
-    val_fraction: float = 0.05
-    test_fraction: float = 0.75
+    val_fraction: float = 0.05  # validation share of a non-ETT file
+    test_fraction: float = 0.75  # online test share of a non-ETT file
     # output and runtime
     out: str = "checkpoints/memcast"
     name: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:1, ...
     amp: bool = True  # mixed precision, used only on a CUDA device
-    progress: bool = True
+    progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+            raise TrainConfigError("epochs and batch_size must be >= 1 and lr > 0")
         if not 0 <= self.warmup < 1 or self.two_phase_epochs < 0 or self.patience < 1:
-            raise ValueError("warmup must be in [0, 1), two_phase_epochs >= 0 and patience >= 1")
+            raise TrainConfigError("warmup must be in [0, 1), two_phase_epochs >= 0 and patience >= 1")
+        if self.features not in TRAIN_CHOICES["features"]:
+            raise TrainConfigError(
+                f"features={self.features!r} is not one of {', '.join(TRAIN_CHOICES['features'])}"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.seq_len
+
+    @property
+    def pred_len(self) -> int:
+        return self.model.pred_len
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["model_options"] = [list(kv) for kv in self.model_options]
-        return data
+        return dataclasses.asdict(self) | {"model": self.model.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys (from other versions) are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Inverse of :meth:`to_dict`. Also reads the flat layout of older reports (model
+        fields beside the training ones); unknown keys from other versions are ignored."""
+        data = dict(data)
+        model = data.pop("model", None)
+        flat = {k: v for k, v in data.items() if k in _model_field_names() or "." in k}
+        for key, value in data.pop("model_options", ()) or ():
+            flat[key] = value
+        known = {f.name for f in dataclasses.fields(cls)} - {"model"}
         values = {k: v for k, v in data.items() if k in known}
-        values["model_options"] = tuple(tuple(kv) for kv in values.get("model_options", ()))
-        return cls(**values)
+        base = ModelConfig.from_dict(model) if isinstance(model, dict) else ModelConfig()
+        return cls(**values, model=with_model_fields(base, flat))
+
+    @classmethod
+    def build(cls, **values: Any) -> TrainConfig:
+        """A config from flat keyword arguments: training fields and model fields side by side
+        (``seq_len=60, backbone="tcn", epochs=3``), nested model fields dotted
+        (``"neural_memory.chunk_size"``), as the CLI and tests write them."""
+        return cls(data=values.pop("data")).replace(**values)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        """``dataclasses.replace`` that routes model field names into :attr:`model`."""
+        model_changes = {k: changes.pop(k) for k in list(changes) if k in _model_field_names() or "." in k}
+        model = with_model_fields(changes.pop("model", self.model), model_changes)
+        return dataclasses.replace(self, model=model, **changes)
 
     def model_config(self, schema: DataSchema) -> ModelConfig:
         """The model for this data schema: channels from its columns, targets for ``MS``."""
         targets = None if schema.targets == schema.columns else schema.target_indices
-        fields: dict[str, Any] = {
-            "seq_len": self.seq_len,
-            "pred_len": self.pred_len,
-            "channels": len(schema.columns),
-            "targets": targets,
-            "backbone": self.backbone,
-            "memory": self.memory,
-            "fusion": self.fusion,
-            "d_model": self.d_model,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "dropout": self.dropout,
-            "online_lr": self.online_lr,
-        }
-        nested: dict[str, dict[str, Any]] = {}
-        for key, value in self.model_options:
-            if "." in key:
-                group, sub = key.split(".", 1)
-                nested.setdefault(group, {})[sub] = value
-            else:
-                fields[key] = value
-        config = ModelConfig.from_dict(fields)
-        for group, values in nested.items():
-            config = config.replace(**{group: dataclasses.replace(getattr(config, group), **values)})
-        return config
+        return self.model.replace(channels=len(schema.columns), targets=targets)
 
     def digest(self, data_identity: str = "") -> str:
         """Hash of what determines the trained weights (not the output path, device, UI, nor
-        the online learning rate, which only online updates use)."""
-        skip = ("out", "name", "device", "progress", "online_lr")
-        keep = {k: v for k, v in self.to_dict().items() if k not in skip}
+        the online update's settings, which only online updates use)."""
+        keep = {k: v for k, v in self.to_dict().items() if k not in ("out", "name", "device", "progress")}
+        keep["model"] = {k: v for k, v in keep["model"].items() if k not in ONLINE_ONLY_MODEL_FIELDS}
         blob = json.dumps(keep, sort_keys=True, default=str) + data_identity
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def with_model_fields(config: ModelConfig, changes: dict[str, Any]) -> ModelConfig:
+    """``config`` with top-level (``d_model``) and nested (``neural_memory.chunk_size``) fields
+    changed; the result is validated by ``ModelConfig`` itself."""
+    if not changes:
+        return config
+    data = config.to_dict()
+    for key, value in changes.items():
+        group, dot, sub = key.partition(".")
+        if dot:
+            if not isinstance(data.get(group), dict):
+                raise TrainConfigError(f"{key!r}: the model config has no group {group!r}")
+            data[group] = {**data[group], sub: value}
+        else:
+            data[key] = value
+    return ModelConfig.from_dict(data)
+
+
+def _model_field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def file_identity(path: str | Path) -> str:

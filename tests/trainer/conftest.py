@@ -33,7 +33,7 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(data: Path, out: Path, **changes: object) -> TrainConfig:
     """An lstm without memory, 8 features: trains in well under a second per epoch."""
-    base = TrainConfig(
+    base = TrainConfig.build(
         data=str(data),
         features="MS",
         seq_len=SEQ,

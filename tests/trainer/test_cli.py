@@ -1,15 +1,20 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from memcast.cli import main
+from memcast.cli import build_parser, main
 from models.checkpoint import load_checkpoint
+from models.config import ModelConfig, NeuralMemoryConfig
 from trainer import methods as methods_module
+from trainer.cli import train_config
+from trainer.flags import train_flags
 from trainer.report import CUMULATIVE_PNG, REPORT_JSON, SLICE_PNG
+from trainer.train_config import TrainConfig
 
 SMALL = ["--seq-len", "16", "--pred-len", "4", "--d-model", "8", "--n-layers", "1", "--epochs", "1"]
 SMALL += ["--batch-size", "16", "--lr", "3e-3", "--max-train-windows", "48", "--no-progress"]
@@ -64,8 +69,49 @@ def test_make_data_pretrain_evaluate_end_to_end(
     assert main([*again, "--out", str(tmp_path / "eval2"), "--runs-dir", str(runs), "--no-plots"]) == 0
 
 
-def test_evaluate_rejects_an_unknown_method(tmp_path: Path) -> None:
+def test_evaluate_rejects_an_unknown_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv = tmp_path / "s.csv"
     main(["make-data", "--out", str(csv), "--rows", "300"])
-    with pytest.raises(ValueError, match="unknown method"):
-        main(["evaluate", "--data", str(csv), "--methods", "naive,magic", "--out", str(tmp_path / "e")])
+    code = main(["evaluate", "--data", str(csv), "--methods", "naive,magic", "--out", str(tmp_path / "e")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memcast evaluate: error: unknown method 'magic'")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["pretrain"], "--data is required"),
+        (["pretrain", "--data", "{csv}", "--memory", "fsnet"], "memory 'fsnet' adapts the tcn backbone"),
+        (["pretrain", "--data", "{csv}", "--epochs", "0"], "epochs and batch_size must be >= 1"),
+        (["pretrain", "--data", "{tmp}/missing.csv"], "missing.csv"),
+        (["evaluate", "--checkpoint", "{tmp}"], "is not a checkpoint"),
+    ],
+)
+def test_cli_reports_domain_errors_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    csv = tmp_path / "s.csv"
+    main(["make-data", "--out", str(csv), "--rows", "300"])
+    capsys.readouterr()
+    argv = [a.format(csv=csv, tmp=tmp_path) for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_generated_flags_cover_every_config_field() -> None:
+    """A field added to TrainConfig or ModelConfig (nested groups too) is a flag of pretrain and
+    evaluate, with the dataclass default when unset."""
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "--data", "x.csv", "--neural-memory.chunk-size", "4", "--no-revin"])
+    config = train_config(args)
+    assert config.model.neural_memory.chunk_size == 4 and config.model.revin is False
+    assert config.epochs == TrainConfig(data="x.csv").epochs
+    dests = {flag.dest for _, flags in train_flags() for flag in flags}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"channels", "targets"}
+    nested = {"neural_memory", "fsnet"}
+    assert model_fields - nested <= dests
+    assert {f"neural_memory.{f.name}" for f in dataclasses.fields(NeuralMemoryConfig)} <= dests
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "out", "name"} <= dests

@@ -70,7 +70,7 @@ def test_checkpoint_directory_holds_weights_config_and_report(tiny_csv: Path, tm
     assert [e["epoch"] for e in report["epochs"]] == [1, 2]
     assert all(np.isfinite(e["train_loss"]) and np.isfinite(e["val_loss"]) for e in report["epochs"])
     assert report["best_val_loss"] <= report["initial_val_loss"]
-    assert report["config"]["seq_len"] == SEQ and report["wall_time_s"] > 0
+    assert report["config"]["model"]["seq_len"] == SEQ and report["wall_time_s"] > 0
     ckpt = load_checkpoint(out)
     assert ckpt.schema.columns == ("load_a", "load_b", "OT") and ckpt.config.targets == (2,)
     assert not list(tmp_path.glob(".ckpt*")), "temporary directories were left behind"
