@@ -1,9 +1,10 @@
-"""``memcast serve``."""
+"""``memcast serve`` and ``memcast settings``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--workers-threads", type=int, help="model threads (MEMCAST_WORKERS_THREADS)")
     serve.add_argument("--log-level", dest="server_log_level", help="uvicorn log level (MEMCAST_LOG_LEVEL)")
     serve.set_defaults(func=run_serve)
+
+    settings = subparsers.add_parser("settings", help="list the service's MEMCAST_* settings and defaults")
+    settings.set_defaults(func=run_settings)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -46,4 +50,11 @@ def run_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
     )
+    return 0
+
+
+def run_settings(args: argparse.Namespace) -> int:
+    from service.settings import settings_table
+
+    sys.stdout.write(settings_table())
     return 0

@@ -1,22 +1,9 @@
 """Service settings, read from the environment (prefix ``MEMCAST_``) by pydantic-settings.
 
 Obtain them through :func:`get_settings` (cached) or pass a :class:`Settings` to
-``create_app``; nothing imports a module-level settings object.
-
-==============================  ==========================================================
-``MEMCAST_REDIS_URL``           unset: the embedded in-process store (one process only)
-``MEMCAST_REDIS_KEY_PREFIX``    key prefix (``memcast`` -> ``memcast:{stream_id}``)
-``MEMCAST_CHECKPOINT_DIR``      every checkpoint under it is loaded (default ``checkpoints``)
-``MEMCAST_DEFAULT_MODEL``       model for streams created without one (default: first by name)
-``MEMCAST_API_KEYS``            comma-separated; unset or empty: no authentication
-``MEMCAST_MAX_BATCH``           observations per request (413 above)
-``MEMCAST_MAX_HISTORY``         history rows when creating a stream (413 above)
-``MEMCAST_MAX_BODY_BYTES``      request body size (413 above)
-``MEMCAST_WORKERS_THREADS``     threads computing models
-``MEMCAST_BATCH_STREAMS``       streams sharing one model call (1: no cross-stream batching)
-``MEMCAST_STORE_RETRIES``       compare-and-set attempts per request before 503
-``MEMCAST_LOG_LEVEL``, ``MEMCAST_HOST``, ``MEMCAST_PORT``, ``MEMCAST_DEVICE``: as named
-==============================  ==========================================================
+``create_app``; nothing imports a module-level settings object. Each field's description is
+its documentation: ``memcast settings`` prints the table the README carries (a test keeps the
+two equal).
 """
 
 from __future__ import annotations
@@ -31,17 +18,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMCAST_", extra="ignore")
 
-    # state store: unset -> the embedded in-process store (one process only)
-    redis_url: str | None = None
-    redis_key_prefix: str = "memcast"
-    store_retries: int = Field(16, ge=1, description="compare-and-set attempts per request")
-    store_timeout_s: float = Field(2.0, gt=0, description="Redis socket and connect timeout")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 responses")
+    # state store
+    redis_url: str | None = Field(
+        None, description="`redis://host:6379/0`; unset: the embedded in-process store (one process only)"
+    )
+    redis_key_prefix: str = Field("memcast", description="key prefix: `memcast` -> `memcast:{stream_id}`")
+    store_retries: int = Field(16, ge=1, description="compare-and-set attempts per request before 503")
+    store_timeout_s: float = Field(2.0, gt=0, description="Redis socket and connect timeout, seconds")
+    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with 503 responses")
 
     # models
-    checkpoint_dir: Path = Path("checkpoints")
-    default_model: str | None = None
-    device: str = "cpu"
+    checkpoint_dir: Path = Field(
+        Path("checkpoints"), description="every checkpoint directory in it is loaded at start-up"
+    )
+    default_model: str | None = Field(
+        None, description="model for streams created without one; unset: the first checkpoint by name"
+    )
+    device: str = Field("cpu", description="torch device (`cpu`, `cuda`, `cuda:1`)")
     workers_threads: int = Field(2, ge=1, description="threads running model computation")
     batch_streams: int = Field(
         32, ge=1, description="most streams whose single observations share one model call (1: off)"
@@ -52,17 +45,20 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(1, ge=1, description="torch intra-op threads; unset leaves torch's")
 
     # requests
-    api_keys: str | None = None  # comma-separated; unset or empty: no authentication
-    max_batch: int = Field(1000, ge=1, description="observations per request")
-    max_history: int = Field(20_000, ge=0, description="history rows when creating a stream")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    api_keys: str | None = Field(
+        None,
+        description="comma-separated keys (`Authorization: Bearer ...` or `X-API-Key`); unset or empty: "
+        "no authentication",
+    )
+    max_batch: int = Field(1000, ge=1, description="observations per request (413 above)")
+    max_history: int = Field(20_000, ge=0, description="history rows when creating a stream (413 above)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size in bytes (413 above)")
     dedup_window: int = Field(64, ge=1, description="recent observations remembered to detect duplicates")
-    request_timeout_s: float = Field(60.0, gt=0, description="replay client timeout")
 
     # process
-    log_level: str = "info"
-    host: str = "127.0.0.1"
-    port: int = 8000
+    log_level: str = Field("info", description="`debug`, `info`, `warning` or `error`")
+    host: str = Field("127.0.0.1", description="bind address of `memcast serve`")
+    port: int = Field(8000, description="port of `memcast serve`")
 
     @field_validator("log_level")
     @classmethod
@@ -77,3 +73,13 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, its default and its description (the README's)."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = "unset" if info.default is None else f"`{info.default}`"
+        lines.append(f"| `{prefix}{name.upper()}` | {default} | {info.description} |")
+    return "\n".join(lines) + "\n"
