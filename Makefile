@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 DATA ?=
 CHECKPOINTS ?= checkpoints
 PORT ?= 8765
+PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint typecheck check demo bench clean
 
 install: $(VENV)/.installed
 
@@ -17,18 +18,29 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
 	touch $@
 
+# the whole suite, the `slow` tier (processes, browsers, benchmark scripts) included
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# without the `slow` tier: the loop to run while changing code
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+typecheck: install
+	$(BIN)/mypy
+
+# what CI runs, in order
+check: lint typecheck test
+
 demo: install
 	DATA="$(DATA)" CHECKPOINTS="$(CHECKPOINTS)" PORT="$(PORT)" BIN="$(BIN)" bash docker/demo.sh
 
 bench: install
-	$(BIN)/python bench/run_all.py --quick
+	$(BIN)/python -m bench.run_all --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

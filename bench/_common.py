@@ -7,14 +7,14 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from memcast.harness import memcast_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ETTH1 = ROOT.parent / "shared" / "data" / "ETTh1.csv"
@@ -38,17 +38,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MEMCAST_TORCH_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
-
-
-def memcast_command() -> list[str]:
-    script = Path(sys.executable).parent / "memcast"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "memcast.cli"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def now_iso() -> str:
@@ -79,7 +68,24 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "commit": git_commit(),
     }
+
+
+def git_commit() -> str:
+    """The commit the benchmarks ran on (``+dirty`` with uncommitted changes), for the report."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def write_json(path: Path, data: Any) -> Path:

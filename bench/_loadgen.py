@@ -18,10 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import write_json  # noqa: E402
-from bench._http import HttpxPoster, RawPoster  # noqa: E402
+from bench._common import write_json
+from bench._http import HttpxPoster, RawPoster
 
 # Commands our Lua scripts run inside Redis (commandstats counts them too) and commands of
 # connection set-up and of this benchmark's own monitoring: neither is a round trip per request.

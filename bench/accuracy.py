@@ -22,8 +22,8 @@ Every method forecasts the same steps (``--max-steps`` caps them; the output say
 scored with ``trainer.online_eval.metrics`` over every value of every forecast. ``steps/s``
 counts online steps (forecast + update of every variable) per wall-clock second.
 
-    python bench/accuracy.py --out runs/bench/accuracy.json                  # full test split
-    python bench/accuracy.py --max-steps 200 --epochs 1 --max-train-windows 64   # quick
+    python -m bench.accuracy --out runs/bench/accuracy.json                  # full test split
+    python -m bench.accuracy --max-steps 200 --epochs 1 --max-train-windows 64   # quick
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench._common import SHARED_ETTH1, machine_info, now_iso, single_thread, write_json  # noqa: E402
-from trainer.data import LoadedData, load_dataset  # noqa: E402
-from trainer.online_eval import count_steps, metrics, truths_of  # noqa: E402
+from bench._common import SHARED_ETTH1, machine_info, now_iso, single_thread, write_json
+from trainer.data import LoadedData, load_dataset
+from trainer.online_eval import count_steps, metrics, truths_of
 
 MEMCAST_METHODS = ("titans_memory_only", "titans_full_model", "fsnet")
 BASELINES = ("naive", "ogd")

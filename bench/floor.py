@@ -10,8 +10,8 @@ steps and stops after ``--budget`` seconds, but always times at least one step.
 Besides the floor, the time to encode and decode one stream's state (``state_to_bytes`` /
 ``state_from_bytes``, what the service adds per stream and request) is measured once per mode.
 
-    python bench/floor.py --out runs/bench/floor.json                 # default model, every B
-    python bench/floor.py --checkpoint checkpoints/x --configs checkpoint,fsnet --batches 1,8
+    python -m bench.floor --out runs/bench/floor.json                 # default model, every B
+    python -m bench.floor --checkpoint checkpoints/x --configs checkpoint,fsnet --batches 1,8
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     BENCH_CHANNELS,
     BENCH_PRED_LEN,
     BENCH_SEQ_LEN,
@@ -36,9 +34,9 @@ from bench._common import (  # noqa: E402
     single_thread,
     write_json,
 )
-from models import ContinualForecaster, ModelConfig, UpdateMode, init_stream_state, observe  # noqa: E402
-from models.online import observe_many  # noqa: E402
-from models.state_io import model_fingerprint, state_from_bytes, state_nbytes, state_to_bytes  # noqa: E402
+from models import ContinualForecaster, ModelConfig, UpdateMode, init_stream_state, observe
+from models.online import observe_many
+from models.state_io import model_fingerprint, state_from_bytes, state_nbytes, state_to_bytes
 
 MODES = tuple(m.value for m in UpdateMode)
 
@@ -48,10 +46,19 @@ def default_config() -> ModelConfig:
     return ModelConfig(seq_len=BENCH_SEQ_LEN, pred_len=BENCH_PRED_LEN, channels=BENCH_CHANNELS)
 
 
+# other configurations at the benchmark's size (random weights: the speed of an update and the
+# size of a state do not depend on the weights' values)
+VARIANTS: dict[str, dict[str, str]] = {
+    "fsnet": {"backbone": "tcn", "memory": "fsnet"},
+    "fsnet_nomem": {"backbone": "tcn", "memory": "fsnet_nomem"},
+    "titans_mal": {"backbone": "titans", "memory": "titans", "fusion": "layer"},
+    "none": {"memory": "none"},
+}
+
+
 def build_models(configs: list[str], checkpoint: Path | None) -> dict[str, ContinualForecaster]:
     """``titans``: the checkpoint's model if given, else the default config (random weights);
-    ``fsnet``: the tcn + FSNet configuration at the same size (random weights: the speed of an
-    update does not depend on the weights' values)."""
+    the names of :data:`VARIANTS`: that configuration at the same size."""
     base = default_config()
     models: dict[str, ContinualForecaster] = {}
     if checkpoint is not None:
@@ -65,10 +72,10 @@ def build_models(configs: list[str], checkpoint: Path | None) -> dict[str, Conti
                 models[f"{base.backbone}+{base.memory} (checkpoint)"] = ckpt.model
                 continue
             config = base
-        elif name == "fsnet":
-            config = base.replace(backbone="tcn", memory="fsnet", targets=base.targets)
+        elif name in VARIANTS:
+            config = base.replace(**VARIANTS[name])
         else:
-            raise SystemExit(f"unknown config {name!r}: titans or fsnet")
+            raise SystemExit(f"unknown config {name!r}: titans, {', '.join(VARIANTS)}")
         torch.manual_seed(0)
         model = ContinualForecaster(config).eval()
         for p in model.parameters():
@@ -181,7 +188,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: the default config)")
-    p.add_argument("--configs", default="titans", help="comma-separated: titans (the default), fsnet")
+    p.add_argument(
+        "--configs", default="titans", help=f"comma-separated: titans (the default), {', '.join(VARIANTS)}"
+    )
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--batches", default="1,8,64,256", help="streams per observe call")
     p.add_argument("--budget", type=float, default=3.0, help="seconds per cell (at least one step)")

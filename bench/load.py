@@ -26,8 +26,8 @@ streams with ``"mode": <mode>`` in each request (the API's per-request override)
 ``memory_only`` stream's first ``full_model`` request adds its per-stream weight copy and
 every later one is an ordinary ``full_model`` update.
 
-    python bench/load.py --out runs/bench/load.json                   # full grid
-    python bench/load.py --streams 1,64 --concurrency 1,16,64 --cell-seconds 4 --floor runs/bench/floor.json
+    python -m bench.load --out runs/bench/load.json                   # full grid
+    python -m bench.load --streams 1,64 --concurrency 1,16,64 --cell-seconds 4 --floor runs/bench/floor.json
 """
 
 from __future__ import annotations
@@ -41,115 +41,49 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     ROOT,
     bench_csv,
     child_env,
     ensure_checkpoint,
-    free_port,
     machine_info,
-    memcast_command,
     now_iso,
     which_redis,
     write_json,
 )
+from memcast.harness import RedisServer, ServeProcess
 
 
 # ---------------------------------------------------------------------------------------------
 # driver: processes
 # ---------------------------------------------------------------------------------------------
-class Redis:
-    """A ``redis-server`` child on a free loopback port, no persistence."""
-
-    def __init__(self, work: Path) -> None:
-        binary = which_redis()
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH")
-        self.port = free_port()
-        self.dir = work / "redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        import redis
-
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with redis.Redis(port=self.port, socket_connect_timeout=0.2) as client:
-                    client.ping()
-                    self.version = client.info("server")["redis_version"]
-                return
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=15)
+def start_redis(work: Path) -> tuple[RedisServer, str]:
+    """A ``redis-server`` child on a free loopback port, no persistence; and its version."""
+    if which_redis() is None:
+        raise RuntimeError("redis-server is not on PATH")
+    server = RedisServer(work / "redis")
+    server.start()
+    with server.client() as client:
+        version = str(client.info("server")["redis_version"])
+    return server, version
 
 
-class Server:
-    """``memcast serve`` as a child process on a free loopback port."""
-
-    def __init__(
-        self, checkpoint: Path, log: Path, redis_url: str | None, workers_threads: int | None
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.name = json.loads((checkpoint / "config.json").read_text())["name"]
-        extra = {"MEMCAST_LOG_LEVEL": "warning"}
-        if redis_url:
-            extra["MEMCAST_REDIS_URL"] = redis_url
-        if workers_threads:
-            extra["MEMCAST_WORKERS_THREADS"] = str(workers_threads)
-        self.env = {k: v for k, v in child_env(**extra).items() if k.startswith(("MEMCAST_", "OMP_", "MKL_"))}
-        self.settings = effective_settings(self.env)
-        args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--checkpoints", str(checkpoint)]
-        args += ["--default-model", self.name]
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log.open("wb")
-        self.log_path = log
-        self.process = subprocess.Popen(
-            [*memcast_command(), *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=child_env(**extra),
-            cwd=ROOT,
-        )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 180.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"memcast serve did not become ready:\n{self.log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.25)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._log.close()
+def start_server(
+    checkpoint: Path, log: Path, redis_url: str | None, workers_threads: int | None
+) -> tuple[ServeProcess, str, dict[str, Any]]:
+    """``memcast serve`` on a free loopback port serving ``checkpoint``; its model name and the
+    thread and batching settings it runs with."""
+    name = json.loads((checkpoint / "config.json").read_text())["name"]
+    extra = {"MEMCAST_LOG_LEVEL": "warning"}
+    if redis_url:
+        extra["MEMCAST_REDIS_URL"] = redis_url
+    if workers_threads:
+        extra["MEMCAST_WORKERS_THREADS"] = str(workers_threads)
+    args = ["--checkpoints", str(checkpoint), "--default-model", name]
+    server = ServeProcess(args, env=child_env(**extra), log=log, cwd=ROOT)
+    server.start(timeout=180)
+    own = {k: v for k, v in server.env.items() if k.startswith(("MEMCAST_", "OMP_", "MKL_"))}
+    return server, name, own
 
 
 def effective_settings(env: dict[str, str]) -> dict[str, Any]:
@@ -167,9 +101,9 @@ def effective_settings(env: dict[str, str]) -> dict[str, Any]:
 def run_store(store: str, args: argparse.Namespace, checkpoint: Path, data: Path) -> dict[str, Any]:
     """One store: start Redis (if asked) and the server, run the generator process, stop both."""
     work: Path = args.work
-    redis = Redis(work) if store == "redis" else None
+    redis, redis_version = start_redis(work) if store == "redis" else (None, None)
     try:
-        server = Server(
+        server, model_name, server_env = start_server(
             checkpoint,
             work / "logs" / f"serve-{store}.log",
             redis.url if redis else None,
@@ -178,9 +112,9 @@ def run_store(store: str, args: argparse.Namespace, checkpoint: Path, data: Path
         try:
             spec = {
                 "url": server.url,
-                "server_pid": server.process.pid,
+                "server_pid": server.process.pid if server.process else None,
                 "redis_url": redis.url if redis else None,
-                "model": server.name,
+                "model": model_name,
                 "data": str(data),
                 "modes": args.modes.split(","),
                 "streams": sorted(int(n) for n in args.streams.split(",")),
@@ -205,9 +139,9 @@ def run_store(store: str, args: argparse.Namespace, checkpoint: Path, data: Path
             server.stop()
         outcome.update(
             store=store,
-            server_env=server.env,
-            server_settings=server.settings,
-            redis_version=redis.version if redis else None,
+            server_env=server_env,
+            server_settings=effective_settings(server_env),
+            redis_version=redis_version,
         )
         return outcome
     finally:

@@ -1,6 +1,6 @@
 """docs/benchmarks.md and its plots, from the JSON files of floor.py, load.py and accuracy.py.
 
-    python bench/report.py --floor runs/bench/quick/floor.json --load runs/bench/quick/load.json \\
+    python -m bench.report --floor runs/bench/quick/floor.json --load runs/bench/quick/load.json \\
         --accuracy runs/bench/quick/accuracy.json --out docs/benchmarks.md
 """
 
@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._accuracy_report import accuracy_section, headline_accuracy  # noqa: E402
-from bench._format import table  # noqa: E402
-from bench._plots import plot_load  # noqa: E402
-from bench._speed_report import findings, floor_section, headline, load_section  # noqa: E402
+from bench._accuracy_report import accuracy_section, headline_accuracy
+from bench._format import table
+from bench._plots import plot_load
+from bench._speed_report import findings, floor_section, headline, load_section
 
 
 def machine_section(sources: list[dict[str, Any]]) -> list[str]:
@@ -63,13 +61,15 @@ def write_report(
         raise SystemExit("nothing to report")
     img_dir = out.parent / "img"
     dates = sorted(s["date"] for s in sources)
+    commits = sorted({s["machine"].get("commit", "unknown") for s in sources})
     lines = [
         "# memcast benchmarks",
         "",
-        f"Measured {dates[0]} – {dates[-1]} (UTC) by `bench/run_all.py{' --quick' if mode == 'quick' else ''}`"
+        f"Measured {dates[0]} – {dates[-1]} (UTC) at commit {', '.join(f'`{c}`' for c in commits)} by "
+        f"`python -m bench.run_all{' --quick' if mode == 'quick' else ''}`"
         + (f" in {wall_s / 60:.1f} min" if wall_s else "")
         + ". Every figure below comes from that run on the machine described here; regenerate with "
-        "`make bench` (quick) or `.venv/bin/python bench/run_all.py` (full).",
+        "`make bench` (quick) or `.venv/bin/python -m bench.run_all` (full).",
         "",
     ]
     if mode == "quick":

@@ -1,7 +1,7 @@
 """Run every benchmark and write docs/benchmarks.md (+ docs/img/*.png).
 
-    python bench/run_all.py --quick      # `make bench`: a short version of everything (< 5 min)
-    python bench/run_all.py              # the full grid: N up to 1,000 streams, the whole test split
+    python -m bench.run_all --quick      # `make bench`: a short version of everything (< 5 min)
+    python -m bench.run_all              # the full grid: N up to 1,000 streams, the whole test split
 
 Each part runs in its own process (one torch thread) and writes a JSON file under
 ``runs/bench/<quick|full>/``; the report is made from those files, so a part can be re-run
@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import ROOT, bench_csv, child_env, ensure_checkpoint  # noqa: E402
-from bench.report import main as report_main  # noqa: E402
+from bench._common import ROOT, bench_csv, child_env, ensure_checkpoint
+from bench.report import main as report_main
 
 PARTS = ("floor", "load", "accuracy")
 
@@ -33,7 +31,8 @@ QUICK = {
                  "--river-val-steps", "150"],
 }  # fmt: skip
 FULL = {
-    "floor": ["--configs", "titans,fsnet", "--batches", "1,8,64,256", "--budget", "3", "--max-steps", "200"],
+    "floor": ["--configs", "titans,fsnet,fsnet_nomem,titans_mal,none", "--batches", "1,8,64,256", "--budget", "3",
+              "--max-steps", "200"],
     "load": ["--streams", "1,100,1000", "--concurrency", "1,16,64", "--cell-seconds", "20", "--cell-obs", "20000",
              "--store-budget", "3600"],
     "accuracy": [],
@@ -41,7 +40,7 @@ FULL = {
 
 
 def run_part(part: str, extra: list[str], out: Path, log: Path) -> None:
-    cmd = [sys.executable, f"bench/{part}.py", *extra, "--out", str(out)]
+    cmd = [sys.executable, "-m", f"bench.{part}", *extra, "--out", str(out)]
     print(f"== {part}: {' '.join(['python', *cmd[1:]])}", flush=True)
     started = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             extra += ["--work", str(work / "accuracy")]  # pretrained models are cached across runs
         run_part(part, extra, outputs[part], results / "logs" / f"{part}.log")
     wall = time.perf_counter() - started
-    me = "python bench/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    me = "python -m bench.run_all " + " ".join(argv if argv is not None else sys.argv[1:])
     report_args = ["--mode", mode, "--out", str(args.out), "--command", me.strip()]
     if parts:
         report_args += ["--wall-s", f"{wall:.1f}"]

@@ -47,18 +47,7 @@ env -u MEMCAST_REDIS_URL "$BIN/memcast" serve --port "$PORT" --checkpoints "$CHE
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT INT TERM
 
-"$BIN/python" - "$URL" <<'PY'
-import sys, time, httpx
-url, deadline = sys.argv[1], time.monotonic() + 120
-while time.monotonic() < deadline:
-    try:
-        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-            sys.exit(0)
-    except httpx.TransportError:
-        pass
-    time.sleep(0.5)
-sys.exit("the server did not become ready in 120 s")
-PY
+"$BIN/python" -m memcast.harness wait-ready "$URL" --timeout 120
 
 say "replaying the test split of $DATA: $STREAMS streams, $MAX_STEPS observations each, mode $MODE"
 "$BIN/memcast" replay --url "$URL" --data "$DATA" --model "$MODEL" --mode "$MODE" \

@@ -73,11 +73,11 @@ def parse_method(token: str, default_mode: UpdateMode, checkpoint: Path | None) 
         return MethodSpec(token, default_mode, None if checkpoint else {}, checkpoint=checkpoint)
     if token.startswith("titans_") and token.removeprefix("titans_") in MODES:
         return MethodSpec(token, UpdateMode(token.removeprefix("titans_")), {"memory": "titans"})
-    path, _, mode = token.partition("@")
+    path, _, mode_name = token.partition("@")
     if is_checkpoint(Path(path)):
-        if mode and mode not in MODES:
-            raise MethodError(f"{token!r}: mode {mode!r} is not one of {', '.join(MODES)}")
-        chosen = UpdateMode(mode) if mode else default_mode
+        if mode_name and mode_name not in MODES:
+            raise MethodError(f"{token!r}: mode {mode_name!r} is not one of {', '.join(MODES)}")
+        chosen = UpdateMode(mode_name) if mode_name else default_mode
         return MethodSpec(f"{Path(path).name}@{chosen.value}", chosen, None, checkpoint=Path(path))
     raise MethodError(
         f"unknown method {token!r}: use naive, memcast, ogd, er, fsnet, fsnet_nomem, "

@@ -114,7 +114,9 @@ def replay_stream(
                 state = learn(model, state, series[None, t - seq : t], targets[None, t : t + pred], mode)
                 learned = t
             if k + 1 < steps:
-                state, forecast = observe(model, state, series[None, t], mode, feedback)
+                state, next_forecast = observe(model, state, series[None, t], mode, feedback)
+                assert next_forecast is not None  # need_forecast defaults to True
+                forecast = next_forecast
                 if delayed and t + 1 >= seq + pred:
                     learned = t + 1 - pred  # observe learned from the pair whose horizon just completed
             if learned is not None and can_learn:

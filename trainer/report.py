@@ -32,7 +32,8 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     if forecasts and results:
         arrays = {f"forecast/{name}": r.forecasts for name, r in results.items()}
-        np.savez_compressed(out / FORECASTS_NPZ, truth=next(iter(results.values())).truths, **arrays)
+        arrays["truth"] = next(iter(results.values())).truths
+        np.savez_compressed(out / FORECASTS_NPZ, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     errors = {name: step_mse(r.forecasts, r.truths) for name, r in results.items()}
     _write_steps_csv(out / STEPS_CSV, errors)
     if plots and results:

@@ -32,7 +32,7 @@ def run_script(script: str, *args: str, timeout: float = 300) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCAST_")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, f"bench/{script}", *args],
+        [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from memcast.harness import RedisServer
 from models.checkpoint import is_checkpoint
 from tests.deploy import _deploy as d
-from tests.deploy.conftest import Api, ConfiguredRedis, clean_env
+from tests.deploy.conftest import Api, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +57,7 @@ def _snapshot(api: Api) -> tuple[dict[str, Any], dict[str, Any]]:
     return _ok(api.http.get(f"/v1/streams/{STREAM}")), _ok(api.http.get(f"/v1/streams/{STREAM}/forecast"))
 
 
-def test_two_apis_share_a_stream_that_survives_a_redis_restart(
-    tmp_path: Path, configured_redis: ConfiguredRedis
-):
+def test_two_apis_share_a_stream_that_survives_a_redis_restart(tmp_path: Path, configured_redis: RedisServer):
     services = d.interpolate(d.load_compose())["services"]
     api_env = {k: v for k, v in d.environment(services["api"]).items() if v is not None}
     data_dir, ckpt_dir = tmp_path / "data", tmp_path / "checkpoints"
@@ -83,7 +82,7 @@ def test_two_apis_share_a_stream_that_survives_a_redis_restart(
     a, b = apis
     try:
         for api in apis:
-            api.start()
+            api.spawn()
         for api in apis:
             api.wait_ready()
         assert [a.probe("/healthz"), a.probe("/readyz"), b.probe("/readyz")] == [0, 0, 0]
@@ -111,8 +110,8 @@ def test_two_apis_share_a_stream_that_survives_a_redis_restart(
 
         # --- Redis stops (SIGTERM, as `docker compose stop` does): the APIs report not ready
         assert configured_redis.stop() == 0
-        assert (configured_redis.data_dir / "appendonlydir").is_dir()
-        assert not (configured_redis.data_dir / "dump.rdb").exists(), "only the AOF may bring the state back"
+        assert (configured_redis.directory / "appendonlydir").is_dir()
+        assert not (configured_redis.directory / "dump.rdb").exists(), "only the AOF may bring the state back"
         assert a.http.get("/readyz").status_code == 503
         assert [a.probe("/healthz"), a.probe("/readyz")] == [0, 1]  # compose would mark api unhealthy
         assert a.http.get(f"/v1/streams/{STREAM}").status_code == 503

@@ -4,10 +4,7 @@ forecasts it scored equal to the online evaluation's (delayed feedback, same cod
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from memcast.harness import ServeProcess, memcast_command
 from models import Feedback, UpdateMode
 from models.checkpoint import load_checkpoint
-from tests.conftest import free_port
 from tests.service.conftest import SEQ_LEN
 from trainer.data import read_frame, split_borders
 from trainer.online_eval import metrics, naive_forecasts, replay_stream
@@ -27,37 +24,11 @@ from trainer.synthetic import write_synthetic_csv
 pytestmark = pytest.mark.slow
 
 
-def memcast_command() -> list[str]:
-    script = Path(sys.executable).parent / "memcast"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "memcast.cli"]
-
-
 @pytest.fixture
 def server(checkpoint_root: Path, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCAST_")}
-    log = (tmp_path / "serve.log").open("wb")
-    args = ["serve", "--port", str(port), "--checkpoints", str(checkpoint_root), "--default-model", "small"]
-    process = subprocess.Popen([*memcast_command(), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    "memcast serve did not become ready:\n" + (tmp_path / "serve.log").read_text()
-                )
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
+    args = ["--checkpoints", str(checkpoint_root), "--default-model", "small"]
+    with ServeProcess(args, log=tmp_path / "serve.log") as process:
+        yield process.url
 
 
 def test_serve_and_replay_match_online_evaluation(server: str, checkpoint_root: Path, tmp_path: Path) -> None:
