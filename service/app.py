@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 import torch
 from fastapi import FastAPI
 
-from memcast import __version__
 from service.api import health, models, streams
 from service.api.errors import install_error_handlers
 from service.engine import Engine
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="memcast",
-        version=__version__,
+        version=version("memcast"),  # the installed distribution's: service never imports the CLI package
         description="Online forecasting that keeps learning from every observation.",
         lifespan=lifespan,
     )

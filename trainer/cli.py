@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from memcast.errors import CliError
 from models.checkpoint import REPORT_FILE, CheckpointError, is_checkpoint
 from models.online import Feedback, UpdateMode
 from trainer.flags import add_train_flags, given
-from trainer.train_config import TrainConfig
+from trainer.train_config import TrainConfig, TrainConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,9 @@ def train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -
     """TrainConfig from ``base`` (a checkpoint's training settings) and the flags given."""
     values = given(args)
     if not values.get("data") and not (base or {}).get("data"):
-        raise CliError("--data is required (or a --checkpoint whose train_report.json names its data)")
+        raise TrainConfigError(
+            "--data is required (or a --checkpoint whose train_report.json names its data)"
+        )
     config = TrainConfig.from_dict(base) if base else TrainConfig(data=values["data"])
     return config.replace(**values)
 
