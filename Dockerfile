@@ -1,7 +1,8 @@
-# memcast: one image for the API (`memcast serve`, the default command) and the jobs
-# (`memcast pretrain`, `memcast make-data`, `memcast evaluate`, `memcast replay`).
+# memcast: the API image (`memcast serve`, the default command) and, with EXTRAS=train, the
+# jobs image (`memcast pretrain`, `memcast make-data`, `memcast evaluate`, `memcast replay`).
 #
-#   docker build -t memcast .                      # CPU build of PyTorch (the default)
+#   docker build -t memcast .                      # the API: CPU build of PyTorch, no training stack
+#   docker build -t memcast-train --build-arg EXTRAS=train .              # + pandas, tqdm, matplotlib
 #   docker build -t memcast:cuda \
 #       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .   # GPU variant (cu12x index)
 #
@@ -17,6 +18,9 @@ FROM ${PYTHON_IMAGE} AS builder
 # The index torch comes from: https://download.pytorch.org/whl/cpu (default) or a CUDA one
 # such as https://download.pytorch.org/whl/cu126 or .../cu128.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Optional dependency groups of pyproject.toml to install besides the core ones (comma-separated):
+# empty for the API, "train" for the jobs image.
+ARG EXTRAS=""
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -33,13 +37,12 @@ RUN python -m venv /opt/venv
 # same release (X+cu128), and the torch line is filtered out of the constraints used for the rest.
 # torch is installed without its dependencies from the PyTorch index only, so nothing else can
 # come from that index; its dependencies are then resolved from PyPI against the constraints.
-COPY pyproject.toml constraints.txt ./
+COPY pyproject.toml constraints.txt docker/requirements.py ./
 RUN torch_version="$(sed -n 's/^torch==\([^+[:space:]]*\).*/\1/p' constraints.txt)" \
     && test -n "${torch_version}" \
     && pip install --no-deps --index-url "${TORCH_INDEX}" "torch==${torch_version}" \
     && grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-       > /tmp/requirements.txt \
+    && python requirements.py "${EXTRAS}" > /tmp/requirements.txt \
     && pip install --requirement /tmp/requirements.txt --constraint /tmp/constraints.txt
 
 # The project itself, as a wheel (no editable install, no source tree in the final image).

@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 # multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[train,dev,bench]"
 	touch $@
 
 # the whole suite, the `slow` tier (processes, browsers, benchmark scripts) included

@@ -53,7 +53,7 @@ def test_final_stage_has_no_compilers_or_build_steps(dockerfile):
 
 def test_torch_comes_from_the_cpu_index_by_default(dockerfile):
     builder = dockerfile.stages[0]
-    assert builder.all("ARG") == ["TORCH_INDEX=https://download.pytorch.org/whl/cpu"]
+    assert builder.all("ARG") == ["TORCH_INDEX=https://download.pytorch.org/whl/cpu", 'EXTRAS=""']
     run = " ".join(builder.all("RUN"))
     assert '--index-url "${TORCH_INDEX}"' in run and "--no-deps" in run
     assert "--constraint /tmp/constraints.txt" in run and "grep -v '^torch=='" in run
@@ -154,3 +154,23 @@ def test_healthcheck_script_fails_when_nothing_listens():
     )
     assert result.returncode == 1
     assert result.stderr.startswith("unhealthy:")
+
+
+def test_api_image_requirements_leave_out_the_training_stack():
+    """The default build (EXTRAS empty) installs no pandas, tqdm or matplotlib; EXTRAS=train adds
+    exactly pyproject's train group; an unknown group stops the build."""
+    script = d.ROOT / "docker" / "requirements.py"
+
+    def names(extras: str) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, str(script), extras], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        return {re.split(r"[<>=\[ ]", line)[0].lower() for line in out.stdout.split()}
+
+    project = tomllib.loads((d.ROOT / "pyproject.toml").read_text())["project"]
+    api, train = names(""), names("train")
+    assert not api & {"pandas", "tqdm", "matplotlib"} and "torch" in api and "fastapi" in api
+    assert train - api == {re.split(r"[<>=]", r)[0] for r in project["optional-dependencies"]["train"]}
+    bad = subprocess.run([sys.executable, str(script), "trian"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "trian" in bad.stderr
