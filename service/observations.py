@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-import pandas as pd
-
 from service.errors import InvalidObservation, OutOfOrder
+from service.freq import FreqError
+from service.freq import parse as parse_freq
 from service.registry import LoadedModel
 from service.schemas import Observation
 from service.store import Timestamp
@@ -112,36 +112,36 @@ def _after(ts: Timestamp, last: Timestamp, field: str) -> bool:
     return a > b
 
 
-def check_freq(freq: str | None) -> None:
-    if freq is None or _int_step(freq) is not None:
+def check_freq(freq: str | None, horizon: int, field: str = "freq") -> None:
+    """Refuse (422 naming ``field``) a frequency that is malformed, not positive, or whose
+    ``horizon`` steps could never be dated, before anything is written."""
+    if freq is None:
         return
     try:
-        pd.tseries.frequencies.to_offset(freq)
-    except ValueError as exc:
-        raise InvalidObservation(
-            f"freq {freq!r} is neither a pandas offset alias ('h', '15min') nor an integer step",
-            field="freq",
-        ) from exc
+        parse_freq(freq).check_horizon(horizon)
+    except FreqError as exc:
+        raise InvalidObservation(str(exc), field=field) from exc
 
 
 def future_timestamps(last: Timestamp | None, freq: str | None, horizon: int) -> list[Timestamp | None]:
-    """``last + k * freq`` for k = 1..horizon, where the frequency fits the timestamps."""
+    """``last + k * freq`` for k = 1..horizon where the frequency fits the timestamps (integer
+    steps for integer timestamps, units for datetimes), ``None`` each where it does not.
+
+    ``OverflowError`` when a timestamp would be past year 9999: the engine computes these
+    before writing, so that it refuses the observation rather than fail after committing it.
+    """
     none: list[Timestamp | None] = [None] * horizon
     if last is None or freq is None:
         return none
-    step = _int_step(freq)
-    if isinstance(last, int):
-        return [last + k * step for k in range(1, horizon + 1)] if step is not None else none
-    if step is not None:
-        return none
-    start = pd.Timestamp(last)
-    offset = pd.tseries.frequencies.to_offset(freq)
-    return [(start + k * offset).isoformat() for k in range(1, horizon + 1)]
-
-
-def _int_step(freq: str) -> int | None:
     try:
-        step = int(freq)
-    except ValueError:
-        return None
-    return step if step > 0 else None
+        parsed = parse_freq(freq)
+    except FreqError:  # a frequency stored before frequencies were checked: no timestamps
+        return none
+    if isinstance(last, int):
+        if parsed.step is None:
+            return none
+        return [last + k * parsed.step for k in range(1, horizon + 1)]
+    if parsed.step is not None:
+        return none
+    start = datetime.fromisoformat(last)
+    return [parsed.after(start, k).isoformat() for k in range(1, horizon + 1)]

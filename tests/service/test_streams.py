@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -539,3 +540,75 @@ async def test_restart_serves_state_identically(settings: Settings, store_kind: 
             (await third.record("s1")).state
         )
     assert not math.isnan(after_restart["forecast"]["rows"][0]["values"]["OT"])
+
+
+# -- issue 14: found by exercising the service from outside --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "freq", ["999999999999999999999h", "9999999999D", "100000YE", "-2h", "0h", "0", "-3", "h ", "2 h"]
+)
+async def test_create_stream_unusable_freq_422(api: Api, freq: str) -> None:
+    hourly = [
+        {"timestamp": f"2024-03-0{1 + h // 24}T{h % 24:02d}:00:00", "values": o["values"]}
+        for h, o in enumerate(series(48))
+    ]
+    for history in ([], hourly):
+        response = await api.client.post("/v1/streams", json={"id": "s1", "freq": freq, "history": history})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert (
+            error["type"] == "invalid_request"
+            and error["field"] == "freq"
+            and freq.strip() in error["message"]
+        )
+        assert (await api.client.get("/v1/streams/s1")).status_code == 404
+
+
+async def test_post_observations_forecast_timestamps_past_year_9999_422(api: Api) -> None:
+    """A horizon that cannot be dated is refused before anything is written, not a 500 after."""
+    yearly = [
+        {"timestamp": f"{9980 + y}-01-01T00:00:00", "values": o["values"]}
+        for y, o in enumerate(series(SEQ_LEN))
+    ]
+    await api.create("s1", yearly, freq="2YS")
+    before = await api.record("s1")
+    late = {"timestamp": "9996-01-01T00:00:00", "values": [1.0, 2.0]}  # + 3 * 2 years > 9999
+    response = await api.post("s1", [late])
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "observations.0.timestamp"
+    assert await api.record("s1") == before
+    assert (await api.client.get("/v1/streams/s1/forecast")).status_code == 200
+    ok = await api.post("s1", [{"timestamp": "9990-01-01T00:00:00", "values": [1.0, 2.0]}])
+    assert ok.status_code == 200, ok.text
+    stamps = [r["timestamp"] for r in ok.json()["forecast"]["rows"]]
+    assert stamps == ["9992-01-01T00:00:00", "9994-01-01T00:00:00", "9996-01-01T00:00:00"]
+
+
+@pytest.mark.parametrize(
+    ("freq", "last", "expected"),
+    [
+        (
+            "15min",
+            "2024-03-01T23:30:00",
+            ["2024-03-01T23:45:00", "2024-03-02T00:00:00", "2024-03-02T00:15:00"],
+        ),
+        ("ME", "2024-01-31T00:00:00", ["2024-02-29T00:00:00", "2024-03-31T00:00:00", "2024-04-30T00:00:00"]),
+        ("MS", "2024-01-15T06:00:00", ["2024-02-01T06:00:00", "2024-03-01T06:00:00", "2024-04-01T06:00:00"]),
+        ("QE", "2024-02-10T00:00:00", ["2024-03-31T00:00:00", "2024-06-30T00:00:00", "2024-09-30T00:00:00"]),
+        ("YS", "2024-01-01T00:00:00", ["2025-01-01T00:00:00", "2026-01-01T00:00:00", "2027-01-01T00:00:00"]),
+    ],
+)
+async def test_get_forecast_timestamps_fixed_and_calendar_freq(
+    api: Api, freq: str, last: str, expected: list[str]
+) -> None:
+    # SEQ_LEN observations a minute apart ending at `last`: only the last one dates the forecast
+    end = datetime.fromisoformat(last)
+    rows = [
+        {"timestamp": (end - timedelta(minutes=SEQ_LEN - 1 - k)).isoformat(), "values": o["values"]}
+        for k, o in enumerate(series(SEQ_LEN))
+    ]
+    await api.create("s1", mode="none", freq=freq)
+    assert (await api.post("s1", rows)).status_code == 200
+    body = (await api.client.get("/v1/streams/s1/forecast")).json()
+    assert [r["timestamp"] for r in body["forecast"]["rows"]] == expected
