@@ -25,6 +25,7 @@ from service.batching import Batcher
 from service.compute import Step, compute
 from service.errors import (
     InvalidObservation,
+    NonFiniteState,
     OutOfOrder,
     PayloadTooLarge,
     StateIncompatible,
@@ -92,7 +93,10 @@ class Engine:
                 f"history row {index} is not after the row before it", field=f"history.{index}.timestamp"
             ) from exc
         mode = UpdateMode(req.mode)
-        step = await self._batcher.run(lambda: compute(model, None, plan.rows, mode, mode))
+        try:
+            step = await self._batcher.run(lambda: compute(model, None, plan.rows, mode, mode))
+        except NonFiniteState as exc:
+            raise NonFiniteState(field="history") from exc
         now = _now()
         record = StreamRecord(
             stream_id=stream_id,

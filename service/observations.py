@@ -9,6 +9,7 @@ and a conflict (409 with the last applied timestamp) otherwise.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from service.freq import parse as parse_freq
 from service.registry import LoadedModel
 from service.schemas import Observation
 from service.store import Timestamp
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ def canonical(timestamp: int | datetime) -> Timestamp:
 
 
 def values_row(model: LoadedModel, values: list[float] | dict[str, float], field: str) -> list[float]:
+    """The raw values in the model's column order; 422 naming the field for unknown, missing
+    or surplus columns and for a value the model cannot represent."""
     columns = model.columns
     if isinstance(values, dict):
         unknown = sorted(set(values) - set(columns))
@@ -50,13 +55,32 @@ def values_row(model: LoadedModel, values: list[float] | dict[str, float], field
         missing = [c for c in columns if c not in values]
         if missing:
             raise InvalidObservation(f"missing columns {missing}", field=field, details={"missing": missing})
-        return [float(values[c]) for c in columns]
-    if len(values) != len(columns):
-        raise InvalidObservation(
-            f"{len(values)} values given, model {model.name!r} reads {len(columns)}: {list(columns)}",
-            field=field,
-        )
-    return [float(v) for v in values]
+        row = [float(values[c]) for c in columns]
+        names = list(columns)
+    else:
+        if len(values) != len(columns):
+            raise InvalidObservation(
+                f"{len(values)} values given, model {model.name!r} reads {len(columns)}: {list(columns)}",
+                field=field,
+            )
+        row = [float(v) for v in values]
+        names = [str(j) for j in range(len(row))]
+    _check_representable(model, row, names, field)
+    return row
+
+
+def _check_representable(model: LoadedModel, row: list[float], names: list[str], field: str) -> None:
+    """The model computes in float32 on scaled values: a finite value whose scaled form
+    overflows float32 (1e39, 1e308) would turn the stream's state into inf/NaN for good."""
+    schema = model.schema
+    for value, mean, std, name in zip(row, schema.mean, schema.std, names, strict=True):
+        scaled = (value - mean) / std
+        if not math.isfinite(scaled) or abs(scaled) > FLOAT32_MAX:
+            raise InvalidObservation(
+                f"value {value!r} is out of range for model {model.name!r}: scaled by its mean {mean:g} and "
+                f"std {std:g} it is beyond float32 ({FLOAT32_MAX:.3g})",
+                field=f"{field}.{name}",
+            )
 
 
 def values_hash(row: Sequence[float]) -> str:

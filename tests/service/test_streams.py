@@ -612,3 +612,48 @@ async def test_get_forecast_timestamps_fixed_and_calendar_freq(
     assert (await api.post("s1", rows)).status_code == 200
     body = (await api.client.get("/v1/streams/s1/forecast")).json()
     assert [r["timestamp"] for r in body["forecast"]["rows"]] == expected
+
+
+@pytest.mark.parametrize("huge", [1e39, 1e308, -1e39])
+async def test_post_observations_value_overflowing_float32_422(api: Api, huge: float) -> None:
+    await api.create("s1", series(SEQ_LEN + 2))
+    before = await api.record("s1")
+    for values, field in (
+        ([huge, 2.0], "observations.0.values.0"),
+        ({"OT": 1.0, "load_a": huge}, "observations.0.values.load_a"),
+    ):
+        response = await api.post("s1", [{"timestamp": SEQ_LEN + 2, "values": values}])
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request" and error["field"] == field
+        assert await api.record("s1") == before
+    response = await api.client.post(
+        "/v1/streams", json={"id": "s2", "history": [{"timestamp": 0, "values": [huge, 1.0]}]}
+    )
+    assert response.status_code == 422 and response.json()["error"]["field"] == "history.0.values.0"
+    # the stream still forecasts after ordinary observations
+    body = (await api.post("s1", series(3, start=SEQ_LEN + 2))).json()
+    assert all(math.isfinite(v) for row in body["forecast"]["rows"] for v in row["values"].values())
+
+
+async def test_post_observations_non_finite_state_422_nothing_written(api: Api) -> None:
+    """Values float32 can hold that still overflow inside the model: the state is not committed."""
+    await api.create("s1", series(SEQ_LEN + 2))
+    before = await api.record("s1")
+    huge = [1e38, -1e38]  # scaled: 5e37 and -3.3e37, squared inside the model: inf
+    for batch in (
+        [{"timestamp": SEQ_LEN + 2, "values": huge}],  # one observation: the cross-stream batch path
+        [*series(2, start=SEQ_LEN + 2), {"timestamp": SEQ_LEN + 4, "values": huge}],
+    ):
+        response = await api.post("s1", batch)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "non_finite_state" and error["field"] == "observations"
+        assert await api.record("s1") == before
+    response = await api.client.post(
+        "/v1/streams", json={"id": "s2", "history": [*series(3), {"timestamp": 3, "values": huge}]}
+    )
+    assert response.status_code == 422 and response.json()["error"]["field"] == "history"
+    assert (await api.client.get("/v1/streams/s2")).status_code == 404
+    body = (await api.post("s1", series(3, start=SEQ_LEN + 2))).json()
+    assert all(math.isfinite(v) for row in body["forecast"]["rows"] for v in row["values"].values())
