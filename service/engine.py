@@ -219,7 +219,9 @@ class Engine:
         recent: Sequence[tuple[Timestamp, str]],
         prefix: str = "observations",
     ) -> Plan:
-        return plan_batch(model, items, last, recent, self.settings.dedup_window, prefix)
+        # at least one request's worth, so a whole request re-posted is a duplicate in full
+        window = max(self.settings.dedup_window, self.settings.max_batch)
+        return plan_batch(model, items, last, recent, window, prefix)
 
     @staticmethod
     def _advance(record: StreamRecord, plan: Plan, step: Step, prefix: str = "observations") -> StreamRecord:

@@ -1,9 +1,18 @@
 """Ordering and idempotency of a stream's observations, and forecast timestamps.
 
-Timestamps are integer steps or datetimes and must increase within a stream. An observation
-whose timestamp is not after the last applied one is a duplicate when the same timestamp and
-the same values were applied recently (the record keeps the last ``dedup_window`` of them),
-and a conflict (409 with the last applied timestamp) otherwise.
+Timestamps are integer steps or datetimes and must increase within a stream; datetimes are
+compared as instants, and those with a time zone are kept and returned in UTC (``+02:00`` and
+``Z`` forms of one instant are the same timestamp).
+
+Idempotency rule: an observation whose timestamp is not after the last applied one is a
+*duplicate* (acknowledged, not learned from again) when an observation with the same instant
+and the same values is among the stream's last ``window`` applied ones, and a conflict (409
+with the last applied timestamp) otherwise. The engine makes ``window`` at least the largest
+batch a request may carry, so re-posting any whole request right after it was applied (a
+client retrying a timed-out request) is acknowledged in full. The record stays bounded: it
+keeps ``(timestamp, 64-bit values hash)`` pairs for that many observations and no more. An
+observation older than the last applied one that was never applied (skipped over by a later
+one) is refused from then on.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from service.errors import InvalidObservation, OutOfOrder
 from service.freq import FreqError
@@ -37,7 +46,19 @@ class Plan:
 
 
 def canonical(timestamp: int | datetime) -> Timestamp:
-    return timestamp if isinstance(timestamp, int) else timestamp.isoformat()
+    """The stored form: integer steps as they are, datetimes in ISO 8601, in UTC when they
+    have a time zone, so that equal instants are equal strings."""
+    if isinstance(timestamp, int):
+        return timestamp
+    if timestamp.tzinfo is not None:
+        timestamp = timestamp.astimezone(UTC)
+    return timestamp.isoformat()
+
+
+def _stored(timestamp: Timestamp) -> Timestamp:
+    """A timestamp read from a record, in canonical form (records written before timestamps
+    were normalised to UTC may hold other offsets)."""
+    return timestamp if isinstance(timestamp, int) else canonical(datetime.fromisoformat(timestamp))
 
 
 def values_row(model: LoadedModel, values: list[float] | dict[str, float], field: str) -> list[float]:
@@ -92,13 +113,14 @@ def plan_batch(
     observations: Sequence[Observation],
     last_timestamp: Timestamp | None,
     recent: Sequence[tuple[Timestamp, str]],
-    dedup_window: int,
+    window: int,
     prefix: str = "observations",
 ) -> Plan:
-    """Validate a batch in order against the stream's last applied observation."""
+    """Validate a batch in order against the stream's last applied observation (see the
+    module docstring for the duplicate rule); ``window`` bounds the remembered observations."""
     rows: list[list[float]] = []
     statuses: list[tuple[Timestamp, str]] = []
-    recent_list = list(recent)
+    recent_list = [(_stored(ts), digest) for ts, digest in recent]
     seen = set(recent_list)
     last_hash: str | None = recent_list[-1][1] if recent_list else None
     for i, obs in enumerate(observations):
@@ -114,14 +136,18 @@ def plan_batch(
         elif (ts, digest) in seen:
             statuses.append((ts, "duplicate"))
         else:
-            reason = "has other values than" if ts == last_timestamp else "is older than"
+            same = _stored(ts) == _stored(last_timestamp)
+            reason = (
+                "has other values than the last applied observation"
+                if same
+                else f"is older than the last applied observation and not one of the last {window} applied"
+            )
             raise OutOfOrder(
-                f"observation {i} at {ts} {reason} the last applied observation ({last_timestamp}); "
-                "timestamps must increase",
+                f"observation {i} at {ts} {reason} ({last_timestamp}); timestamps must increase",
                 index=i,
                 last_timestamp=last_timestamp,
             )
-    return Plan(rows, statuses, last_timestamp, last_hash, tuple(recent_list[-dedup_window:]))
+    return Plan(rows, statuses, last_timestamp, last_hash, tuple(recent_list[-window:]))
 
 
 def _after(ts: Timestamp, last: Timestamp, field: str) -> bool:

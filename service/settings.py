@@ -15,6 +15,7 @@ Obtain them through :func:`get_settings` (cached) or pass a :class:`Settings` to
 ``MEMCAST_WORKERS_THREADS``     threads computing models
 ``MEMCAST_BATCH_STREAMS``       streams sharing one model call (1: no cross-stream batching)
 ``MEMCAST_STORE_RETRIES``       compare-and-set attempts per request before 503
+``MEMCAST_DEDUP_WINDOW``        applied observations remembered for duplicates (>= max batch)
 ``MEMCAST_LOG_LEVEL``, ``MEMCAST_HOST``, ``MEMCAST_PORT``, ``MEMCAST_DEVICE``: as named
 ==============================  ==========================================================
 """
@@ -56,7 +57,11 @@ class Settings(BaseSettings):
     max_batch: int = Field(1000, ge=1, description="observations per request")
     max_history: int = Field(20_000, ge=0, description="history rows when creating a stream")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1)
-    dedup_window: int = Field(64, ge=1, description="recent observations remembered to detect duplicates")
+    dedup_window: int = Field(
+        1024,
+        ge=1,
+        description="applied observations remembered to acknowledge re-posts (at least max_batch are)",
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="replay client timeout")
 
     # process

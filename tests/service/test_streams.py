@@ -597,6 +597,11 @@ async def test_post_observations_forecast_timestamps_past_year_9999_422(api: Api
         ("MS", "2024-01-15T06:00:00", ["2024-02-01T06:00:00", "2024-03-01T06:00:00", "2024-04-01T06:00:00"]),
         ("QE", "2024-02-10T00:00:00", ["2024-03-31T00:00:00", "2024-06-30T00:00:00", "2024-09-30T00:00:00"]),
         ("YS", "2024-01-01T00:00:00", ["2025-01-01T00:00:00", "2026-01-01T00:00:00", "2027-01-01T00:00:00"]),
+        (
+            "2h",
+            "2024-03-01T12:00:00+02:00",
+            ["2024-03-01T12:00:00+00:00", "2024-03-01T14:00:00+00:00", "2024-03-01T16:00:00+00:00"],
+        ),
     ],
 )
 async def test_get_forecast_timestamps_fixed_and_calendar_freq(
@@ -657,3 +662,37 @@ async def test_post_observations_non_finite_state_422_nothing_written(api: Api) 
     assert (await api.client.get("/v1/streams/s2")).status_code == 404
     body = (await api.post("s1", series(3, start=SEQ_LEN + 2))).json()
     assert all(math.isfinite(v) for row in body["forecast"]["rows"] for v in row["values"].values())
+
+
+async def test_post_observations_whole_batch_retry_is_duplicate(api: Api) -> None:
+    await api.create("s1")
+    rows = series(100)
+    assert (await api.post("s1", rows)).json()["applied"] == 100
+    before = await api.record("s1")
+    retry = await api.post("s1", rows)  # a client retrying a timed-out bulk request
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["duplicates"] == 100 and retry.json()["applied"] == 0
+    single = await api.post("s1", rows[:1])  # 100 back: beyond the old 64-observation window
+    assert single.status_code == 200 and single.json()["observations"][0]["status"] == "duplicate"
+    conflict = await api.post("s1", [{"timestamp": 0, "values": [0.0, 0.0]}])
+    assert conflict.status_code == 409
+    assert await api.record("s1") == before
+
+
+async def test_post_observations_same_instant_other_offset_is_duplicate(api: Api) -> None:
+    await api.create("s1")
+    rows = [
+        {"timestamp": f"2024-03-01T{h:02d}:00:00+00:00", "values": o["values"]}
+        for h, o in enumerate(series(4))
+    ]
+    assert (await api.post("s1", rows)).status_code == 200
+    before = await api.record("s1")
+    shifted = [{"timestamp": "2024-03-01T05:00:00+02:00", "values": rows[3]["values"]}]  # 03:00 UTC
+    response = await api.post("s1", shifted)
+    assert response.status_code == 200, response.text
+    assert response.json()["observations"][0]["status"] == "duplicate"
+    earlier = [{"timestamp": "2024-03-01T04:00:00+02:00", "values": rows[2]["values"]}]  # 02:00 UTC
+    assert (await api.post("s1", earlier)).json()["observations"][0]["status"] == "duplicate"
+    later = [{"timestamp": "2024-03-01T03:30:00+00:00", "values": [1.0, 2.0]}]
+    response = await api.post("s1", later)
+    assert response.json()["applied"] == 1 and await api.record("s1") != before
