@@ -72,7 +72,8 @@ class ObservationBatch(_Strict):
 
 class CreateStream(_Strict):
     id: StreamId | None = Field(None, description="generated when absent")
-    model: str | None = Field(None, description="a loaded model; the default model when absent")
+    # "" is refused (422) here and in ResetStream alike: absent means the default, empty is a mistake
+    model: str | None = Field(None, min_length=1, description="a loaded model; the default model when absent")
     mode: Mode = "memory_only"
     freq: str | None = Field(
         None,
@@ -94,7 +95,9 @@ class CreateStream(_Strict):
 
 
 class ResetStream(_Strict):
-    model: str | None = Field(None, description="switch to this model (default: the stream's)")
+    model: str | None = Field(
+        None, min_length=1, description="switch to this model (absent: keep the stream's)"
+    )
     mode: Mode | None = None
 
 

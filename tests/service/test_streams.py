@@ -696,3 +696,43 @@ async def test_post_observations_same_instant_other_offset_is_duplicate(api: Api
     later = [{"timestamp": "2024-03-01T03:30:00+00:00", "values": [1.0, 2.0]}]
     response = await api.post("s1", later)
     assert response.json()["applied"] == 1 and await api.record("s1") != before
+
+
+async def test_create_and_reset_stream_empty_model_422(api: Api) -> None:
+    await api.create("s1", series(SEQ_LEN))
+    before = await api.record("s1")
+    for path, body in (("/v1/streams", {"id": "s2", "model": ""}), ("/v1/streams/s1/reset", {"model": ""})):
+        response = await api.client.post(path, json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["field"] == "model"
+    assert await api.record("s1") == before
+    assert (await api.client.get("/v1/streams/s2")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"timestamp": 1, "values": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b"\xff\xfe{}",
+    ],
+)
+async def test_post_observations_unparseable_body_422(api: Api, content: bytes) -> None:
+    await api.create("s1", series(SEQ_LEN))
+    before = await api.record("s1")
+    response = await api.client.post(
+        "/v1/streams/s1/observations", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and error["field"] == "body" and error["message"]
+    assert await api.record("s1") == before
+
+
+async def test_create_stream_trailing_slash_no_redirect(api: Api) -> None:
+    response = await api.client.post("/v1/streams/", json={"id": "s1"})
+    assert response.status_code == 201, response.text
+    assert (await api.client.get("/v1/streams/s1")).status_code == 200
+    models = await api.client.get("/v1/models/")
+    assert models.status_code == 200 and models.json()["default"] == "small"
+
