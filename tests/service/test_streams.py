@@ -735,4 +735,3 @@ async def test_create_stream_trailing_slash_no_redirect(api: Api) -> None:
     assert (await api.client.get("/v1/streams/s1")).status_code == 200
     models = await api.client.get("/v1/models/")
     assert models.status_code == 200 and models.json()["default"] == "small"
-
