@@ -42,8 +42,7 @@ def _register_missing(sub: argparse._SubParsersAction, module: str) -> None:
     """Subcommands that say what to install instead of failing with a traceback."""
     for name, help_text in TRAIN_COMMANDS.items():
         command = sub.add_parser(name, help=f"{help_text} (needs memcast[train])", add_help=False)
-        command.add_argument("rest", nargs=argparse.REMAINDER)
-        command.set_defaults(func=_missing(name, module))
+        command.set_defaults(func=_missing(name, module), takes_any_flags=True)
 
 
 def _missing(name: str, module: str) -> Callable[[argparse.Namespace], int]:
@@ -59,7 +58,9 @@ def _missing(name: str, module: str) -> Callable[[argparse.Namespace], int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_any_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=args.log_level.upper(),
         format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": %(message)r}',

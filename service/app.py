@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=version("memcast"),  # the installed distribution's: service never imports the CLI package
         description="Online forecasting that keeps learning from every observation.",
         lifespan=lifespan,
+        redirect_slashes=False,  # collection routes accept a trailing slash themselves
     )
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)

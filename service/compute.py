@@ -17,7 +17,7 @@ from torch import Tensor
 
 from models.online import UpdateMode, ensure_mode, init_stream_state, is_ready, observe, observe_many
 from models.state_io import FingerprintMismatchError, StateFormatError, state_from_bytes, state_to_bytes
-from service.errors import ServiceError, StateIncompatible
+from service.errors import NonFiniteState, ServiceError, StateIncompatible
 from service.registry import LoadedModel
 
 Forecast = tuple[tuple[float, ...], ...]  # [pred_len][c_out] in the stream's units
@@ -64,7 +64,7 @@ def compute_batch(
                 results[i] = exc
         if ok:
             try:
-                state = torch.cat(states, dim=0)  # [b]
+                state = TensorDict.cat(states, dim=0)  # [b]
             except (RuntimeError, KeyError, ValueError):
                 # states of different layouts (e.g. one has its own weights): one call each
                 for i in ok:
@@ -75,7 +75,10 @@ def compute_batch(
             assert out is not None  # need_forecast defaults to True
             ready = is_ready(net, state).tolist()
             for j, i in enumerate(ok):
-                results[i] = _finish(model, state[j : j + 1], out, j, ready[j])
+                try:
+                    results[i] = _finish(model, state[j : j + 1], out, j, ready[j])
+                except NonFiniteState as exc:  # this stream's error; the others are fine
+                    results[i] = exc
     return results  # type: ignore[return-value]
 
 
@@ -90,9 +93,21 @@ def decode(model: LoadedModel, blob: bytes) -> TensorDict:
 
 
 def _finish(model: LoadedModel, state: TensorDict, out: Tensor | None, row: int, ready: bool) -> Step:
+    """Encode one stream's result, refusing (``NonFiniteState``) a state or forecast with inf
+    or NaN: committed, it would make every later forecast NaN."""
+    if not _finite(state) or (out is not None and not bool(torch.isfinite(out[row]).all())):
+        raise NonFiniteState()
     forecast = None
     if out is not None and ready:
         unscaled = model.schema.unscale_targets(out[row].double())  # [p, c_out]
         forecast = tuple(tuple(float(v) for v in r) for r in unscaled.tolist())
     blob = state_to_bytes(state, model.fingerprint, {"model": model.name})
     return Step(blob, int(state["count"][0]), forecast)
+
+
+def _finite(state: TensorDict) -> bool:
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in state.values(include_nested=True, leaves_only=True)
+        if isinstance(t, Tensor) and t.is_floating_point()
+    )

@@ -11,6 +11,7 @@ concurrently in the model thread pool.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from service.batching import Batcher
 from service.compute import Step, compute
 from service.errors import (
     InvalidObservation,
+    NonFiniteState,
     OutOfOrder,
     PayloadTooLarge,
     StateIncompatible,
@@ -35,6 +37,8 @@ from service.observations import Plan, check_freq, future_timestamps, plan_batch
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
 from service.store import StateStore, StreamRecord, Timestamp, update_stream
+
+log = logging.getLogger(__name__)
 
 
 class StreamLocks:
@@ -73,7 +77,8 @@ class Engine:
     # -- streams ----------------------------------------------------------------------------
     async def create(self, req: schemas.CreateStream) -> StreamRecord:
         model = self.registry.get(req.model)
-        check_freq(req.freq)
+        freq = req.freq if req.freq is not None else _usable_freq(model.schema.freq, model.pred_len)
+        check_freq(freq, model.pred_len)
         if len(req.history) > self.settings.max_history:
             raise PayloadTooLarge(
                 f"history has {len(req.history)} rows; the limit is {self.settings.max_history}"
@@ -88,7 +93,10 @@ class Engine:
                 f"history row {index} is not after the row before it", field=f"history.{index}.timestamp"
             ) from exc
         mode = UpdateMode(req.mode)
-        step = await self._batcher.run(lambda: compute(model, None, plan.rows, mode, mode))
+        try:
+            step = await self._batcher.run(lambda: compute(model, None, plan.rows, mode, mode))
+        except NonFiniteState as exc:
+            raise NonFiniteState(field="history") from exc
         now = _now()
         record = StreamRecord(
             stream_id=stream_id,
@@ -97,11 +105,11 @@ class Engine:
             fingerprint=model.fingerprint,
             mode=mode.value,
             schema_version=STATE_SCHEMA_VERSION,
-            freq=req.freq if req.freq is not None else model.schema.freq,
+            freq=freq,
             created_at=now,
             updated_at=now,
         )
-        record = self._advance(record, plan, step)
+        record = self._advance(record, plan, step, "history")
         stored = await self.store.create(record)
         self.metrics.applied(mode.value, len(plan.rows), len(plan.statuses) - len(plan.rows), len(step.state))
         return stored
@@ -122,7 +130,9 @@ class Engine:
 
     async def reset(self, stream_id: str, req: schemas.ResetStream) -> StreamRecord:
         async def change(current: StreamRecord) -> tuple[StreamRecord, None]:
-            model = self.registry.get(req.model or current.model)
+            model = self.registry.get(req.model if req.model is not None else current.model)
+            if current.freq is not None and _usable_freq(current.freq, 1) is not None:
+                check_freq(current.freq, model.pred_len, field="model")
             mode = UpdateMode(req.mode or current.mode)
             step = await self._batcher.run(lambda: compute(model, None, [], mode, mode))
             return current.replace(
@@ -209,10 +219,25 @@ class Engine:
         recent: Sequence[tuple[Timestamp, str]],
         prefix: str = "observations",
     ) -> Plan:
-        return plan_batch(model, items, last, recent, self.settings.dedup_window, prefix)
+        # at least one request's worth, so a whole request re-posted is a duplicate in full
+        window = max(self.settings.dedup_window, self.settings.max_batch)
+        return plan_batch(model, items, last, recent, window, prefix)
 
     @staticmethod
-    def _advance(record: StreamRecord, plan: Plan, step: Step) -> StreamRecord:
+    def _advance(record: StreamRecord, plan: Plan, step: Step, prefix: str = "observations") -> StreamRecord:
+        """The next record; first checks that its forecast can be dated, so that serving it
+        can never fail once it is written."""
+        if step.forecast is not None:
+            try:
+                future_timestamps(plan.last_timestamp, record.freq, len(step.forecast))
+            except OverflowError as exc:
+                applied = [i for i, (_, status) in enumerate(plan.statuses) if status == "applied"]
+                index = applied[-1] if applied else len(plan.statuses) - 1
+                raise InvalidObservation(
+                    f"the forecast after {plan.last_timestamp} at freq {record.freq!r} would be dated past "
+                    "year 9999",
+                    field=f"{prefix}.{index}.timestamp",
+                ) from exc
         return record.replace(
             state=step.state,
             steps=step.steps,
@@ -257,7 +282,10 @@ class Engine:
         model = self.registry.models.get(record.model)
         if record.forecast is None or model is None:
             return None
-        stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
+        try:
+            stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
+        except OverflowError:  # only a record written before horizons were checked
+            stamps = [None] * len(record.forecast)
         targets = model.targets
         return schemas.Forecast(
             columns=list(targets),
@@ -268,6 +296,21 @@ class Engine:
                 for k, row in enumerate(record.forecast)
             ],
         )
+
+
+def _usable_freq(freq: str | None, horizon: int) -> str | None:
+    """A checkpoint's frequency if this service can date forecasts with it, else ``None``
+    (forecasts without timestamps rather than a stream that cannot be created)."""
+    if freq is None:
+        return None
+    try:
+        check_freq(freq, horizon)
+    except InvalidObservation:
+        log.warning(
+            "frequency %r is not one memcast dates forecasts with; forecasts have no timestamps", freq
+        )
+        return None
+    return freq
 
 
 def _now() -> str:

@@ -11,6 +11,7 @@
     │   ├── OutOfOrder          (carries the last applied timestamp)
     │   └── StateIncompatible   (another model's state, e.g. after a checkpoint change: reset)
     ├── InvalidObservation .................. 422  (names the field)
+    │   └── NonFiniteState  (the observations would make the state inf/NaN: not committed)
     ├── PayloadTooLarge ..................... 413
     ├── Unauthorized ........................ 401
     └── StoreUnavailable .................... 503  (with Retry-After)
@@ -95,6 +96,20 @@ class StateIncompatible(Conflict):
 
 class InvalidObservation(ServiceError):
     type = "invalid_request"
+
+
+class NonFiniteState(InvalidObservation):
+    """Learning from the observations produced inf or NaN in the state or forecast: such a
+    state would poison every later forecast, so it is never written."""
+
+    type = "non_finite_state"
+
+    def __init__(self, field: str = "observations") -> None:
+        super().__init__(
+            "these observations make the model's state or forecast infinite or NaN (values far outside "
+            "the range the model was trained on?); nothing was written",
+            field=field,
+        )
 
 
 class PayloadTooLarge(ServiceError):

@@ -13,8 +13,11 @@ from pydantic import (
     FiniteFloat,
     StrictInt,
     StringConstraints,
+    field_validator,
     model_validator,
 )
+
+from service.freq import parse as parse_freq
 
 Mode = Literal["memory_only", "full_model", "none"]
 # No braces: the id goes inside the Redis cluster hash tag ``memcast:{id}``.
@@ -69,14 +72,32 @@ class ObservationBatch(_Strict):
 
 class CreateStream(_Strict):
     id: StreamId | None = Field(None, description="generated when absent")
-    model: str | None = Field(None, description="a loaded model; the default model when absent")
+    # "" is refused (422) here and in ResetStream alike: absent means the default, empty is a mistake
+    model: str | None = Field(None, min_length=1, description="a loaded model; the default model when absent")
     mode: Mode = "memory_only"
-    freq: str | None = Field(None, description="pandas offset alias ('h', '15min') or an integer step")
+    freq: str | None = Field(
+        None,
+        max_length=40,
+        description=(
+            "time between observations: a positive integer step ('5') for integer timestamps, or a count "
+            "and a unit for datetimes: s, min, h, D, W, or calendar MS, ME, QS, QE, YS, YE ('15min', '2h'); "
+            "the model's when absent"
+        ),
+    )
     history: list[Observation] = Field(default_factory=list, description="rows applied at creation")
+
+    @field_validator("freq")
+    @classmethod
+    def _freq(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_freq(value)  # FreqError is a ValueError: a 422 naming freq
+        return value
 
 
 class ResetStream(_Strict):
-    model: str | None = Field(None, description="switch to this model (default: the stream's)")
+    model: str | None = Field(
+        None, min_length=1, description="switch to this model (absent: keep the stream's)"
+    )
     mode: Mode | None = None
 
 

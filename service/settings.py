@@ -53,7 +53,11 @@ class Settings(BaseSettings):
     max_batch: int = Field(1000, ge=1, description="observations per request (413 above)")
     max_history: int = Field(20_000, ge=0, description="history rows when creating a stream (413 above)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size in bytes (413 above)")
-    dedup_window: int = Field(64, ge=1, description="recent observations remembered to detect duplicates")
+    dedup_window: int = Field(
+        1024,
+        ge=1,
+        description="applied observations remembered to acknowledge re-posts (at least max_batch are)",
+    )
 
     # process
     log_level: str = Field("info", description="`debug`, `info`, `warning` or `error`")

@@ -11,6 +11,7 @@ depend on the trainer (or the models on anything of ours) fails here, not in a r
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,5 +68,23 @@ def test_the_server_starts_without_the_training_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    loaded = [m for m in result.stdout.strip().split(",") if m]
-    assert "trainer" not in loaded and "matplotlib" not in loaded, loaded
+    assert result.stdout.strip() == "", f"the server imported {result.stdout.strip()}"
+
+
+def test_the_command_without_the_training_stack_serves_and_explains(tmp_path: Path) -> None:
+    """The API image installs no pandas: `memcast serve --help` works and `memcast pretrain` says
+    what to install, in one line with exit code 2."""
+    blocker = tmp_path / "sitecustomize.py"
+    # None in sys.modules: `import pandas` raises ModuleNotFoundError, find_spec says absent
+    blocker.write_text("import sys\nsys.modules.update(pandas=None, matplotlib=None, tqdm=None)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+
+    def memcast(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "memcast.cli", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+
+    assert memcast("serve", "--help").returncode == 0
+    result = memcast("pretrain", "--data", "x.csv")
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'memcast[train]'" in result.stderr and "Traceback" not in result.stderr

@@ -36,6 +36,21 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+# FastAPI's 400 when the JSON parser itself fails (too deeply nested: RecursionError; other
+# errors than JSONDecodeError, which FastAPI already reports as a 422)
+BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def unparseable_body(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The documented 422 shape for a body that JSON could not parse at all."""
+    request.app.state.metrics.error("invalid_request")
+    cause = exc.__cause__
+    reason = "nested too deeply" if isinstance(cause, RecursionError) else "malformed"
+    message = f"the body is not valid JSON ({reason})"
+    error = {"type": "invalid_request", "message": message, "field": "body"}
+    return JSONResponse({"error": {**error, "details": [{"field": "body", "message": message}]}}, 422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     def count(request: Request, kind: str) -> None:
         request.app.state.metrics.error(kind)
@@ -77,6 +92,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            return unparseable_body(request, exc)
         kind = "not_found" if exc.status_code == 404 else "http_error"
         count(request, kind)
         return JSONResponse(

@@ -14,6 +14,7 @@ router = APIRouter(
 
 
 @router.get("", response_model=schemas.ModelsOut)
+@router.get("/", response_model=schemas.ModelsOut, include_in_schema=False)
 async def list_models(registry: RegistryDep) -> schemas.ModelsOut:
     return schemas.ModelsOut(
         default=registry.default,

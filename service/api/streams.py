@@ -17,7 +17,12 @@ router = APIRouter(
 StreamIdPath = Annotated[schemas.StreamId, Path(description="stream id")]
 
 
+# "/v1/streams/" too, answered in place: the app does not redirect slashes (a 307 on a POST
+# makes clients re-send the body, or drop it)
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=schemas.StreamOut)
+@router.post(
+    "/", status_code=status.HTTP_201_CREATED, response_model=schemas.StreamOut, include_in_schema=False
+)
 async def create_stream(
     req: schemas.CreateStream, engine: EngineDep, response: Response
 ) -> schemas.StreamOut:

@@ -3,7 +3,13 @@
 A :class:`StreamRecord` is immutable. Writers read a record, compute the next one off the
 event loop and ask the store to replace it only if its version is still the one they read
 (:meth:`StateStore.compare_and_set`); :func:`update_stream` retries a lost race with jittered
-backoff, so concurrent writers never lose an update. Nothing is pickled: the state is the
+backoff, so concurrent writers never lose an update.
+
+Versions start again at 1 when a stream is deleted and created anew, so the version alone
+cannot tell a stream from its re-creation (the ABA problem): a write computed from the deleted
+stream would land on the new one. Every creation therefore draws a random ``incarnation``
+token, and a compare-and-set must match both the version and the incarnation it read; a
+different incarnation means the stream it read is gone (``StreamNotFound``). Nothing is pickled: the state is the
 ``models.state_io`` safetensors blob and every other field is a string, a number or JSON.
 """
 
@@ -13,6 +19,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -41,6 +48,7 @@ class StreamRecord:
     created_at: str = ""
     updated_at: str = ""
     version: int = 0
+    incarnation: str = ""  # random per creation, set by the store: see the module docstring
 
     def replace(self, **changes: Any) -> StreamRecord:
         return dataclasses.replace(self, **changes)
@@ -57,7 +65,11 @@ class StreamRecord:
     def from_fields(cls, fields: dict[bytes, bytes]) -> StreamRecord:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            raw = fields[f.name.encode()]
+            raw = fields.get(f.name.encode())
+            if raw is None and f.name == "incarnation":  # written before incarnations existed
+                continue
+            if raw is None:
+                raise ValueError(f"stream record without its {f.name!r} field")
             values[f.name] = raw if f.name == "state" else json.loads(raw)
         values["recent"] = tuple((ts, h) for ts, h in values["recent"])
         if values["forecast"] is not None:
@@ -69,7 +81,8 @@ class StateStore(Protocol):
     """What the engine needs from a store; both stores give the same guarantees."""
 
     async def create(self, record: StreamRecord) -> StreamRecord:
-        """Store a new stream at version 1; ``StreamExists`` if the id is taken."""
+        """Store a new stream at version 1 with a fresh incarnation; ``StreamExists`` if the id
+        is taken."""
         ...
 
     async def get(self, stream_id: str) -> StreamRecord:
@@ -77,9 +90,10 @@ class StateStore(Protocol):
         ...
 
     async def compare_and_set(self, record: StreamRecord, expected_version: int) -> StreamRecord | None:
-        """Replace the record if its version is still ``expected_version``; return the stored
-        record (version + 1), ``None`` when another writer got there first, or raise
-        ``StreamNotFound`` when the stream was deleted meanwhile."""
+        """Replace the record if its version is still ``expected_version`` and its incarnation
+        is still ``record.incarnation``; return the stored record (version + 1), ``None`` when
+        another writer got there first, or raise ``StreamNotFound`` when the stream was deleted
+        meanwhile (and perhaps created again: another incarnation)."""
         ...
 
     async def delete(self, stream_id: str) -> None: ...
@@ -94,6 +108,11 @@ class StateStore(Protocol):
 class StoreStats(Protocol):
     def conflict(self) -> None: ...
     def retry(self) -> None: ...
+
+
+def new_incarnation() -> str:
+    """A token no other creation of any stream will draw (122 random bits)."""
+    return uuid.uuid4().hex
 
 
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """The embedded in-process store: the default for a single process (no MEMCAST_REDIS_URL).
 
 Records are immutable, so a dict guarded by a lock gives the Redis store's guarantees:
-create-if-absent, versioned compare-and-set and delete are each atomic, across event-loop
+create-if-absent, compare-and-set (version and incarnation) and delete are each atomic, across event-loop
 tasks and threads alike. State does not survive the process.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from service.errors import StreamExists, StreamNotFound
-from service.store.base import StreamRecord
+from service.store.base import StreamRecord, new_incarnation
 
 
 class EmbeddedStore:
@@ -19,7 +19,7 @@ class EmbeddedStore:
         self._lock = threading.Lock()
 
     async def create(self, record: StreamRecord) -> StreamRecord:
-        stored = record.replace(version=1)
+        stored = record.replace(version=1, incarnation=new_incarnation())
         with self._lock:
             if record.stream_id in self._records:
                 raise StreamExists(record.stream_id)
@@ -37,7 +37,7 @@ class EmbeddedStore:
         stored = record.replace(version=expected_version + 1)
         with self._lock:
             current = self._records.get(record.stream_id)
-            if current is None:
+            if current is None or current.incarnation != record.incarnation:
                 raise StreamNotFound(record.stream_id)
             if current.version != expected_version:
                 return None

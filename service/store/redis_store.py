@@ -4,18 +4,22 @@ Key: ``{prefix}:{<stream_id>}``; the braces are a cluster hash tag, so everythin
 stream lives in one slot. Hash fields: ``state`` (the safetensors blob) and the JSON-encoded
 metadata of :class:`~service.store.base.StreamRecord` (schema version, model, fingerprint,
 mode, steps, last timestamp and values hash, recent duplicates window, frequency, forecast,
-created/updated times, version).
+created/updated times, version, incarnation).
 
 Every write is one server-side script, so a record is replaced whole or not at all: the
-compare-and-set script checks the ``version`` field and writes every field in one step.
+compare-and-set script checks the ``version`` and ``incarnation`` fields (see
+:mod:`service.store.base` on why both) and writes every field in one step; it touches only the
+stream's own key.
 redis-py errors become :class:`~service.errors.StoreUnavailable` here and nowhere else. The
 client keeps no dead connection: redis-py drops a broken one and reconnects on the next call.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -23,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.errors import StoreUnavailable, StreamExists, StreamNotFound
-from service.store.base import StreamRecord
+from service.store.base import StreamRecord, new_incarnation
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -31,11 +35,14 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
+# ARGV: expected version, expected incarnation (both JSON-encoded, as stored), then the
+# fields. A record written before incarnations existed has none: '""' (the empty string).
 _COMPARE_AND_SET = """
-local version = redis.call('HGET', KEYS[1], 'version')
-if not version then return -1 end
-if version ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local current = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+if not current[1] then return -1 end
+if (current[2] or '""') ~= ARGV[2] then return -1 end
+if current[1] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return 1
 """
 
@@ -68,7 +75,7 @@ class RedisStore:
             raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
 
     async def create(self, record: StreamRecord) -> StreamRecord:
-        stored = record.replace(version=1)
+        stored = record.replace(version=1, incarnation=new_incarnation())
         async with self._translate():
             created = await self._create(keys=[self.key(record.stream_id)], args=_flatten(stored))
         if not created:
@@ -80,13 +87,14 @@ class RedisStore:
             fields = await self._redis.hgetall(self.key(stream_id))
         if not fields:
             raise StreamNotFound(stream_id)
-        return StreamRecord.from_fields(fields)
+        return StreamRecord.from_fields(cast(dict[bytes, bytes], fields))  # a client without decode_responses
 
     async def compare_and_set(self, record: StreamRecord, expected_version: int) -> StreamRecord | None:
         stored = record.replace(version=expected_version + 1)
         async with self._translate():
             outcome = await self._cas(
-                keys=[self.key(record.stream_id)], args=[str(expected_version), *_flatten(stored)]
+                keys=[self.key(record.stream_id)],
+                args=[json.dumps(expected_version), json.dumps(record.incarnation), *_flatten(stored)],
             )
         if outcome == -1:
             raise StreamNotFound(record.stream_id)

@@ -54,14 +54,29 @@ async def test_create_get_delete(store: StateStore) -> None:
 
 
 async def test_compare_and_set(store: StateStore) -> None:
-    await store.create(record())
-    stored = await store.compare_and_set(record(steps=1), expected_version=1)
+    created = await store.create(record())
+    assert created.incarnation  # drawn by the store; a writer carries the one it read
+    stored = await store.compare_and_set(created.replace(steps=1), expected_version=1)
     assert stored is not None and stored.version == 2 and (await store.get("s1")) == stored
-    assert await store.compare_and_set(record(steps=99), expected_version=1) is None  # lost the race
+    assert await store.compare_and_set(created.replace(steps=99), expected_version=1) is None  # lost the race
     assert (await store.get("s1")).steps == 1
     await store.delete("s1")
     with pytest.raises(StreamNotFound):
-        await store.compare_and_set(record(steps=2), expected_version=2)
+        await store.compare_and_set(stored.replace(steps=2), expected_version=2)
+
+
+async def test_compare_and_set_recreated_stream_refused(store: StateStore) -> None:
+    """A write computed from a deleted stream must not land on its re-creation, though the new
+    stream has the version the writer read (the ABA problem)."""
+    read = await store.create(record(steps=7))
+    await store.delete("s1")
+    recreated = await store.create(record(mode="none", freq="2h"))
+    assert recreated.version == read.version == 1
+    with pytest.raises(StreamNotFound):
+        await store.compare_and_set(read.replace(steps=1007), expected_version=read.version)
+    assert await store.get("s1") == recreated
+    stored = await store.compare_and_set(recreated.replace(steps=1), expected_version=1)
+    assert stored is not None and stored.steps == 1 and stored.mode == "none"
 
 
 async def test_update_stream_concurrent_writers_lose_nothing(store: StateStore) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -539,3 +540,198 @@ async def test_restart_serves_state_identically(settings: Settings, store_kind: 
             (await third.record("s1")).state
         )
     assert not math.isnan(after_restart["forecast"]["rows"][0]["values"]["OT"])
+
+
+# -- issue 14: found by exercising the service from outside --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "freq", ["999999999999999999999h", "9999999999D", "100000YE", "-2h", "0h", "0", "-3", "h ", "2 h"]
+)
+async def test_create_stream_unusable_freq_422(api: Api, freq: str) -> None:
+    hourly = [
+        {"timestamp": f"2024-03-0{1 + h // 24}T{h % 24:02d}:00:00", "values": o["values"]}
+        for h, o in enumerate(series(48))
+    ]
+    for history in ([], hourly):
+        response = await api.client.post("/v1/streams", json={"id": "s1", "freq": freq, "history": history})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert (
+            error["type"] == "invalid_request"
+            and error["field"] == "freq"
+            and freq.strip() in error["message"]
+        )
+        assert (await api.client.get("/v1/streams/s1")).status_code == 404
+
+
+async def test_post_observations_forecast_timestamps_past_year_9999_422(api: Api) -> None:
+    """A horizon that cannot be dated is refused before anything is written, not a 500 after."""
+    yearly = [
+        {"timestamp": f"{9980 + y}-01-01T00:00:00", "values": o["values"]}
+        for y, o in enumerate(series(SEQ_LEN))
+    ]
+    await api.create("s1", yearly, freq="2YS")
+    before = await api.record("s1")
+    late = {"timestamp": "9996-01-01T00:00:00", "values": [1.0, 2.0]}  # + 3 * 2 years > 9999
+    response = await api.post("s1", [late])
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "observations.0.timestamp"
+    assert await api.record("s1") == before
+    assert (await api.client.get("/v1/streams/s1/forecast")).status_code == 200
+    ok = await api.post("s1", [{"timestamp": "9990-01-01T00:00:00", "values": [1.0, 2.0]}])
+    assert ok.status_code == 200, ok.text
+    stamps = [r["timestamp"] for r in ok.json()["forecast"]["rows"]]
+    assert stamps == ["9992-01-01T00:00:00", "9994-01-01T00:00:00", "9996-01-01T00:00:00"]
+
+
+@pytest.mark.parametrize(
+    ("freq", "last", "expected"),
+    [
+        (
+            "15min",
+            "2024-03-01T23:30:00",
+            ["2024-03-01T23:45:00", "2024-03-02T00:00:00", "2024-03-02T00:15:00"],
+        ),
+        ("ME", "2024-01-31T00:00:00", ["2024-02-29T00:00:00", "2024-03-31T00:00:00", "2024-04-30T00:00:00"]),
+        ("MS", "2024-01-15T06:00:00", ["2024-02-01T06:00:00", "2024-03-01T06:00:00", "2024-04-01T06:00:00"]),
+        ("QE", "2024-02-10T00:00:00", ["2024-03-31T00:00:00", "2024-06-30T00:00:00", "2024-09-30T00:00:00"]),
+        ("YS", "2024-01-01T00:00:00", ["2025-01-01T00:00:00", "2026-01-01T00:00:00", "2027-01-01T00:00:00"]),
+        (
+            "2h",
+            "2024-03-01T12:00:00+02:00",
+            ["2024-03-01T12:00:00+00:00", "2024-03-01T14:00:00+00:00", "2024-03-01T16:00:00+00:00"],
+        ),
+    ],
+)
+async def test_get_forecast_timestamps_fixed_and_calendar_freq(
+    api: Api, freq: str, last: str, expected: list[str]
+) -> None:
+    # SEQ_LEN observations a minute apart ending at `last`: only the last one dates the forecast
+    end = datetime.fromisoformat(last)
+    rows = [
+        {"timestamp": (end - timedelta(minutes=SEQ_LEN - 1 - k)).isoformat(), "values": o["values"]}
+        for k, o in enumerate(series(SEQ_LEN))
+    ]
+    await api.create("s1", mode="none", freq=freq)
+    assert (await api.post("s1", rows)).status_code == 200
+    body = (await api.client.get("/v1/streams/s1/forecast")).json()
+    assert [r["timestamp"] for r in body["forecast"]["rows"]] == expected
+
+
+@pytest.mark.parametrize("huge", [1e39, 1e308, -1e39])
+async def test_post_observations_value_overflowing_float32_422(api: Api, huge: float) -> None:
+    await api.create("s1", series(SEQ_LEN + 2))
+    before = await api.record("s1")
+    for values, field in (
+        ([huge, 2.0], "observations.0.values.0"),
+        ({"OT": 1.0, "load_a": huge}, "observations.0.values.load_a"),
+    ):
+        response = await api.post("s1", [{"timestamp": SEQ_LEN + 2, "values": values}])
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request" and error["field"] == field
+        assert await api.record("s1") == before
+    response = await api.client.post(
+        "/v1/streams", json={"id": "s2", "history": [{"timestamp": 0, "values": [huge, 1.0]}]}
+    )
+    assert response.status_code == 422 and response.json()["error"]["field"] == "history.0.values.0"
+    # the stream still forecasts after ordinary observations
+    body = (await api.post("s1", series(3, start=SEQ_LEN + 2))).json()
+    assert all(math.isfinite(v) for row in body["forecast"]["rows"] for v in row["values"].values())
+
+
+async def test_post_observations_non_finite_state_422_nothing_written(api: Api) -> None:
+    """Values float32 can hold that still overflow inside the model: the state is not committed."""
+    await api.create("s1", series(SEQ_LEN + 2))
+    before = await api.record("s1")
+    huge = [1e38, -1e38]  # scaled: 5e37 and -3.3e37, squared inside the model: inf
+    for batch in (
+        [{"timestamp": SEQ_LEN + 2, "values": huge}],  # one observation: the cross-stream batch path
+        [*series(2, start=SEQ_LEN + 2), {"timestamp": SEQ_LEN + 4, "values": huge}],
+    ):
+        response = await api.post("s1", batch)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "non_finite_state" and error["field"] == "observations"
+        assert await api.record("s1") == before
+    response = await api.client.post(
+        "/v1/streams", json={"id": "s2", "history": [*series(3), {"timestamp": 3, "values": huge}]}
+    )
+    assert response.status_code == 422 and response.json()["error"]["field"] == "history"
+    assert (await api.client.get("/v1/streams/s2")).status_code == 404
+    body = (await api.post("s1", series(3, start=SEQ_LEN + 2))).json()
+    assert all(math.isfinite(v) for row in body["forecast"]["rows"] for v in row["values"].values())
+
+
+async def test_post_observations_whole_batch_retry_is_duplicate(api: Api) -> None:
+    await api.create("s1")
+    rows = series(100)
+    assert (await api.post("s1", rows)).json()["applied"] == 100
+    before = await api.record("s1")
+    retry = await api.post("s1", rows)  # a client retrying a timed-out bulk request
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["duplicates"] == 100 and retry.json()["applied"] == 0
+    single = await api.post("s1", rows[:1])  # 100 back: beyond the old 64-observation window
+    assert single.status_code == 200 and single.json()["observations"][0]["status"] == "duplicate"
+    conflict = await api.post("s1", [{"timestamp": 0, "values": [0.0, 0.0]}])
+    assert conflict.status_code == 409
+    assert await api.record("s1") == before
+
+
+async def test_post_observations_same_instant_other_offset_is_duplicate(api: Api) -> None:
+    await api.create("s1")
+    rows = [
+        {"timestamp": f"2024-03-01T{h:02d}:00:00+00:00", "values": o["values"]}
+        for h, o in enumerate(series(4))
+    ]
+    assert (await api.post("s1", rows)).status_code == 200
+    before = await api.record("s1")
+    shifted = [{"timestamp": "2024-03-01T05:00:00+02:00", "values": rows[3]["values"]}]  # 03:00 UTC
+    response = await api.post("s1", shifted)
+    assert response.status_code == 200, response.text
+    assert response.json()["observations"][0]["status"] == "duplicate"
+    earlier = [{"timestamp": "2024-03-01T04:00:00+02:00", "values": rows[2]["values"]}]  # 02:00 UTC
+    assert (await api.post("s1", earlier)).json()["observations"][0]["status"] == "duplicate"
+    later = [{"timestamp": "2024-03-01T03:30:00+00:00", "values": [1.0, 2.0]}]
+    response = await api.post("s1", later)
+    assert response.json()["applied"] == 1 and await api.record("s1") != before
+
+
+async def test_create_and_reset_stream_empty_model_422(api: Api) -> None:
+    await api.create("s1", series(SEQ_LEN))
+    before = await api.record("s1")
+    for path, body in (("/v1/streams", {"id": "s2", "model": ""}), ("/v1/streams/s1/reset", {"model": ""})):
+        response = await api.client.post(path, json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["field"] == "model"
+    assert await api.record("s1") == before
+    assert (await api.client.get("/v1/streams/s2")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"timestamp": 1, "values": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b"\xff\xfe{}",
+    ],
+)
+async def test_post_observations_unparseable_body_422(api: Api, content: bytes) -> None:
+    await api.create("s1", series(SEQ_LEN))
+    before = await api.record("s1")
+    response = await api.client.post(
+        "/v1/streams/s1/observations", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request" and error["field"] == "body" and error["message"]
+    assert await api.record("s1") == before
+
+
+async def test_create_stream_trailing_slash_no_redirect(api: Api) -> None:
+    response = await api.client.post("/v1/streams/", json={"id": "s1"})
+    assert response.status_code == 201, response.text
+    assert (await api.client.get("/v1/streams/s1")).status_code == 200
+    models = await api.client.get("/v1/models/")
+    assert models.status_code == 200 and models.json()["default"] == "small"
