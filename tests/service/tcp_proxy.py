@@ -14,7 +14,7 @@ import threading
 import time
 from types import TracebackType
 
-from tests.conftest import free_port
+from memcast.harness import free_port
 
 
 class TcpProxy:

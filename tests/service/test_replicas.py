@@ -3,10 +3,7 @@ computed from a stream that another replica deleted (and re-created) meanwhile."
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,10 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from memcast.harness import ServeProcess
 from tests.service.conftest import SEQ_LEN, series
 from tests.service.tcp_proxy import TcpProxy
-from tests.service.test_e2e import memcast_command
 
 pytestmark = pytest.mark.slow
 
@@ -25,27 +21,9 @@ pytestmark = pytest.mark.slow
 @contextmanager
 def serve(checkpoint_root: Path, redis_url: str, log_path: Path) -> Iterator[str]:
     """A ``memcast serve`` process on ``redis_url``; yields its base URL once it is ready."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCAST_")}
-    args = ["serve", "--port", str(port), "--checkpoints", str(checkpoint_root), "--redis-url", redis_url]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([*memcast_command(), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("memcast serve did not become ready:\n" + log_path.read_text())
-                time.sleep(0.2)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
+    args = ["--checkpoints", str(checkpoint_root), "--redis-url", redis_url]
+    with ServeProcess(args, log=log_path) as process:
+        yield process.url
 
 
 def test_post_observations_recreated_stream_not_overwritten(
