@@ -30,7 +30,8 @@ class NeuralMemoryConfig:
     dim_head: int = 16
     chunk_size: int = 1  # tokens that share one gradient step
     batch_size: int | None = None  # commit weight updates only every this many tokens
-    max_lr: float = 1e-1  # data-dependent learning rate is mapped into [1e-7, max_lr]
+    min_lr: float = 1e-3  # data-dependent learning rate theta is mapped exponentially into
+    max_lr: float = 1.0  # [min_lr, max_lr] (keys have |k|^2 = dim_head, so 0.5 corrects ~all)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ class ModelConfig:
         _check_choice("memory", self.memory, MEMORIES)
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("neural_memory.model", self.neural_memory.model, MEMORY_MODELS)
+        nm = self.neural_memory
+        if nm.model == "attention" and nm.chunk_size < 2:
+            raise ConfigError(
+                "neural_memory.model='attention' needs chunk_size >= 2: a chunk of one token attends "
+                "only to itself (softmax = 1), so the memory's wq/wk would get zero gradient and its "
+                "attention would never adapt"
+            )
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
         if self.memory in ("fsnet", "fsnet_nomem") and self.backbone != "tcn":
