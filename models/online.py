@@ -132,7 +132,7 @@ def observe(
         if bool(matured.any()):
             past, target = history[:, : cfg.seq_len], history[:, cfg.seq_len :, list(cfg.out_indices)]
             state = learn(model, state, past, target, mode, mask=matured)
-    stores = mode is not UpdateMode.NONE and _has_memory(model)
+    stores = mode is not UpdateMode.NONE and stores_tokens(model)
     if not (stores or need_forecast):
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
@@ -140,6 +140,26 @@ def observe(
     if stores:
         state["model"] = _where(is_ready(model, state), stored["model"], state["model"])
     return state, forecast
+
+
+def rollout(
+    model: ContinualForecaster, model_state: TensorDict, windows: Tensor
+) -> tuple[Tensor, TensorDict]:
+    """Pretraining as served: ``windows [b, k, seq_len, c]`` are ``k`` consecutive windows of
+    each stream (each one observation later than the one before). Each window stores its newest
+    token, then forecasts, exactly what :func:`observe` does for a ``memory_only`` stream whose
+    window is full; with a fresh ``model_state`` the first window is the stream's first full
+    one. Returns forecasts ``[b, k, pred_len, c_out]`` and the next component state.
+
+    Unlike :func:`observe` this keeps the autograd graph, so pretraining can backpropagate
+    through the memory's inner loop (and truncate by detaching the returned state).
+    """
+    policy = StorePolicy.LAST if stores_tokens(model) else StorePolicy.NONE
+    forecasts = []
+    for j in range(windows.shape[1]):
+        forecast, model_state = model(windows[:, j], model_state, policy)
+        forecasts.append(forecast)
+    return torch.stack(forecasts, dim=1), model_state
 
 
 def observe_many(
@@ -251,7 +271,7 @@ def _forward(
     return torch.cat(forecasts, dim=0), torch.cat(rows, dim=0)
 
 
-def _has_memory(model: ContinualForecaster) -> bool:
+def stores_tokens(model: ContinualForecaster) -> bool:
     """True when the forecaster holds a memory that learns from stored tokens."""
     return model.memory is not None or model.config.backbone == "titans" and model.config.memory == "titans"
 

@@ -24,6 +24,7 @@ import torch
 from models.checkpoint import REPORT_FILE, CheckpointError, is_checkpoint
 from models.config import BACKBONES, FUSIONS, MEMORIES
 from models.online import Feedback, UpdateMode
+from trainer.train_config import MEMORY_PRETRAINING
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 _TRAIN_FLAGS = (
     "data features target seq_len pred_len backbone memory fusion d_model n_layers n_heads dropout "
     "online_lr epochs batch_size lr weight_decay seed patience clip cosine warmup two_phase_epochs "
-    "max_train_windows val_fraction test_fraction device"
+    "max_train_windows memory_pretraining tbptt val_fraction test_fraction device"
 ).split()
 
 
@@ -107,6 +108,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--two-phase", dest="two_phase_epochs", type=int, help="epochs with the backbone frozen first"
     )
     t.add_argument("--max-train-windows", type=int)
+    t.add_argument(
+        "--memory-pretraining",
+        choices=MEMORY_PRETRAINING,
+        help="carried (default): train a token-storing memory as served, its state carried over "
+        "consecutive windows; fresh: a fresh memory per window that stores the whole window",
+    )
+    t.add_argument("--tbptt", type=int, help="carried: windows per truncated-backpropagation segment")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument(

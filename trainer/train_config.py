@@ -14,6 +14,8 @@ from typing import Any
 from models.checkpoint import DataSchema
 from models.config import ModelConfig
 
+MEMORY_PRETRAINING = ("carried", "fresh")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -46,6 +48,11 @@ class TrainConfig:
     warmup: float = 0.0  # fraction of the steps with a linear warmup
     two_phase_epochs: int = 0  # first epochs train memory + head with the backbone frozen
     max_train_windows: int | None = None  # evenly spaced subset of the train windows
+    # how a memory that stores tokens is trained (see trainer/pretrain.py): "carried" as it is
+    # served (state carried across consecutive windows, backprop truncated every `tbptt`
+    # windows), or "fresh" (every window from a fresh memory that stores the whole window)
+    memory_pretraining: str = "carried"
+    tbptt: int = 4
     # data splits (non-ETT files)
     val_fraction: float = 0.05
     test_fraction: float = 0.75
@@ -61,6 +68,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
         if not 0 <= self.warmup < 1 or self.two_phase_epochs < 0 or self.patience < 1:
             raise ValueError("warmup must be in [0, 1), two_phase_epochs >= 0 and patience >= 1")
+        if self.memory_pretraining not in MEMORY_PRETRAINING or self.tbptt < 1:
+            raise ValueError(f"memory_pretraining must be one of {MEMORY_PRETRAINING} and tbptt >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
