@@ -13,6 +13,7 @@ BACKBONES = ("lstm", "transformer", "tcn", "titans")
 MEMORIES = ("titans", "fsnet", "fsnet_nomem", "none")
 FUSIONS = ("add", "concat", "gated", "layer", "context")
 MEMORY_MODELS = ("mlp", "attention")
+MEMORY_VARIANTS = ("mlp", "simple", "advanced")
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,10 @@ class ConfigError(ValueError):
 class NeuralMemoryConfig:
     """Titans NeuralMemory settings (Behrouz et al., 2025, section 3.1)."""
 
+    # "mlp": plain MLP memory (gradient steps at a learned per-head rate, queries = keys);
+    # "simple": adds momentum and forgetting (learned per-head gates);
+    # "advanced": separate Q/K/V projections, per-token gates, gradient-based surprise (Titans)
+    variant: str = "advanced"
     model: str = "mlp"  # inner memory network: "mlp" or "attention"
     depth: int = 2  # layers of the MLP memory
     expansion: float = 2.0  # hidden width of the MLP memory, relative to the head dimension
@@ -76,6 +81,7 @@ class ModelConfig:
         _check_choice("memory", self.memory, MEMORIES)
         _check_choice("fusion", self.fusion, FUSIONS)
         _check_choice("neural_memory.model", self.neural_memory.model, MEMORY_MODELS)
+        _check_choice("neural_memory.variant", self.neural_memory.variant, MEMORY_VARIANTS)
         nm = self.neural_memory
         if nm.model == "attention" and nm.chunk_size < 2:
             raise ConfigError(

@@ -32,6 +32,11 @@ and titans-pytorch 0.0.20):
   weights instead of to zero, a saddle of the MLP memory it never left.
 * The attention memory needs ``chunk_size >= 2`` (config check): one token per chunk attends to
   itself only, which gives its ``wq``/``wk`` zero gradient.
+
+Variants (``neural_memory.variant``): ``advanced`` is all of the above, with separate query,
+key and value projections and data-dependent (per-token) theta, eta and alpha; ``simple`` has
+queries = keys and learned per-head *constant* gates (momentum and forgetting kept); ``mlp``
+is a plain MLP memory: queries = keys, a per-head constant theta, no momentum, no forgetting.
 """
 
 from __future__ import annotations
@@ -168,10 +173,12 @@ class NeuralMemory(MemoryUnit):
         self.heads, self.dim_head = cfg.heads, cfg.dim_head
         self.chunk_size, self.chunks_per_batch = cfg.chunk_size, batch_size // cfg.chunk_size
         self.min_lr, self.max_lr = cfg.min_lr, cfg.max_lr
+        self.variant = cfg.variant
         inner = cfg.heads * cfg.dim_head
         self.store_norm = nn.RMSNorm(self.dim)
         self.retrieve_norm = nn.RMSNorm(self.dim)
-        self.to_q = nn.Linear(self.dim, inner, bias=False)
+        # "mlp"/"simple" query with the key projection
+        self.to_q = nn.Linear(self.dim, inner, bias=False) if cfg.variant == "advanced" else None
         self.to_k = nn.Linear(self.dim, inner, bias=False)
         self.to_v = nn.Linear(self.dim, inner, bias=False)
         self.to_lr = nn.Linear(self.dim, cfg.heads)  # theta_t, per token and head
@@ -196,7 +203,7 @@ class NeuralMemory(MemoryUnit):
         weights ``memory_model``: forgetting pulls it back to zero, i.e. towards the pretrained
         memory, never the weights themselves to zero (a depth-2 MLP at zero is a saddle).
         """
-        ref = self.to_q.weight
+        ref = self.to_k.weight
         device, dtype = device or ref.device, dtype or ref.dtype
         weights = {
             name: torch.zeros(batch, *p.shape, device=device, dtype=dtype)
@@ -268,7 +275,8 @@ class NeuralMemory(MemoryUnit):
     def _read(self, x: Tensor, weights: TensorDict) -> Tensor:
         """``out = W_o RMSNorm(M(q))`` per head (eq 15)."""
         b, n, _ = x.shape
-        q = _unit_rms(self._split(self.to_q(self.retrieve_norm(x))))  # [b, h, n, e]
+        to_q = self.to_q if self.to_q is not None else self.to_k
+        q = _unit_rms(self._split(to_q(self.retrieve_norm(x))))  # [b, h, n, e]
         params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
         y = self.out_norm(self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
         return self.to_out(y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2))
@@ -277,14 +285,21 @@ class NeuralMemory(MemoryUnit):
         """Keys, values (eq 11), learning rates theta and gate logits of each token,
         ``[b, h, n, e]`` / ``[b, h, n]``."""
         xn = self.store_norm(x)
-        theta = _lr_map(self.to_lr(xn), self.min_lr, self.max_lr)  # [b, n, h]
+        theta = _lr_map(self._gate(self.to_lr, xn), self.min_lr, self.max_lr)  # [b, n, h]
         return {
             "keys": _unit_rms(self._split(self.to_k(xn))),
             "values": self._split(self.to_v(xn)),
             "lr": theta.transpose(1, 2),
-            "momentum": self.to_momentum(xn).transpose(1, 2),
-            "decay": self.to_decay(xn).transpose(1, 2),
+            "momentum": self._gate(self.to_momentum, xn).transpose(1, 2),
+            "decay": self._gate(self.to_decay, xn).transpose(1, 2),
         }
+
+    def _gate(self, layer: nn.Linear, xn: Tensor) -> Tensor:
+        """Gate logits ``[b, n, h]``: per token ("advanced") or the layer's bias, a learned
+        per-head constant ("mlp", "simple")."""
+        if self.variant == "advanced":
+            return layer(xn)
+        return layer.bias.expand(*xn.shape[:-1], layer.bias.shape[0])
 
     def _store(self, x: Tensor, state: TensorDict) -> TensorDict:
         """Learn from ``x [b, m, d]`` after the buffered tokens; return the next state."""
@@ -351,6 +366,8 @@ class NeuralMemory(MemoryUnit):
         keys, values, lr = (chunks[f].flatten(0, 1) for f in ("keys", "values", "lr"))
         eta = torch.sigmoid(chunks["momentum"].mean(-1)).flatten(0, 1)  # [s, c]
         alpha = torch.sigmoid(chunks["decay"].mean(-1)).flatten(0, 1)  # [s, c]
+        if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
+            eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
         counts = valid.repeat_interleave(h, 0)  # [s, c]
         full = bool(valid.all())  # every stream has every chunk: no per-stream bookkeeping
         start = 0

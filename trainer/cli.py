@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from models.checkpoint import REPORT_FILE, CheckpointError, is_checkpoint
-from models.config import BACKBONES, FUSIONS, MEMORIES
+from models.config import BACKBONES, FUSIONS, MEMORIES, MEMORY_VARIANTS
 from models.online import Feedback, UpdateMode
 from trainer.train_config import MEMORY_PRETRAINING
 
@@ -82,6 +82,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--backbone", choices=BACKBONES)
     m.add_argument("--memory", choices=MEMORIES)
     m.add_argument("--fusion", choices=FUSIONS)
+    m.add_argument(
+        "--memory-variant",
+        choices=MEMORY_VARIANTS,
+        help="Titans memory type (sets neural_memory.variant): mlp (plain MLP memory), simple "
+        "(momentum and forgetting), advanced (separate Q/K/V, gradient-based surprise; default)",
+    )
     m.add_argument("--d-model", type=int)
     m.add_argument("--n-layers", type=int)
     m.add_argument("--n-heads", type=int)
@@ -133,6 +139,8 @@ def train_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -
     values.update({k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k, None) is not None})
     options = dict(tuple(kv) for kv in values.get("model_options", ()))
     options.update(_parse_model_opts(args.model_opt))
+    if getattr(args, "memory_variant", None):
+        options["neural_memory.variant"] = args.memory_variant
     values["model_options"] = tuple(sorted(options.items()))
     values["progress"] = not args.no_progress
     if not values.get("data"):

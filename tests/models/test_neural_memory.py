@@ -87,10 +87,11 @@ def test_scan_equals_step_loop() -> None:
         torch.testing.assert_close(m_all[:, j], weights, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["mlp", "simple", "advanced"])
 @pytest.mark.parametrize("model", ["mlp", "attention"])
 @pytest.mark.parametrize("policy", [StorePolicy.WINDOW, StorePolicy.LAST])
-def test_batched_equals_looped(model: str, policy: StorePolicy) -> None:
-    memory = make_memory(model=model, chunk_size=2, batch_size=4)
+def test_batched_equals_looped(model: str, policy: StorePolicy, variant: str) -> None:
+    memory = make_memory(model=model, chunk_size=2, batch_size=4, variant=variant)
     x = tokens(3, 5)
     # streams at different positions: buffers and commit phases differ between them
     states = [store(memory, tokens(1, i + 2, seed=10 + i), memory.init_state(1), [i + 2]) for i in range(3)]
@@ -280,3 +281,26 @@ def test_attention_memory_learns_its_attention_or_is_refused() -> None:
     for name in ("wq", "wk", "wv", "wo"):  # every stream's inner loop changed every weight
         changed = (state["weights", name] - fresh["weights", name]).flatten(1).abs().sum(1)
         assert bool((changed > 0).all()), name
+
+
+def test_memory_variants_keep_their_gates() -> None:
+    """``mlp``: no momentum, no forgetting, queries = keys; ``simple``: per-head constant gates;
+    ``advanced``: its own query projection and per-token gates."""
+    x = tokens(1, 6)
+    mlp, simple, advanced = (make_memory(variant=v) for v in ("mlp", "simple", "advanced"))
+    assert mlp.to_q is None and simple.to_q is None and advanced.to_q is not None
+    with torch.no_grad():
+        _, state = mlp(x, mlp.init_state(1), StorePolicy.WINDOW)
+        assert any(bool((w != 0).any()) for w in state["weights"].values())
+        mlp.to_momentum.bias.fill_(5.0)  # the momentum and forgetting gates play no part
+        mlp.to_decay.bias.fill_(5.0)
+        _, same = mlp(x, mlp.init_state(1), StorePolicy.WINDOW)
+    assert_states_close(same, state, atol=0)
+    with torch.no_grad():
+        gates = {v: m._token_inputs(x) for v, m in (("simple", simple), ("advanced", advanced))}
+    for field in ("lr", "momentum", "decay"):
+        constant = gates["simple"][field]
+        assert torch.equal(constant, constant[:, :, :1].expand_as(constant)), field
+        assert not torch.allclose(gates["advanced"][field], gates["advanced"][field][:, :, :1]), field
+    with pytest.raises(ConfigError, match="neural_memory.variant"):
+        make_memory(variant="fancy")

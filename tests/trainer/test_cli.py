@@ -69,3 +69,13 @@ def test_evaluate_rejects_an_unknown_method(tmp_path: Path) -> None:
     main(["make-data", "--out", str(csv), "--rows", "300"])
     with pytest.raises(ValueError, match="unknown method"):
         main(["evaluate", "--data", str(csv), "--methods", "naive,magic", "--out", str(tmp_path / "e")])
+
+
+@pytest.mark.parametrize("variant", ["mlp", "simple", "advanced"])
+def test_pretrain_selects_the_memory_variant_by_name(tmp_path: Path, variant: str) -> None:
+    csv = tmp_path / "s.csv"
+    main(["make-data", "--out", str(csv), "--rows", "300", "--channels", "2"])
+    ckpt = tmp_path / "ckpt"
+    args = ["pretrain", "--data", str(csv), "--features", "S", "--memory-variant", variant, *SMALL]
+    assert main([*args, "--out", str(ckpt)]) == 0
+    assert load_checkpoint(ckpt).config.neural_memory.variant == variant
