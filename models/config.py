@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BACKBONES = ("lstm", "transformer", "tcn", "titans")
-MEMORIES = ("titans", "fsnet", "fsnet_nomem", "none")
+MEMORIES = ("titans", "cms", "fsnet", "fsnet_nomem", "none")
 FUSIONS = ("add", "concat", "gated", "layer", "context")
 MEMORY_MODELS = ("mlp", "attention")
 MEMORY_VARIANTS = ("mlp", "simple", "advanced")
@@ -37,6 +37,14 @@ class NeuralMemoryConfig:
     batch_size: int | None = None  # commit weight updates only every this many tokens
     min_lr: float = 1e-3  # data-dependent learning rate theta is mapped exponentially into
     max_lr: float = 1.0  # [min_lr, max_lr] (keys have |k|^2 = dim_head, so 0.5 corrects ~all)
+
+
+@dataclass(frozen=True)
+class CMSConfig:
+    """HOPE's Continuum Memory System (memory ``cms``): one Titans memory level per frequency,
+    each updated once every that many stored tokens (its levels share ``neural_memory``)."""
+
+    frequencies: tuple[int, ...] = (1, 16, 256)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class ModelConfig:
     linear_skip: bool = True  # channel-independent linear map from the window to the horizon
     neural_memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
     fsnet: FSNetConfig = field(default_factory=FSNetConfig)
+    cms: CMSConfig = field(default_factory=CMSConfig)
     online_lr: float = 1e-3  # full_model: per-stream AdamW learning rate
     online_weight_decay: float = 0.0
     online_betas: tuple[float, float] = (0.9, 0.999)
@@ -89,6 +98,8 @@ class ModelConfig:
                 "only to itself (softmax = 1), so the memory's wq/wk would get zero gradient and its "
                 "attention would never adapt"
             )
+        if not self.cms.frequencies or min(self.cms.frequencies) < 1:
+            raise ConfigError("cms.frequencies must be one or more update periods >= 1")
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
         if self.memory in ("fsnet", "fsnet_nomem") and self.backbone != "tcn":
@@ -123,6 +134,10 @@ class ModelConfig:
             data["neural_memory"] = NeuralMemoryConfig(**data["neural_memory"])
         if "fsnet" in data:
             data["fsnet"] = FSNetConfig(**data["fsnet"])
+        if "cms" in data:
+            cms = dict(data["cms"])
+            cms["frequencies"] = tuple(cms.get("frequencies", CMSConfig.frequencies))
+            data["cms"] = CMSConfig(**cms)
         for key in ("targets", "online_betas"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
