@@ -10,7 +10,7 @@ Axis legend: ``b`` streams, ``n`` time, ``d`` features, ``h`` heads, ``e`` featu
 How tokens are learned from:
 
 * ``chunk_size`` tokens share one gradient step: their losses, each weighted by its own
-  learning rate theta, are summed; momentum and forgetting gates use the chunk's mean.
+  learning rate theta, are averaged (summing made a chunk of 256 diverge); momentum and forgetting gates use the chunk's mean.
   Tokens that do not fill a chunk wait in the state's ``buffer`` until it is full.
 * ``batch_size`` tokens (a multiple of ``chunk_size``; default ``chunk_size``) take their
   gradients w.r.t. the same *committed* weights, the paper's mini-batch form (section 3.2:
@@ -437,7 +437,9 @@ def _build_chunk_grads(memory_fn: MemoryFn) -> Callable[..., Params]:
 
     def chunk_loss(params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Tensor:
         err = (memory_fn(params, keys) - values).pow(2).mean(-1)  # eq 12, mean over e
-        return (lr * err).sum()  # theta_t weights each token's gradient
+        # theta_t weights each token's gradient; a chunk's step is their *mean*, so a chunk of
+        # t tokens (a slow CMS level: 256) moves no further than one token would
+        return (lr * err).sum() / keys.shape[-2]
 
     loss_grad = grad(chunk_loss)
 

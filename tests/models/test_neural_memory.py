@@ -304,3 +304,17 @@ def test_memory_variants_keep_their_gates() -> None:
         assert not torch.allclose(gates["advanced"][field], gates["advanced"][field][:, :, :1]), field
     with pytest.raises(ConfigError, match="neural_memory.variant"):
         make_memory(variant="fancy")
+
+
+def test_a_chunk_steps_by_the_mean_of_its_tokens() -> None:
+    """A chunk of t copies of a token moves the memory exactly as one copy does; summing the
+    chunk's gradients made a slow CMS level (256 tokens per step) diverge to NaN online."""
+    x = tokens(1, 1)
+    one = make_memory(chunk_size=1)
+    eight = make_memory(chunk_size=8)
+    with torch.no_grad():
+        _, a = one(x, one.init_state(1), StorePolicy.WINDOW)
+        _, b = eight(x.repeat(1, 8, 1), eight.init_state(1), StorePolicy.WINDOW)
+    for part in ("weights", "momentum"):
+        for name, w in a[part].items():
+            torch.testing.assert_close(b[part][name], w, atol=ATOL, rtol=0, msg=f"{part}.{name}")
