@@ -1,7 +1,7 @@
 """Forecasting models with explicit, batched, serialisable per-stream state (pure PyTorch)."""
 
 from models.base import StorePolicy
-from models.config import ConfigError, FSNetConfig, ModelConfig, NeuralMemoryConfig
+from models.config import CMSConfig, ConfigError, FSNetConfig, ModelConfig, NeuralMemoryConfig
 from models.forecaster import ContinualForecaster
 from models.online import (
     Feedback,
@@ -24,6 +24,7 @@ from models.state_io import (
 )
 
 __all__ = [
+    "CMSConfig",
     "ConfigError",
     "ContinualForecaster",
     "FSNetConfig",

@@ -10,15 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BACKBONES = ("lstm", "transformer", "tcn", "titans")
-MEMORIES = ("titans", "fsnet", "fsnet_nomem", "none")
+MEMORIES = ("titans", "cms", "fsnet", "fsnet_nomem", "none")
 FUSIONS = ("add", "concat", "gated", "layer", "context")
 MEMORY_MODELS = ("mlp", "attention")
+MEMORY_VARIANTS = ("mlp", "simple", "advanced")
 # field (dotted for nested groups) -> the values it accepts; the CLI offers them as choices
 CHOICES: dict[str, tuple[str, ...]] = {
     "backbone": BACKBONES,
     "memory": MEMORIES,
     "fusion": FUSIONS,
     "neural_memory.model": MEMORY_MODELS,
+    "neural_memory.variant": MEMORY_VARIANTS,
 }
 
 
@@ -30,6 +32,10 @@ class ConfigError(ValueError):
 class NeuralMemoryConfig:
     """Titans NeuralMemory settings (Behrouz et al., 2025, section 3.1)."""
 
+    # "mlp": plain MLP memory (gradient steps at a learned per-head rate, queries = keys);
+    # "simple": adds momentum and forgetting (learned per-head gates);
+    # "advanced": separate Q/K/V projections, per-token gates, gradient-based surprise (Titans)
+    variant: str = "advanced"
     model: str = "mlp"  # inner memory network: "mlp" or "attention"
     depth: int = 2  # layers of the MLP memory
     expansion: float = 2.0  # hidden width of the MLP memory, relative to the head dimension
@@ -37,7 +43,16 @@ class NeuralMemoryConfig:
     dim_head: int = 16
     chunk_size: int = 1  # tokens that share one gradient step
     batch_size: int | None = None  # commit weight updates only every this many tokens
-    max_lr: float = 1e-1  # data-dependent learning rate is mapped into [1e-7, max_lr]
+    min_lr: float = 1e-3  # data-dependent learning rate theta is mapped exponentially into
+    max_lr: float = 1.0  # [min_lr, max_lr] (keys have |k|^2 = dim_head, so 0.5 corrects ~all)
+
+
+@dataclass(frozen=True)
+class CMSConfig:
+    """HOPE's Continuum Memory System (memory ``cms``): one Titans memory level per frequency,
+    each updated once every that many stored tokens (its levels share ``neural_memory``)."""
+
+    frequencies: tuple[int, ...] = (1, 16, 256)
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class ModelConfig:
     linear_skip: bool = True  # channel-independent linear map from the window to the horizon
     neural_memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
     fsnet: FSNetConfig = field(default_factory=FSNetConfig)
+    cms: CMSConfig = field(default_factory=CMSConfig)
     online_lr: float = 1e-3  # full_model: per-stream AdamW learning rate
     online_weight_decay: float = 0.0
     online_betas: tuple[float, float] = (0.9, 0.999)
@@ -81,6 +97,15 @@ class ModelConfig:
         for name, choices in CHOICES.items():
             group, _, sub = name.rpartition(".")
             _check_choice(name, getattr(getattr(self, group) if group else self, sub), choices)
+        nm = self.neural_memory
+        if nm.model == "attention" and nm.chunk_size < 2:
+            raise ConfigError(
+                "neural_memory.model='attention' needs chunk_size >= 2: a chunk of one token attends "
+                "only to itself (softmax = 1), so the memory's wq/wk would get zero gradient and its "
+                "attention would never adapt"
+            )
+        if not self.cms.frequencies or min(self.cms.frequencies) < 1:
+            raise ConfigError("cms.frequencies must be one or more update periods >= 1")
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
         if self.memory in ("fsnet", "fsnet_nomem") and self.backbone != "tcn":
@@ -115,6 +140,10 @@ class ModelConfig:
             data["neural_memory"] = NeuralMemoryConfig(**data["neural_memory"])
         if "fsnet" in data:
             data["fsnet"] = FSNetConfig(**data["fsnet"])
+        if "cms" in data:
+            cms = dict(data["cms"])
+            cms["frequencies"] = tuple(cms.get("frequencies", CMSConfig.frequencies))
+            data["cms"] = CMSConfig(**cms)
         for key in ("targets", "online_betas"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])

@@ -40,6 +40,7 @@ Where this departs from the reference code (github.com/salesforce/fsnet, ``fsnet
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +204,7 @@ class FSNetConv(nn.Module):
         }
         if self.use_memory:
             entries["q_ema"] = torch.zeros(batch, self.calibration_size, device=device, dtype=dtype)
-            memory = self.memory_init.to(device=device, dtype=dtype)
+            memory = cast(Tensor, self.memory_init).to(device=device, dtype=dtype)  # a buffer
             entries["memory"] = memory.expand(batch, -1, -1).clone()  # [b, s, c], own storage
         return TensorDict(entries, batch_size=[batch], device=device)
 

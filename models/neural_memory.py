@@ -10,7 +10,7 @@ Axis legend: ``b`` streams, ``n`` time, ``d`` features, ``h`` heads, ``e`` featu
 How tokens are learned from:
 
 * ``chunk_size`` tokens share one gradient step: their losses, each weighted by its own
-  learning rate theta, are summed; momentum and forgetting gates use the chunk's mean.
+  learning rate theta, are averaged (summing made a chunk of 256 diverge); momentum and forgetting gates use the chunk's mean.
   Tokens that do not fill a chunk wait in the state's ``buffer`` until it is full.
 * ``batch_size`` tokens (a multiple of ``chunk_size``; default ``chunk_size``) take their
   gradients w.r.t. the same *committed* weights, the paper's mini-batch form (section 3.2:
@@ -19,6 +19,24 @@ How tokens are learned from:
   latest (``pending``) weights are committed. Retrieval reads the committed weights.
 * Chunk and batch boundaries count from a stream's first stored token, so how a stream's
   tokens are split across calls, or which streams share a call, never changes the result.
+
+Choices that make one exposure count, and forgetting safe (issue 9; compared with the paper
+and titans-pytorch 0.0.20):
+
+* Keys and queries are rescaled to RMS 1 (``|k|^2 = e``), as the reference's q/k RMSNorm does;
+  unit-length keys made one step correct at most ~1.25% of the error.
+* theta maps the gate exponentially into ``[min_lr, max_lr]`` (default ``[1e-3, 1]``), starting
+  at ``INIT_LR``; the old linear map of a sigmoid capped it at 0.1.
+* The state holds the stream's learned *change* from the pretrained weights, and forgetting
+  (eq 13) decays that change, as the reference does: the memory forgets back to its pretrained
+  weights instead of to zero, a saddle of the MLP memory it never left.
+* The attention memory needs ``chunk_size >= 2`` (config check): one token per chunk attends to
+  itself only, which gives its ``wq``/``wk`` zero gradient.
+
+Variants (``neural_memory.variant``): ``advanced`` is all of the above, with separate query,
+key and value projections and data-dependent (per-token) theta, eta and alpha; ``simple`` has
+queries = keys and learned per-head *constant* gates (momentum and forgetting kept); ``mlp``
+is a plain MLP memory: queries = keys, a per-head constant theta, no momentum, no forgetting.
 """
 
 from __future__ import annotations
@@ -38,7 +56,8 @@ from models.config import ConfigError, ModelConfig, NeuralMemoryConfig
 Params = dict[str, Tensor]
 MemoryFn = Callable[[Params, Tensor], Tensor]
 
-MIN_LR = 1e-7  # floor of the data-dependent learning rate (unless max_lr is below it)
+INIT_LR = 0.1  # learning rate theta at initialisation (the gate's bias is set to give it)
+INIT_DECAY_LOGIT = -5.0  # alpha = sigmoid(-5) = 0.7% of the learned change forgotten per token
 ATTN_SCALE = 8.0  # logit scale of the attention memory (its queries and keys are unit vectors)
 _TOKEN_FIELDS = ("keys", "values", "lr", "momentum", "decay")  # per-token inputs of a store
 
@@ -153,17 +172,20 @@ class NeuralMemory(MemoryUnit):
         self.dim = dim or config.d_model
         self.heads, self.dim_head = cfg.heads, cfg.dim_head
         self.chunk_size, self.chunks_per_batch = cfg.chunk_size, batch_size // cfg.chunk_size
-        self.max_lr = cfg.max_lr
+        self.min_lr, self.max_lr = cfg.min_lr, cfg.max_lr
+        self.variant = cfg.variant
         inner = cfg.heads * cfg.dim_head
         self.store_norm = nn.RMSNorm(self.dim)
         self.retrieve_norm = nn.RMSNorm(self.dim)
-        self.to_q = nn.Linear(self.dim, inner, bias=False)
+        # "mlp"/"simple" query with the key projection
+        self.to_q = nn.Linear(self.dim, inner, bias=False) if cfg.variant == "advanced" else None
         self.to_k = nn.Linear(self.dim, inner, bias=False)
         self.to_v = nn.Linear(self.dim, inner, bias=False)
         self.to_lr = nn.Linear(self.dim, cfg.heads)  # theta_t, per token and head
         self.to_momentum = nn.Linear(self.dim, cfg.heads)  # eta_t, per chunk and head
         self.to_decay = nn.Linear(self.dim, cfg.heads)  # alpha_t, per chunk and head
-        nn.init.constant_(self.to_decay.bias, -4.0)  # start by forgetting little
+        nn.init.constant_(self.to_lr.bias, _lr_logit(INIT_LR, cfg.min_lr, cfg.max_lr))
+        nn.init.constant_(self.to_decay.bias, INIT_DECAY_LOGIT)  # start by forgetting little
         self.out_norm = nn.RMSNorm(cfg.dim_head)
         self.to_out = nn.Linear(inner, self.dim, bias=False)
         self.memory_model = MEMORY_MODELS[cfg.model](cfg.heads, cfg)
@@ -174,22 +196,30 @@ class NeuralMemory(MemoryUnit):
     def init_state(
         self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> TensorDict:
-        """Fresh memory: the learned initial weights per stream (kept in the autograd graph so
-        pretraining learns them), zero momentum, an empty chunk buffer."""
-        ref = self.to_q.weight
+        """Fresh memory: no learned change yet (the weights are the pretrained initial ones),
+        zero momentum, an empty chunk buffer.
+
+        ``weights``/``pending``/``momentum`` hold the stream's *change* from the pretrained
+        weights ``memory_model``: forgetting pulls it back to zero, i.e. towards the pretrained
+        memory, never the weights themselves to zero (a depth-2 MLP at zero is a saddle).
+        """
+        ref = self.to_k.weight
         device, dtype = device or ref.device, dtype or ref.dtype
         weights = {
-            name: p.to(device, dtype).unsqueeze(0).expand(batch, *p.shape).clone()
+            name: torch.zeros(batch, *p.shape, device=device, dtype=dtype)
             for name, p in self.memory_model.named_parameters()
         }
         h, e, cap = self.heads, self.dim_head, self.chunk_size - 1
-        zeros = {"device": device, "dtype": dtype}
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, device=device, dtype=dtype)
+
         buffer = {
-            "keys": torch.zeros(batch, h, cap, e, **zeros),
-            "values": torch.zeros(batch, h, cap, e, **zeros),
-            "lr": torch.zeros(batch, h, cap, **zeros),
-            "momentum": torch.zeros(batch, h, cap, **zeros),
-            "decay": torch.zeros(batch, h, cap, **zeros),
+            "keys": zeros(batch, h, cap, e),
+            "values": zeros(batch, h, cap, e),
+            "lr": zeros(batch, h, cap),
+            "momentum": zeros(batch, h, cap),
+            "decay": zeros(batch, h, cap),
             "count": torch.zeros(batch, dtype=torch.int64, device=device),
         }
         state = {
@@ -221,20 +251,36 @@ class NeuralMemory(MemoryUnit):
         ``[b, n]``: how badly the memory already knows ``x`` (eq 12, per head mean)."""
         tokens = self._token_inputs(x)
         b, h, n, e = tokens["keys"].shape
-        params = {k: w.flatten(0, 1) for k, w in state["weights"].items()}
+        params = self._absolute({k: w.flatten(0, 1) for k, w in state["weights"].items()})
         pred = self._memory_fn(params, tokens["keys"].flatten(0, 1))  # [s, n, e]
         err = (pred - tokens["values"].flatten(0, 1)).pow(2).mean(-1)
         return err.view(b, h, n).mean(1)
+
+    def memory_weights(self, state: TensorDict) -> dict[str, Tensor]:
+        """The committed memory weights of each stream, ``{name: [b, h, *w]}`` (pretrained +
+        the stream's learned change)."""
+        b = state.batch_size[0]
+        flat = self._absolute({k: w.flatten(0, 1) for k, w in state["weights"].items()})
+        return {k: w.unflatten(0, (b, self.heads)) for k, w in flat.items()}
 
     def _split(self, t: Tensor) -> Tensor:
         """``[b, n, h*e] -> [b, h, n, e]``."""
         return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
 
+    def _absolute(self, delta: Params) -> Params:
+        """Memory weights ``[s, *w]`` from a learned change ``[s, *w]``: pretrained + change."""
+        reps = delta[next(iter(delta))].shape[0] // self.heads  # streams
+        return {
+            k: p.repeat(reps, *([1] * (p.dim() - 1))) + delta[k]
+            for k, p in self.memory_model.named_parameters()
+        }
+
     def _read(self, x: Tensor, weights: TensorDict) -> Tensor:
         """``out = W_o RMSNorm(M(q))`` per head (eq 15)."""
         b, n, _ = x.shape
-        q = F.normalize(self._split(self.to_q(self.retrieve_norm(x))), dim=-1)  # [b, h, n, e]
-        params = {k: w.flatten(0, 1) for k, w in weights.items()}  # [s, *w]
+        to_q = self.to_q if self.to_q is not None else self.to_k
+        q = _unit_rms(self._split(to_q(self.retrieve_norm(x))))  # [b, h, n, e]
+        params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
         y = self.out_norm(self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
         return self.to_out(y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2))
 
@@ -242,15 +288,21 @@ class NeuralMemory(MemoryUnit):
         """Keys, values (eq 11), learning rates theta and gate logits of each token,
         ``[b, h, n, e]`` / ``[b, h, n]``."""
         xn = self.store_norm(x)
-        low = min(MIN_LR, self.max_lr)
-        theta = low + (self.max_lr - low) * torch.sigmoid(self.to_lr(xn))  # [b, n, h]
+        theta = _lr_map(self._gate(self.to_lr, xn), self.min_lr, self.max_lr)  # [b, n, h]
         return {
-            "keys": F.normalize(self._split(self.to_k(xn)), dim=-1),
+            "keys": _unit_rms(self._split(self.to_k(xn))),
             "values": self._split(self.to_v(xn)),
             "lr": theta.transpose(1, 2),
-            "momentum": self.to_momentum(xn).transpose(1, 2),
-            "decay": self.to_decay(xn).transpose(1, 2),
+            "momentum": self._gate(self.to_momentum, xn).transpose(1, 2),
+            "decay": self._gate(self.to_decay, xn).transpose(1, 2),
         }
+
+    def _gate(self, layer: nn.Linear, xn: Tensor) -> Tensor:
+        """Gate logits ``[b, n, h]``: per token ("advanced") or the layer's bias, a learned
+        per-head constant ("mlp", "simple")."""
+        if self.variant == "advanced":
+            return layer(xn)
+        return layer.bias.expand(*xn.shape[:-1], layer.bias.shape[0])
 
     def _store(self, x: Tensor, state: TensorDict) -> TensorDict:
         """Learn from ``x [b, m, d]`` after the buffered tokens; return the next state."""
@@ -317,12 +369,14 @@ class NeuralMemory(MemoryUnit):
         keys, values, lr = (chunks[f].flatten(0, 1) for f in ("keys", "values", "lr"))
         eta = torch.sigmoid(chunks["momentum"].mean(-1)).flatten(0, 1)  # [s, c]
         alpha = torch.sigmoid(chunks["decay"].mean(-1)).flatten(0, 1)  # [s, c]
+        if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
+            eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
         counts = valid.repeat_interleave(h, 0)  # [s, c]
         full = bool(valid.all())  # every stream has every chunk: no per-stream bookkeeping
         start = 0
         for end in ends:
             seg = slice(start, end + 1)
-            grads = self._chunk_grads(committed, keys[:, seg], values[:, seg], lr[:, seg])
+            grads = self._chunk_grads(self._absolute(committed), keys[:, seg], values[:, seg], lr[:, seg])
             done = None if full else counts[:, seg].sum(1)  # [s] chunks of each stream (a prefix)
             for name, g in grads.items():
                 s_all, m_all = momentum_decay_scan(
@@ -337,6 +391,29 @@ class NeuralMemory(MemoryUnit):
             start = end + 1
         parts = {"weights": committed, "pending": latest, "momentum": momentum}
         return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
+
+
+def _unit_rms(t: Tensor) -> Tensor:
+    """Vectors rescaled to RMS 1, so ``|k|^2 = e``: with the loss a mean over ``e``, one step of
+    learning rate theta corrects a share ~2 theta of a linear memory's error on that key."""
+    return F.normalize(t, dim=-1) * math.sqrt(t.shape[-1])
+
+
+def _lr_map(logits: Tensor, min_lr: float, max_lr: float) -> Tensor:
+    """theta = max_lr * (min_lr / max_lr) ** (1 - sigmoid(z)): exponential, so the gate picks the
+    order of magnitude between ``min_lr`` and ``max_lr`` (reached); constant when they meet."""
+    if max_lr <= min_lr or max_lr <= 0:
+        return torch.full_like(logits, max(max_lr, 0.0))
+    return max_lr * torch.exp(-math.log(max_lr / min_lr) * (1 - torch.sigmoid(logits)))
+
+
+def _lr_logit(theta: float, min_lr: float, max_lr: float) -> float:
+    """The gate logit at which :func:`_lr_map` gives ``theta`` (clipped into its range)."""
+    if max_lr <= min_lr or max_lr <= 0:
+        return 0.0
+    frac = 1 - math.log(max_lr / min(max(theta, min_lr), max_lr)) / math.log(max_lr / min_lr)
+    frac = min(max(frac, 1e-4), 1 - 1e-4)
+    return math.log(frac / (1 - frac))
 
 
 def _segment_ends(boundary: Tensor) -> list[int]:
@@ -363,7 +440,9 @@ def _build_chunk_grads(memory_fn: MemoryFn) -> Callable[..., Params]:
 
     def chunk_loss(params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Tensor:
         err = (memory_fn(params, keys) - values).pow(2).mean(-1)  # eq 12, mean over e
-        return (lr * err).sum()  # theta_t weights each token's gradient
+        # theta_t weights each token's gradient; a chunk's step is their *mean*, so a chunk of
+        # t tokens (a slow CMS level: 256) moves no further than one token would
+        return (lr * err).sum() / keys.shape[-2]
 
     loss_grad = grad(chunk_loss)
 

@@ -17,6 +17,7 @@ learned from when its last value arrives, and never before.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +133,7 @@ def observe(
         if bool(matured.any()):
             past, target = history[:, : cfg.seq_len], history[:, cfg.seq_len :, list(cfg.out_indices)]
             state = learn(model, state, past, target, mode, mask=matured)
-    stores = mode is not UpdateMode.NONE and _has_memory(model)
+    stores = mode is not UpdateMode.NONE and stores_tokens(model)
     if not (stores or need_forecast):
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
@@ -140,6 +141,26 @@ def observe(
     if stores:
         state["model"] = _where(is_ready(model, state), stored["model"], state["model"])
     return state, forecast
+
+
+def rollout(
+    model: ContinualForecaster, model_state: TensorDict, windows: Tensor
+) -> tuple[Tensor, TensorDict]:
+    """Pretraining as served: ``windows [b, k, seq_len, c]`` are ``k`` consecutive windows of
+    each stream (each one observation later than the one before). Each window stores its newest
+    token, then forecasts, exactly what :func:`observe` does for a ``memory_only`` stream whose
+    window is full; with a fresh ``model_state`` the first window is the stream's first full
+    one. Returns forecasts ``[b, k, pred_len, c_out]`` and the next component state.
+
+    Unlike :func:`observe` this keeps the autograd graph, so pretraining can backpropagate
+    through the memory's inner loop (and truncate by detaching the returned state).
+    """
+    policy = StorePolicy.LAST if stores_tokens(model) else StorePolicy.NONE
+    forecasts = []
+    for j in range(windows.shape[1]):
+        forecast, model_state = model(windows[:, j], model_state, policy)
+        forecasts.append(forecast)
+    return torch.stack(forecasts, dim=1), model_state
 
 
 def observe_many(
@@ -190,7 +211,7 @@ def learn(
         if mask is None or bool(mask[i]):
             row = _learn_one(model, row, inputs[i : i + 1], targets[i : i + 1], mode)
         rows.append(row)
-    return torch.cat(rows, dim=0)
+    return TensorDict.cat(rows, dim=0)
 
 
 def _learn_one(
@@ -248,10 +269,10 @@ def _forward(
         rows.append(row)
     if len(rows) == 1:
         return forecasts[0], rows[0]
-    return torch.cat(forecasts, dim=0), torch.cat(rows, dim=0)
+    return torch.cat(forecasts, dim=0), TensorDict.cat(rows, dim=0)
 
 
-def _has_memory(model: ContinualForecaster) -> bool:
+def stores_tokens(model: ContinualForecaster) -> bool:
     """True when the forecaster holds a memory that learns from stored tokens."""
     return model.memory is not None or model.config.backbone == "titans" and model.config.memory == "titans"
 
@@ -267,7 +288,7 @@ def _stream_params(row: TensorDict) -> dict[str, Tensor]:
 
 def _flat(td: TensorDict) -> dict[str, Tensor]:
     """A one-stream per-parameter TensorDict as ``{parameter name: tensor without stream dim}``."""
-    return {k.replace("-", "."): v[0] for k, v in td.items()}
+    return {k.replace("-", "."): cast(Tensor, v)[0] for k, v in td.items()}
 
 
 def _nest(flat: dict[str, Tensor]) -> TensorDict:
@@ -278,4 +299,5 @@ def _where(mask: Tensor, new: TensorDict, old: TensorDict) -> TensorDict:
     """Per stream: ``new`` where ``mask`` holds, else ``old`` (same keys and shapes)."""
     if bool(mask.all()):
         return new
-    return new.apply(lambda a, b: torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b), old)
+    merged = new.apply(lambda a, b: torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b), old)
+    return cast(TensorDict, merged)  # apply returns None only when told to work in place

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from models.backbones import LSTMBackbone, TransformerBackbone
 from models.base import Backbone, MemoryUnit
+from models.cms import ContinuumMemory
 from models.config import BACKBONES, FUSIONS, MEMORIES, ConfigError, ModelConfig
 from models.neural_memory import NeuralMemory
 from models.tcn import TCNBackbone
@@ -24,7 +25,7 @@ BACKBONE_CLASSES: dict[str, type[Backbone]] = {
 
 # Memory units read beside the backbone. FSNet adapts the tcn backbone's convolutions and the
 # titans backbone integrates its own NeuralMemory per layer, so neither adds a unit here.
-MEMORY_CLASSES: dict[str, type[MemoryUnit]] = {"titans": NeuralMemory}
+MEMORY_CLASSES: dict[str, type[MemoryUnit]] = {"titans": NeuralMemory, "cms": ContinuumMemory}
 
 
 def build_backbone(config: ModelConfig) -> Backbone:

@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 from tensordict import TensorDict
 from torch import nn
 
-STATE_SCHEMA_VERSION = "1"
+STATE_SCHEMA_VERSION = "2"  # 2: memory weights are the learned change from the pretrained ones
 _RESERVED = ("memcast.schema", "memcast.fingerprint", "memcast.batch", "memcast.empty")
 
 

@@ -19,6 +19,8 @@ with ``config.memory == "none"`` the model is a plain causal transformer with an
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
@@ -126,8 +128,9 @@ class TitansBackbone(Backbone):
         """One NeuralMemory state per layer that has a memory, keyed by layer name."""
         state = empty_state(batch, device)
         for name, block in self.layers.items():
-            if block.memory is not None:
-                state[name] = block.memory.init_state(batch, device, dtype)
+            memory = cast(TitansBlock, block).memory
+            if memory is not None:
+                state[name] = memory.init_state(batch, device, dtype)
         return state
 
     def forward(  # type: ignore[override]

@@ -79,7 +79,8 @@ def _flag(cls: type, f: dataclasses.Field[Any], prefix: str = "") -> Flag:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
-        kwargs.update(type=args[0], nargs=len(args), metavar=f.name.upper())
+        variable = len(args) == 2 and args[1] is Ellipsis  # tuple[int, ...]
+        kwargs.update(type=args[0], nargs="+" if variable else len(args), metavar=args[0].__name__.upper())
     else:
         kwargs.update(type=kind, metavar=getattr(kind, "__name__", "VALUE").upper())
         choices = CHOICES.get(dest) if prefix or cls is ModelConfig else TRAIN_CHOICES.get(dest)

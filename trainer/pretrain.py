@@ -1,7 +1,19 @@
 """Offline pretraining: CSV -> checkpoint directory (``memcast pretrain``).
 
-AdamW on the MSE of each window's forecast, each window starting from a fresh per-stream state
-(``StorePolicy.WINDOW``), early stopping on the validation loss with the best weights kept.
+AdamW on the MSE of each window's forecast, early stopping on the validation loss with the
+best weights kept. How a model whose memory stores tokens sees the windows
+(``TrainConfig.memory_pretraining``):
+
+* ``carried`` (default), pretraining as served: the batch rows are streams, each a run of
+  consecutive train windows (contiguous pieces of the split, their borders shifted at random
+  every epoch). The per-stream memory state is carried from window to window and each window
+  stores its newest token only, through :func:`models.online.rollout`, the same computation
+  :func:`models.online.observe` makes online. Backpropagation is truncated every ``tbptt``
+  windows (one optimizer step per segment, the state detached between segments).
+  Validation replays the validation windows the same way.
+* ``fresh``: every window starts from a fresh memory that stores the whole window
+  (``StorePolicy.WINDOW``), in shuffled batches. Models without such a memory always train so.
+
 The best checkpoint is written (atomically) after every improving epoch, and once before the
 first epoch (the untrained model forecasts the last value), so an interrupted run always
 leaves a loadable checkpoint.
@@ -17,7 +29,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +41,18 @@ from tqdm import tqdm
 from models.base import StorePolicy
 from models.checkpoint import REPORT_FILE, is_checkpoint, save_checkpoint
 from models.forecaster import ContinualForecaster
+from models.online import rollout, stores_tokens
 from trainer.data import LoadedData, WindowSet, load_dataset
 from trainer.train_config import TrainConfig, file_identity
 
-__all__ = ["BatchHook", "TrainConfig", "file_identity", "pretrain"]
+__all__ = ["BatchHook", "TrainConfig", "carried_segments", "file_identity", "pretrain", "stream_starts"]
 
 log = logging.getLogger(__name__)
 
 BatchHook = Callable[[int, int, float], None]  # (epoch, batch, loss) after each optimizer step
 _EVAL_BATCH = 256
+_EVAL_SEGMENT = 32  # windows per rollout call when validating a carried memory
+AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 def pretrain(cfg: TrainConfig, on_batch: BatchHook | None = None) -> Path:
@@ -63,7 +78,7 @@ def pretrain(cfg: TrainConfig, on_batch: BatchHook | None = None) -> Path:
         model_cfg.fusion,
         sum(p.numel() for p in model.parameters()),
         data.path.name,
-        len(run.train_starts),
+        run.report["train_windows"],
         len(run.val_set),
     )
     try:
@@ -105,17 +120,23 @@ class _Run:
         self.train_set = WindowSet(data.split("train"), cfg.seq_len, cfg.pred_len, out_idx)
         self.val_set = WindowSet(data.split("val"), cfg.seq_len, cfg.pred_len, out_idx)
         self.train_starts = self.train_set.subset(cfg.max_train_windows)
+        self.carried = cfg.memory_pretraining == "carried" and stores_tokens(model)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.amp_dtype = _amp_dtype(device) if cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.steps_per_epoch = math.ceil(len(self.train_starts) / cfg.batch_size)
+        train_windows = len(self.train_starts)
+        if self.carried:
+            starts, run = stream_starts(len(self.train_set), cfg.batch_size, 0, cfg.max_train_windows)
+            self.steps_per_epoch, train_windows = math.ceil(run / cfg.tbptt), run * len(starts)
         self.best_weights = copy.deepcopy(model.state_dict())
         self.saved = False  # whether this run has written the checkpoint directory
         self.report: dict[str, Any] = {
             "config": cfg.to_dict(),
             "model": model.config.to_dict(),
             "splits": data.splits.to_dict(),
-            "train_windows": len(self.train_starts),
+            "train_windows": train_windows,
+            "memory_pretraining": "carried" if self.carried else "fresh",
             "val_windows": len(self.val_set),
             "device": str(device),
             "amp": None if self.amp_dtype is None else str(self.amp_dtype),
@@ -200,7 +221,6 @@ class _Run:
         started = time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
         total, used, skipped = 0.0, 0, 0
-        order = self.train_starts[torch.randperm(len(self.train_starts), generator=self.generator)]
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}",
@@ -208,12 +228,7 @@ class _Run:
             leave=False,
         )
         with bar:
-            for i, starts in enumerate(order.split(cfg.batch_size)):
-                x, y = (t.to(self.device, non_blocking=True) for t in self.train_set.batch(starts))
-                with self._autocast():
-                    forecast, _ = model(
-                        x, model.init_state(x.shape[0], device=self.device), StorePolicy.WINDOW
-                    )
+            for i, (forecast, y) in enumerate(self._train_forecasts()):
                 loss = F.mse_loss(forecast.float(), y)
                 if not self._step(loss, params, optimizer):
                     skipped += 1
@@ -237,6 +252,26 @@ class _Run:
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
+
+    def _train_forecasts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(forecast, target)`` per optimizer step."""
+        cfg, model = self.cfg, self.model
+        if self.carried:
+            n = len(self.train_set)
+            _, run = stream_starts(n, cfg.batch_size, 0, cfg.max_train_windows)
+            # the runs' borders move every epoch, by less than one run
+            offset = int(torch.randint(0, run, (1,), generator=self.generator))
+            starts, run = stream_starts(n, cfg.batch_size, offset, cfg.max_train_windows)
+            yield from carried_segments(
+                model, self.train_set, starts, run, cfg.tbptt, self.device, self._autocast
+            )
+            return
+        order = self.train_starts[torch.randperm(len(self.train_starts), generator=self.generator)]
+        for starts in order.split(cfg.batch_size):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_set.batch(starts))
+            with self._autocast():
+                forecast, _ = model(x, model.init_state(x.shape[0], device=self.device), StorePolicy.WINDOW)
+            yield forecast, y
 
     def _step(self, loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
         """One optimizer step; False (and no change) for a non-finite loss or gradient."""
@@ -267,6 +302,15 @@ class _Run:
         model = self.model
         model.eval()
         total, count = 0.0, 0
+        if self.carried:  # the validation windows as streams, each replayed as served
+            starts, run = stream_starts(len(self.val_set), self.cfg.batch_size, 0)
+            for forecast, y in carried_segments(
+                model, self.val_set, starts, run, _EVAL_SEGMENT, self.device, self._autocast
+            ):
+                err = (forecast.float() - y).pow(2).mean(dim=(2, 3)).flatten()
+                total += float(torch.nan_to_num(err, nan=1e6, posinf=1e6).sum())
+                count += len(err)
+            return total / count
         for starts in torch.arange(len(self.val_set)).split(_EVAL_BATCH):
             x, y = (t.to(self.device) for t in self.val_set.batch(starts))
             with self._autocast():
@@ -280,6 +324,45 @@ class _Run:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def stream_starts(
+    n_windows: int, streams: int, offset: int = 0, limit: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """First windows ``[b]`` of ``b = min(streams, n_windows)`` contiguous runs of equal length
+    that tile windows ``[offset, n_windows)`` (the remainder is left out), and that length;
+    ``limit`` caps the windows of all runs together."""
+    b = min(streams, n_windows)
+    run = max(1, (n_windows - offset) // b)
+    if limit is not None:
+        run = max(1, min(run, limit // b))
+    return offset + run * torch.arange(b), run
+
+
+def carried_segments(
+    model: ContinualForecaster,
+    windows: WindowSet,
+    starts: torch.Tensor,
+    length: int,
+    segment: int,
+    device: torch.device | str = "cpu",
+    autocast: AutocastFactory = contextlib.nullcontext,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pretraining as served: forecasts ``[b, k, pred_len, c_out]`` and targets of ``length``
+    consecutive windows per stream (stream ``i`` starts at window ``starts[i]``), ``segment``
+    windows per item. Each stream starts from a fresh memory; its state is carried from window
+    to window by :func:`models.online.rollout` and detached between items, so a caller that
+    backpropagates each item's loss truncates backpropagation there."""
+    b = len(starts)
+    state = model.init_state(b, device=device)
+    for j in range(0, length, segment):
+        k = min(segment, length - j)
+        index = (starts[:, None] + j + torch.arange(k)).flatten()  # [b * k], stream-major
+        x, y = (t.to(device, non_blocking=True) for t in windows.batch(index))
+        with autocast():
+            forecast, state = rollout(model, state, x.unflatten(0, (b, k)))
+        yield forecast, y.unflatten(0, (b, k))
+        state = state.detach()
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:

@@ -22,7 +22,10 @@ from models.config import ModelConfig
 DATA_DERIVED_MODEL_FIELDS = ("channels", "targets")
 # what only online updates use: it does not change the pretrained weights
 ONLINE_ONLY_MODEL_FIELDS = ("online_lr", "online_weight_decay", "online_betas")
-TRAIN_CHOICES: dict[str, tuple[str, ...]] = {"features": ("S", "M", "MS")}
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
+    "features": ("S", "M", "MS"),
+    "memory_pretraining": ("carried", "fresh"),
+}
 
 
 class TrainConfigError(ValueError):
@@ -49,6 +52,11 @@ class TrainConfig:
     warmup: float = 0.0  # fraction of the steps with a linear warmup
     two_phase_epochs: int = 0  # first epochs train memory + head with the backbone frozen
     max_train_windows: int | None = None  # evenly spaced subset of the train windows
+    # how a memory that stores tokens is trained (see trainer/pretrain.py): "carried" as it is
+    # served (state carried across consecutive windows, backprop truncated every `tbptt`
+    # windows), or "fresh" (every window from a fresh memory that stores the whole window)
+    memory_pretraining: str = "carried"  # a token-storing memory: "carried" as served, or "fresh"
+    tbptt: int = 4  # carried: windows per truncated-backpropagation segment
     # data splits (non-ETT files)
     val_fraction: float = 0.05  # validation share of a non-ETT file
     test_fraction: float = 0.75  # online test share of a non-ETT file
@@ -64,10 +72,11 @@ class TrainConfig:
             raise TrainConfigError("epochs and batch_size must be >= 1 and lr > 0")
         if not 0 <= self.warmup < 1 or self.two_phase_epochs < 0 or self.patience < 1:
             raise TrainConfigError("warmup must be in [0, 1), two_phase_epochs >= 0 and patience >= 1")
-        if self.features not in TRAIN_CHOICES["features"]:
-            raise TrainConfigError(
-                f"features={self.features!r} is not one of {', '.join(TRAIN_CHOICES['features'])}"
-            )
+        for name, choices in TRAIN_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise TrainConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if self.tbptt < 1:
+            raise TrainConfigError("tbptt must be >= 1")
 
     @property
     def seq_len(self) -> int:

@@ -166,7 +166,7 @@ def test_state_round_trip_is_bit_exact_and_pickle_free():
     blob = state_to_bytes(state, fp, {"stream": "a"})
     (size,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + size])  # safetensors: a JSON header, then raw tensor bytes
-    assert header["__metadata__"]["memcast.schema"] == "1"
+    assert header["__metadata__"]["memcast.schema"] == "2"
     assert header["__metadata__"]["memcast.fingerprint"] == fp
     restored, meta = state_from_bytes(blob, fp)
     assert meta == {"stream": "a"}

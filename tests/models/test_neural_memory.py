@@ -87,10 +87,11 @@ def test_scan_equals_step_loop() -> None:
         torch.testing.assert_close(m_all[:, j], weights, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["mlp", "simple", "advanced"])
 @pytest.mark.parametrize("model", ["mlp", "attention"])
 @pytest.mark.parametrize("policy", [StorePolicy.WINDOW, StorePolicy.LAST])
-def test_batched_equals_looped(model: str, policy: StorePolicy) -> None:
-    memory = make_memory(model=model, chunk_size=2, batch_size=4)
+def test_batched_equals_looped(model: str, policy: StorePolicy, variant: str) -> None:
+    memory = make_memory(model=model, chunk_size=2, batch_size=4, variant=variant)
     x = tokens(3, 5)
     # streams at different positions: buffers and commit phases differ between them
     states = [store(memory, tokens(1, i + 2, seed=10 + i), memory.init_state(1), [i + 2]) for i in range(3)]
@@ -201,3 +202,119 @@ def test_titans_backbone_without_memory_is_plain_transformer() -> None:
     assert out.shape == (2, 6, D) and list(next_state.keys()) == []
     causal, _ = backbone(tokens(2, 6)[:, :4], state, StorePolicy.NONE)
     assert causal.shape == (2, 4, D)
+
+
+def halves_memory(**memory: object) -> tuple[NeuralMemory, int]:
+    """A memory whose keys are the first half of each token and values the second half (the
+    projections select them), so what it must store is independent of what it is asked."""
+    cfg = NeuralMemoryConfig(**memory)  # type: ignore[arg-type]
+    inner = cfg.heads * cfg.dim_head
+    torch.manual_seed(0)
+    memory_unit = NeuralMemory(ModelConfig(d_model=2 * inner, neural_memory=cfg)).double()
+    eye, zero = torch.eye(inner, dtype=torch.float64), torch.zeros(inner, inner, dtype=torch.float64)
+    with torch.no_grad():
+        memory_unit.to_k.weight.copy_(torch.cat([eye, zero], dim=1))
+        memory_unit.to_v.weight.copy_(torch.cat([zero, eye], dim=1))
+    return memory_unit, 2 * inner
+
+
+def prequential_errors(
+    memory: NeuralMemory, x: torch.Tensor, state: TensorDict
+) -> tuple[torch.Tensor, TensorDict]:
+    """Retrieval error of each token before it is stored, storing one token per call (online)."""
+    errors = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            errors.append(memory.surprise(x[:, t : t + 1], state)[:, 0])
+            _, state = memory(x[:, t : t + 1], state, StorePolicy.LAST)
+    return torch.stack(errors, dim=1), state
+
+
+def test_default_memory_memorises_a_repeated_pattern() -> None:
+    """Issue 9, M1: with unit-length keys and theta <= 0.1 the old default learned nothing from
+    32 repetitions (period 32 / period 1 = 0.97)."""
+    memory, d = halves_memory()
+    pattern = torch.randn(1, 8, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    errors, _ = prequential_errors(memory, pattern.repeat(1, 32, 1), memory.init_state(1))
+    per_period = errors.view(32, 8).mean(dim=1)
+    assert per_period[-1] <= 0.2 * per_period[0], per_period.tolist()
+
+
+def test_forgetting_returns_to_the_pretrained_memory() -> None:
+    """Issue 9, M2: decay acted on the absolute weights, which reached exactly 0 (a saddle of
+    the MLP memory) after some thousand tokens; it must act on the learned change only."""
+    memory, d = halves_memory()
+    gen = torch.Generator().manual_seed(1)
+    pattern = torch.randn(1, 8, d, dtype=torch.float64, generator=gen)
+    noise = torch.randn(1, 4000, d, dtype=torch.float64, generator=gen)
+    fresh = memory.init_state(1)
+    with torch.no_grad():
+        stored = store(memory, pattern.repeat(1, 8, 1), fresh, [64])
+        after_512 = store(memory, noise[:, :512], stored, [512])
+        after_4000 = store(memory, noise[:, 512:], after_512, [3488])
+        known, forgotten = (memory.surprise(pattern, s).mean() for s in (stored, after_512))
+        assert forgotten > 5 * known  # the pattern's error rose again
+        probe = torch.randn(1, 16, d, dtype=torch.float64, generator=gen)
+        pretrained_read, _ = memory(probe, fresh, StorePolicy.NONE)
+        late_read, _ = memory(probe, after_4000, StorePolicy.NONE)
+    # the memory still answers (zero weights answer exactly zero) ...
+    assert late_read.norm() > 0.5 * pretrained_read.norm()
+    # and its weights stay in a bounded region around the pretrained ones: the learned change is
+    # stationary (no drift between token 512 and 4,000) and the weights do not shrink to zero
+    pretrained = dict(memory.memory_model.named_parameters())
+    mid, late = memory.memory_weights(after_512), memory.memory_weights(after_4000)
+    for name, w0 in pretrained.items():
+        change = (late[name][0] - w0).norm()
+        assert change < 2 * w0.norm() and change < 1.5 * (mid[name][0] - w0).norm(), name
+        assert late[name].norm() > 0.5 * w0.norm(), name
+
+
+def test_attention_memory_learns_its_attention_or_is_refused() -> None:
+    """Issue 9, M4: with one token per chunk the softmax over that token is 1, so wq/wk got
+    exactly zero gradient; that combination is refused, and chunks of 2 learn wq and wk."""
+    with pytest.raises(ConfigError, match="chunk_size >= 2"):
+        make_memory(model="attention", chunk_size=1)
+    memory = make_memory(model="attention", chunk_size=2)
+    with torch.no_grad():
+        _, state = memory(tokens(2, 6), memory.init_state(2), StorePolicy.WINDOW)
+    fresh = memory.init_state(2)
+    for name in ("wq", "wk", "wv", "wo"):  # every stream's inner loop changed every weight
+        changed = (state["weights", name] - fresh["weights", name]).flatten(1).abs().sum(1)
+        assert bool((changed > 0).all()), name
+
+
+def test_memory_variants_keep_their_gates() -> None:
+    """``mlp``: no momentum, no forgetting, queries = keys; ``simple``: per-head constant gates;
+    ``advanced``: its own query projection and per-token gates."""
+    x = tokens(1, 6)
+    mlp, simple, advanced = (make_memory(variant=v) for v in ("mlp", "simple", "advanced"))
+    assert mlp.to_q is None and simple.to_q is None and advanced.to_q is not None
+    with torch.no_grad():
+        _, state = mlp(x, mlp.init_state(1), StorePolicy.WINDOW)
+        assert any(bool((w != 0).any()) for w in state["weights"].values())
+        mlp.to_momentum.bias.fill_(5.0)  # the momentum and forgetting gates play no part
+        mlp.to_decay.bias.fill_(5.0)
+        _, same = mlp(x, mlp.init_state(1), StorePolicy.WINDOW)
+    assert_states_close(same, state, atol=0)
+    with torch.no_grad():
+        gates = {v: m._token_inputs(x) for v, m in (("simple", simple), ("advanced", advanced))}
+    for field in ("lr", "momentum", "decay"):
+        constant = gates["simple"][field]
+        assert torch.equal(constant, constant[:, :, :1].expand_as(constant)), field
+        assert not torch.allclose(gates["advanced"][field], gates["advanced"][field][:, :, :1]), field
+    with pytest.raises(ConfigError, match="neural_memory.variant"):
+        make_memory(variant="fancy")
+
+
+def test_a_chunk_steps_by_the_mean_of_its_tokens() -> None:
+    """A chunk of t copies of a token moves the memory exactly as one copy does; summing the
+    chunk's gradients made a slow CMS level (256 tokens per step) diverge to NaN online."""
+    x = tokens(1, 1)
+    one = make_memory(chunk_size=1)
+    eight = make_memory(chunk_size=8)
+    with torch.no_grad():
+        _, a = one(x, one.init_state(1), StorePolicy.WINDOW)
+        _, b = eight(x.repeat(1, 8, 1), eight.init_state(1), StorePolicy.WINDOW)
+    for part in ("weights", "momentum"):
+        for name, w in a[part].items():
+            torch.testing.assert_close(b[part][name], w, atol=ATOL, rtol=0, msg=f"{part}.{name}")

@@ -111,7 +111,17 @@ def test_generated_flags_cover_every_config_field() -> None:
     assert config.epochs == TrainConfig(data="x.csv").epochs
     dests = {flag.dest for _, flags in train_flags() for flag in flags}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"channels", "targets"}
-    nested = {"neural_memory", "fsnet"}
+    nested = {"neural_memory", "fsnet", "cms"}
     assert model_fields - nested <= dests
     assert {f"neural_memory.{f.name}" for f in dataclasses.fields(NeuralMemoryConfig)} <= dests
     assert {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "out", "name"} <= dests
+
+
+@pytest.mark.parametrize("variant", ["mlp", "simple", "advanced"])
+def test_pretrain_selects_the_memory_variant_by_name(tmp_path: Path, variant: str) -> None:
+    csv = tmp_path / "s.csv"
+    main(["make-data", "--out", str(csv), "--rows", "300", "--channels", "2"])
+    ckpt = tmp_path / "ckpt"
+    args = ["pretrain", "--data", str(csv), "--features", "S", "--neural-memory.variant", variant, *SMALL]
+    assert main([*args, "--out", str(ckpt)]) == 0
+    assert load_checkpoint(ckpt).config.neural_memory.variant == variant

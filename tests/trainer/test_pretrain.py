@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from models.base import StorePolicy
 from models.checkpoint import REPORT_FILE, WEIGHTS_FILE, load_checkpoint
 from models.online import Feedback, UpdateMode, init_stream_state, observe, observe_many
 from tests.trainer.conftest import SEQ, tiny_config
-from trainer import pretrain as pretrain_module
-from trainer.data import load_dataset
-from trainer.pretrain import pretrain
+from trainer.data import WindowSet, load_dataset
+from trainer.pretrain import carried_segments, pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
+# the module, not the function that trainer/__init__.py re-exports under the same name
+pretrain_module = importlib.import_module("trainer.pretrain")
 
 
 def _forecasts(directory: Path, steps: int = 12) -> np.ndarray:
@@ -162,3 +165,45 @@ def test_interrupt_before_any_improvement_keeps_an_existing_checkpoint(
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_config(tiny_csv, out, epochs=2, seed=5), on_batch=interrupt)
     assert ((out / WEIGHTS_FILE).read_bytes(), (out / REPORT_FILE).read_bytes()) == before
+
+
+@pytest.fixture(scope="module")
+def carried_checkpoint(tiny_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Titans memory pretrained as served (the default for a memory that stores tokens)."""
+    out = tmp_path_factory.mktemp("carried") / "ckpt"
+    return pretrain(tiny_config(tiny_csv, out, memory="titans", epochs=1, batch_size=4, tbptt=3))
+
+
+def test_memory_pretrained_as_served_forecasts_like_the_online_stream(carried_checkpoint: Path) -> None:
+    """Train/serve parity (issue 9, M3): the forecasts the pretraining code computes for runs of
+    consecutive windows equal those of streams fed one observation at a time online."""
+    report = json.loads((carried_checkpoint / REPORT_FILE).read_text())
+    assert report["memory_pretraining"] == "carried"
+    ckpt = load_checkpoint(carried_checkpoint)
+    model, cfg = ckpt.model, ckpt.config
+    data = load_dataset(ckpt_data(carried_checkpoint), ckpt.schema.features, None, cfg.seq_len, cfg.pred_len)
+    test = data.split("test")
+    windows = WindowSet(test, cfg.seq_len, cfg.pred_len, cfg.out_indices)
+    starts, length = torch.tensor([0, 5, 11]), 7
+    with torch.no_grad():
+        trained = torch.cat([f for f, _ in carried_segments(model, windows, starts, length, 3)], dim=1)
+        x, _ = windows.batch((starts[:, None] + torch.arange(length)).flatten())
+        fresh, _ = model(x, model.init_state(len(x)), StorePolicy.WINDOW)  # the old pretraining
+    mode = UpdateMode.MEMORY_ONLY
+    series = torch.as_tensor(test)
+    for i, s in enumerate(starts.tolist()):
+        state = init_stream_state(model, 1, mode)
+        state, forecast = observe_many(model, state, series[None, s : s + cfg.seq_len], mode)
+        online = [forecast]
+        for t in range(s + cfg.seq_len, s + cfg.seq_len + length - 1):
+            state, forecast = observe(model, state, series[None, t], mode, Feedback.DELAYED)
+            online.append(forecast)
+        torch.testing.assert_close(torch.cat(online), trained[i], atol=1e-5, rtol=1e-5)
+    # control: a fresh memory per window (what pretraining computed before) is not what is served
+    assert (fresh.view_as(trained) - trained).abs().amax() > 1e-3
+
+
+def test_fresh_memory_per_window_stays_an_option(tiny_csv: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_csv, tmp_path / "fresh", memory="titans", epochs=1, memory_pretraining="fresh")
+    report = json.loads((pretrain(cfg) / REPORT_FILE).read_text())
+    assert report["memory_pretraining"] == "fresh" and report["finished"]
