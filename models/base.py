@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from enum import StrEnum
+from typing import ClassVar
 
 import torch
 from tensordict import TensorDict
@@ -59,6 +60,12 @@ class StatefulModule(nn.Module, metaclass=ABCMeta):
         """True when :meth:`adapt` must be given the gradients of the forecasting loss."""
         return False
 
+    @property
+    def stores_tokens(self) -> bool:
+        """True when this component learns from the tokens it is shown (a memory), so the online
+        step must let it store each new observation once."""
+        return False
+
     def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
         """Update the state of ONE stream (batch 1) from the gradients of its forecast loss.
 
@@ -69,7 +76,20 @@ class StatefulModule(nn.Module, metaclass=ABCMeta):
 
 
 class Backbone(StatefulModule):
-    """Maps embedded inputs ``[b, n, d]`` to features ``[b, n, d]``."""
+    """Maps embedded inputs ``[b, n, d]`` to features ``[b, n, d]``.
+
+    Its class declares which memories it can work with (checked for every configuration by
+    ``models.registry.check_combination``, so no rule is written as a name comparison):
+    """
+
+    # memories this backbone builds inside itself (the forecaster adds no memory unit for them)
+    integrated_memories: ClassVar[tuple[str, ...]] = ()
+    # whether an integrated memory's output is fused into its features (the fusion applies)
+    fuses_integrated_memory: ClassVar[bool] = False
+    # whether a memory unit may sit beside it, read by the forecaster and fused into its features
+    takes_side_memory: ClassVar[bool] = True
+    # how a memory's output may be combined with it (the forecaster's fusion, or its own)
+    fusions: ClassVar[tuple[str, ...]] = ("add", "concat", "gated", "layer")
 
     @abstractmethod
     def forward(  # type: ignore[override]
@@ -83,6 +103,10 @@ class MemoryUnit(StatefulModule):
     With ``store`` other than ``none`` it first learns from the chosen tokens of ``x`` (in time
     order), then retrieves with queries made from every token of ``x``.
     """
+
+    @property
+    def stores_tokens(self) -> bool:
+        return True
 
     @abstractmethod
     def forward(  # type: ignore[override]

@@ -108,12 +108,10 @@ class ModelConfig:
             raise ConfigError("cms.frequencies must be one or more update periods >= 1")
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
-        if self.memory in ("fsnet", "fsnet_nomem") and self.backbone != "tcn":
-            raise ConfigError(f"memory {self.memory!r} adapts the tcn backbone: set backbone='tcn'")
-        if self.fusion == "context" and self.backbone != "titans":
-            raise ConfigError("fusion 'context' (memory as context) needs backbone='titans'")
-        if self.backbone == "titans" and self.memory not in ("titans", "none"):
-            raise ConfigError("backbone 'titans' integrates memory 'titans' (or 'none')")
+        # which components work together is declared by the components (models/registry.py)
+        from models.registry import check_combination
+
+        check_combination(self)
         for t in self.out_indices:
             if not 0 <= t < self.channels:
                 raise ConfigError(f"target index {t} outside 0..{self.channels - 1}")

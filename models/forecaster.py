@@ -77,6 +77,11 @@ class ContinualForecaster(nn.Module):
         return state
 
     @property
+    def stores_tokens(self) -> bool:
+        """A component is a memory that learns from the tokens it is shown."""
+        return any(c.stores_tokens for c in self.stateful_children().values())
+
+    @property
     def learns_from_gradients(self) -> bool:
         return any(c.learns_from_gradients for c in self.stateful_children().values())
 

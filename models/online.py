@@ -274,7 +274,7 @@ def _forward(
 
 def stores_tokens(model: ContinualForecaster) -> bool:
     """True when the forecaster holds a memory that learns from stored tokens."""
-    return model.memory is not None or model.config.backbone == "titans" and model.config.memory == "titans"
+    return model.stores_tokens
 
 
 def _key(param_name: str) -> str:

@@ -23,9 +23,34 @@ BACKBONE_CLASSES: dict[str, type[Backbone]] = {
     "titans": TitansBackbone,
 }
 
-# Memory units read beside the backbone. FSNet adapts the tcn backbone's convolutions and the
-# titans backbone integrates its own NeuralMemory per layer, so neither adds a unit here.
+# Memory units that can sit beside a backbone. A backbone may also build a memory inside itself
+# (its class's ``integrated_memories``: FSNet in the tcn, NeuralMemory in every titans layer).
 MEMORY_CLASSES: dict[str, type[MemoryUnit]] = {"titans": NeuralMemory, "cms": ContinuumMemory}
+
+
+def check_combination(config: ModelConfig) -> None:
+    """Refuse a backbone/memory/fusion the components cannot build, from what their classes
+    declare (``ModelConfig`` calls this, so a bad combination fails where it is written)."""
+    backbone = BACKBONE_CLASSES[config.backbone]
+    if config.memory == "none":
+        return
+    inside = config.memory in backbone.integrated_memories
+    beside = config.memory in MEMORY_CLASSES and backbone.takes_side_memory and not inside
+    if not (inside or beside):
+        options = [
+            *backbone.integrated_memories,
+            *(MEMORY_CLASSES if backbone.takes_side_memory else ()),
+            "none",
+        ]
+        raise ConfigError(
+            f"memory {config.memory!r} does not work with backbone {config.backbone!r}: it takes "
+            f"{', '.join(repr(m) for m in dict.fromkeys(options))}"
+        )
+    if (beside or backbone.fuses_integrated_memory) and config.fusion not in backbone.fusions:
+        raise ConfigError(
+            f"fusion {config.fusion!r} does not work with backbone {config.backbone!r}: use one of "
+            f"{', '.join(backbone.fusions)}"
+        )
 
 
 def build_backbone(config: ModelConfig) -> Backbone:
@@ -33,9 +58,11 @@ def build_backbone(config: ModelConfig) -> Backbone:
 
 
 def build_memory(config: ModelConfig) -> MemoryUnit | None:
-    if config.backbone == "titans" or config.memory not in MEMORY_CLASSES:
+    """The memory unit beside the backbone, if the configuration has one there."""
+    if config.memory in BACKBONE_CLASSES[config.backbone].integrated_memories:
         return None
-    return MEMORY_CLASSES[config.memory](config)
+    cls = MEMORY_CLASSES.get(config.memory)
+    return cls(config) if cls is not None else None
 
 
 def supported_combinations() -> Iterator[tuple[str, str, str]]:

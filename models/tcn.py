@@ -69,6 +69,8 @@ def _make_conv(config: ModelConfig, dilation: int) -> nn.Module:
 class TCNBackbone(Backbone):
     """TS2Vec dilated causal conv encoder, ``[b, n, d] -> [b, n, d]``; FSNet-adaptive on request."""
 
+    integrated_memories = ADAPTIVE_MEMORIES  # FSNet adapts this backbone's own convolutions
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.adaptive = config.memory in ADAPTIVE_MEMORIES

@@ -8,9 +8,8 @@ Behrouz, Zhong, Mirrokni (2025), section 4. Axis legend: ``b`` streams, ``n`` ti
   values of attention; token ``i`` sees memory tokens ``<= i`` and window tokens ``<= i``.
   Only the ``n`` window positions come out.
 * ``"gated"`` (MAG): attention and memory read the same input; a sigmoid gate of it mixes them.
-* ``"add"`` is taken as MAG (a learned, gated sum of the two branches) and ``"concat"`` as MAC
-  (memory concatenated to the attention context along time), so every fusion the configuration
-  accepts builds.
+* ``"add"`` and ``"concat"`` are refused (the class's ``fusions``): the memory lives inside
+  each layer, so only these three ways of combining it exist.
 
 Each layer stores before it retrieves (the NeuralMemory contract), from its own input. The
 state holds one NeuralMemory state per layer, keyed by the layer's name (``"layer0"`` ...);
@@ -29,14 +28,6 @@ from torch import Tensor, nn
 from models.base import Backbone, ModelCapabilityError, StorePolicy, empty_state
 from models.config import ModelConfig
 from models.neural_memory import NeuralMemory
-
-FUSION_VARIANTS = {
-    "add": "gated",
-    "concat": "context",
-    "layer": "layer",
-    "context": "context",
-    "gated": "gated",
-}
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,11 +100,18 @@ class TitansBlock(nn.Module):
 class TitansBackbone(Backbone):
     """``config.n_layers`` Titans blocks over a learned positional embedding."""
 
+    integrated_memories = ("titans",)
+    fuses_integrated_memory = True
+    takes_side_memory = False
+    fusions = ("layer", "context", "gated")  # MAL, MAC, MAG
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        fusion = FUSION_VARIANTS.get(config.fusion)
-        if fusion is None:
+        # with no memory the fusion is moot: every block is plain attention
+        fusion = config.fusion if config.memory == "titans" else "gated"
+        if fusion not in self.fusions:
             raise ModelCapabilityError(f"titans backbone has no fusion {config.fusion!r}")
+        self.has_memory = config.memory == "titans"
         self.seq_len = config.seq_len
         self.position = nn.Parameter(torch.randn(config.seq_len, config.d_model) * 0.02)
         self.drop = nn.Dropout(config.dropout)
@@ -147,3 +145,7 @@ class TitansBackbone(Backbone):
             if layer_state is not None:
                 next_state[name] = layer_state
         return self.norm(x), next_state
+
+    @property
+    def stores_tokens(self) -> bool:
+        return self.has_memory

@@ -29,6 +29,7 @@ from typing import Any
 
 from models.checkpoint import REPORT_FILE, Checkpoint, is_checkpoint, load_checkpoint
 from models.online import UpdateMode
+from models.registry import BACKBONE_CLASSES
 from trainer.pretrain import pretrain
 from trainer.train_config import TrainConfig, file_identity
 
@@ -103,8 +104,12 @@ def train_config_for(spec: MethodSpec, base: TrainConfig) -> TrainConfig | None:
     if spec.model is None:
         return None
     changes = dict(spec.model)
-    if base.model.backbone == "titans" and changes.get("memory", "titans") not in ("titans", "none"):
-        changes["memory"] = "titans"
+    backbone = BACKBONE_CLASSES[changes.get("backbone", base.model.backbone)]
+    if not backbone.takes_side_memory and changes.get("memory", base.model.memory) not in (
+        *backbone.integrated_memories,
+        "none",
+    ):
+        changes["memory"] = backbone.integrated_memories[0]  # e.g. titans_<mode> on the titans backbone
     return base.replace(**changes)
 
 

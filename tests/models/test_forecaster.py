@@ -15,6 +15,7 @@ import torch
 from tensordict import TensorDict
 
 from models import (
+    ConfigError,
     ContinualForecaster,
     FingerprintMismatchError,
     ModelConfig,
@@ -204,3 +205,24 @@ def test_no_cuda_calls_or_debuggers_in_the_code():
         if any(bad in path.read_text() for bad in (".cuda(", "pdb.set_trace", "breakpoint()"))
     ]
     assert offenders == []
+
+
+def test_combinations_follow_what_components_declare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which memory and fusion a backbone takes is read from its class, not from its name: a
+    backbone declared like the titans one is treated like it."""
+    from models import registry
+    from models.backbones import LSTMBackbone
+
+    class SelfContained(LSTMBackbone):
+        integrated_memories = ("titans",)
+        fuses_integrated_memory = True
+        takes_side_memory = False
+        fusions = ("gated",)
+
+    monkeypatch.setitem(registry.BACKBONE_CLASSES, "lstm", SelfContained)
+    with pytest.raises(ConfigError, match="memory 'cms' does not work with backbone 'lstm'"):
+        ModelConfig(backbone="lstm", memory="cms")
+    with pytest.raises(ConfigError, match="fusion 'add' does not work"):
+        ModelConfig(backbone="lstm", memory="titans", fusion="add")
+    config = ModelConfig(backbone="lstm", memory="titans", fusion="gated")
+    assert registry.build_memory(config) is None  # built inside the backbone, not beside it

@@ -182,16 +182,11 @@ def test_titans_backbone_batched_equals_looped(fusion: str) -> None:
     assert not torch.equal(next_state["layer1", "weights", "w0"], state["layer1", "weights", "w0"])
 
 
-@pytest.mark.parametrize(("alias", "fusion"), [("add", "gated"), ("concat", "context")])
-def test_titans_backbone_fusion_aliases(alias: str, fusion: str) -> None:
-    torch.manual_seed(0)
-    aliased = TitansBackbone(titans_config(alias)).double()
-    torch.manual_seed(0)
-    named = TitansBackbone(titans_config(fusion)).double()
-    x = tokens(1, 6)
-    out_aliased, _ = aliased(x, aliased.init_state(1), StorePolicy.WINDOW)
-    out_named, _ = named(x, named.init_state(1), StorePolicy.WINDOW)
-    torch.testing.assert_close(out_aliased, out_named, atol=0, rtol=0)
+@pytest.mark.parametrize("fusion", ["add", "concat"])
+def test_titans_backbone_refuses_fusions_it_does_not_have(fusion: str) -> None:
+    """add and concat used to be silent aliases of gated and context; the config now says so."""
+    with pytest.raises(ConfigError, match=f"fusion '{fusion}' does not work with backbone 'titans'"):
+        titans_config(fusion)
 
 
 def test_titans_backbone_without_memory_is_plain_transformer() -> None:

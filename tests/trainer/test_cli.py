@@ -83,7 +83,10 @@ def test_evaluate_rejects_an_unknown_method(tmp_path: Path, capsys: pytest.Captu
     ("argv", "message"),
     [
         (["pretrain"], "--data is required"),
-        (["pretrain", "--data", "{csv}", "--memory", "fsnet"], "memory 'fsnet' adapts the tcn backbone"),
+        (
+            ["pretrain", "--data", "{csv}", "--memory", "fsnet"],
+            "memory 'fsnet' does not work with backbone 'lstm'",
+        ),
         (["pretrain", "--data", "{csv}", "--epochs", "0"], "epochs and batch_size must be >= 1"),
         (["pretrain", "--data", "{tmp}/missing.csv"], "missing.csv"),
         (["evaluate", "--checkpoint", "{tmp}"], "is not a checkpoint"),
