@@ -107,7 +107,7 @@ class AttentionMemory(nn.Module):
         return attn @ (x @ params["wv"]) @ params["wo"]
 
 
-MEMORY_MODELS: dict[str, type[MLPMemory] | type[AttentionMemory]] = {
+MEMORY_MODEL_CLASSES: dict[str, type[MLPMemory] | type[AttentionMemory]] = {
     "mlp": MLPMemory,
     "attention": AttentionMemory,
 }
@@ -188,7 +188,7 @@ class NeuralMemory(MemoryUnit):
         nn.init.constant_(self.to_decay.bias, INIT_DECAY_LOGIT)  # start by forgetting little
         self.out_norm = nn.RMSNorm(cfg.dim_head)
         self.to_out = nn.Linear(inner, self.dim, bias=False)
-        self.memory_model = MEMORY_MODELS[cfg.model](cfg.heads, cfg)
+        self.memory_model = MEMORY_MODEL_CLASSES[cfg.model](cfg.heads, cfg)
         # pure functions of the weights: nothing here refers back to this module's tensors
         self._memory_fn: MemoryFn = type(self.memory_model).memory_fn
         self._chunk_grads = _build_chunk_grads(self._memory_fn)

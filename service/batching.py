@@ -36,7 +36,8 @@ class Batcher:
         self._pool, self._slots, self._max, self._metrics = pool, slots, max_streams, metrics
         self._queues: dict[tuple[str, UpdateMode], _Queue] = {}
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def in_pool(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on a model thread, alone (no batching: creation, reset, a whole request)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     async def observe(
@@ -44,7 +45,7 @@ class Batcher:
     ) -> Step:
         if self._max <= 1 or len(rows) != 1 or mode is UpdateMode.FULL_MODEL:
             self._metrics.batch_streams.observe(1)
-            return await self.run(lambda: compute(model, blob, rows, mode, mode))
+            return await self.in_pool(lambda: compute(model, blob, rows, mode))
         future: asyncio.Future[Step] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault((model.name, mode), _Queue())
         queue.jobs.append((blob, rows[0], future))
@@ -74,7 +75,7 @@ class Batcher:
         self._metrics.batch_streams.observe(len(batch))
         blobs, rows = [b for b, _, _ in batch], [r for _, r, _ in batch]
         try:
-            results: list[Step | ServiceError] = await self.run(
+            results: list[Step | ServiceError] = await self.in_pool(
                 lambda: compute_batch(model, blobs, rows, mode)
             )
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request

@@ -32,13 +32,11 @@ class Step:
     forecast: Forecast | None  # None until the stream has seen seq_len values
 
 
-def compute(
-    model: LoadedModel, blob: bytes | None, rows: list[list[float]], mode: UpdateMode, fresh_mode: UpdateMode
-) -> Step:
-    """Decode (or start, in ``fresh_mode``) one stream's state, learn from ``rows`` in order, encode."""
+def compute(model: LoadedModel, blob: bytes | None, rows: list[list[float]], mode: UpdateMode) -> Step:
+    """Decode (or start, in ``mode``) one stream's state, learn from ``rows`` in order, encode."""
     net = model.replica()
     with torch.no_grad():  # full_model learning enables grad itself, inside models.online.learn
-        state = init_stream_state(net, 1, fresh_mode) if blob is None else decode(model, blob)
+        state = init_stream_state(net, 1, mode) if blob is None else decode(model, blob)
         state = ensure_mode(net, state, mode)
         out = None
         if rows:
@@ -68,7 +66,7 @@ def compute_batch(
             except (RuntimeError, KeyError, ValueError):
                 # states of different layouts (e.g. one has its own weights): one call each
                 for i in ok:
-                    results[i] = compute(model, blobs[i], [rows[i]], mode, mode)
+                    results[i] = compute(model, blobs[i], [rows[i]], mode)
                 return results  # type: ignore[return-value]
             scaled = model.schema.scale(torch.tensor([rows[i] for i in ok], dtype=torch.float64))  # [b, c]
             state, out = observe(net, state, scaled, mode)

@@ -94,7 +94,7 @@ class Engine:
             ) from exc
         mode = UpdateMode(req.mode)
         try:
-            step = await self._batcher.run(lambda: compute(model, None, plan.rows, mode, mode))
+            step = await self._batcher.in_pool(lambda: compute(model, None, plan.rows, mode))
         except NonFiniteState as exc:
             raise NonFiniteState(field="history") from exc
         now = _now()
@@ -134,7 +134,7 @@ class Engine:
             if current.freq is not None and _usable_freq(current.freq, 1) is not None:
                 check_freq(current.freq, model.pred_len, field="model")
             mode = UpdateMode(req.mode or current.mode)
-            step = await self._batcher.run(lambda: compute(model, None, [], mode, mode))
+            step = await self._batcher.in_pool(lambda: compute(model, None, [], mode))
             return current.replace(
                 state=step.state,
                 model=model.name,

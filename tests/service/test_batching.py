@@ -54,14 +54,14 @@ def small(checkpoint_root: Path):  # noqa: ANN201
 def test_compute_batch_equals_one_stream_at_a_time(small) -> None:  # noqa: ANN001
     mode = UpdateMode.MEMORY_ONLY
     blobs = [
-        compute(small, None, [r["values"] for r in series(SEQ_LEN + k, scale=1 + k)], mode, mode).state
+        compute(small, None, [r["values"] for r in series(SEQ_LEN + k, scale=1 + k)], mode).state
         for k in range(4)
     ]
-    blobs.append(compute(small, None, [[1.0, 2.0]], mode, mode).state)  # not ready yet: no forecast
+    blobs.append(compute(small, None, [[1.0, 2.0]], mode).state)  # not ready yet: no forecast
     rows = [[10.0 + k, 5.0 - k] for k in range(5)]
     batched = compute_batch(small, blobs, rows, mode)
     for blob, row, got in zip(blobs, rows, batched, strict=True):
-        alone = compute(small, blob, [row], mode, mode)
+        alone = compute(small, blob, [row], mode)
         assert got.steps == alone.steps
         if alone.forecast is None:
             assert got.forecast is None
@@ -76,8 +76,8 @@ def test_compute_batch_equals_one_stream_at_a_time(small) -> None:  # noqa: ANN0
 
 def test_compute_batch_isolates_bad_and_odd_states(small) -> None:  # noqa: ANN001
     mode = UpdateMode.MEMORY_ONLY
-    plain = compute(small, None, [[1.0, 2.0]], mode, mode).state
-    own_weights = compute(small, None, [[1.0, 2.0]], UpdateMode.FULL_MODEL, UpdateMode.FULL_MODEL).state
+    plain = compute(small, None, [[1.0, 2.0]], mode).state
+    own_weights = compute(small, None, [[1.0, 2.0]], UpdateMode.FULL_MODEL).state
     results = compute_batch(small, [plain, b"not a state", own_weights], [[3.0, 4.0]] * 3, mode)
     assert isinstance(results[1], StateIncompatible)
     assert results[0].steps == results[2].steps == 2  # the other two still computed (one by one)
