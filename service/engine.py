@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
 from service import schemas
+from service.accuracy import Accuracy, Scored, Spec, advance, report
 from service.batching import Batcher
 from service.compute import Step, compute
 from service.errors import (
@@ -101,7 +102,7 @@ class Engine:
             created_at=now,
             updated_at=now,
         )
-        record = self._advance(record, plan, step)
+        record, _ = self._advance(record, plan, step, model)  # a creation serves one forecast, scores none
         stored = await self.store.create(record)
         self.metrics.applied(mode.value, len(plan.rows), len(plan.statuses) - len(plan.rows), len(step.state))
         return stored
@@ -136,6 +137,7 @@ class Engine:
                 last_values_hash=None,
                 recent=(),
                 forecast=None,
+                accuracy=None,
                 updated_at=_now(),
             ), None
 
@@ -154,23 +156,27 @@ class Engine:
                 f"{len(items)} observations in one request; the limit is {self.settings.max_batch}"
             )
 
-        async def change(current: StreamRecord) -> tuple[StreamRecord | None, tuple[Plan, str]]:
+        Outcome = tuple[Plan, str, Scored]
+
+        async def change(current: StreamRecord) -> tuple[StreamRecord | None, Outcome]:
             model = self.compatible_model(current)
             mode = UpdateMode(batch.mode or current.mode)
             plan = self._plan(model, items, current.last_timestamp, current.recent)
             if not plan.rows:
-                return None, (plan, mode.value)
+                return None, (plan, mode.value, Scored())
             step = await self._batcher.observe(model, current.state, plan.rows, mode)
-            return self._advance(current, plan, step), (plan, mode.value)
+            record, scored = self._advance(current, plan, step, model)
+            return record, (plan, mode.value, scored)
 
         async with self._locks.hold(stream_id):
-            record, (plan, mode) = await update_stream(
+            record, (plan, mode, scored) = await update_stream(
                 self.store, stream_id, change, attempts=self.settings.store_retries, stats=self.metrics
             )
         assert record is not None
         applied = len(plan.rows)
         nbytes = len(record.state) if applied else None
         self.metrics.applied(mode, applied, len(plan.statuses) - applied, nbytes)
+        self.metrics.scored(record.model, mode, scored)
         return schemas.ObservationsOut(
             **self.status(record, mode).model_dump(),
             applied=applied,
@@ -183,6 +189,20 @@ class Engine:
         record = await self.store.get(stream_id)
         self.compatible_model(record)
         return schemas.ForecastOut(**self.status(record).model_dump(), forecast=self.forecast_of(record))
+
+    async def accuracy(self, stream_id: str) -> schemas.AccuracyOut:
+        record = await self.store.get(stream_id)
+        model = self.compatible_model(record)
+        scores = Accuracy.from_json(record.accuracy)
+        since, recent = report(scores, model.pred_len, len(model.targets))
+        return schemas.AccuracyOut(
+            **self.status(record).model_dump(),
+            columns=list(model.targets),
+            window=self.settings.accuracy_window,
+            pending=len(scores.pending),
+            since_creation=since,
+            recent=recent,
+        )
 
     # -- helpers -------------------------------------------------------------------------------
     def compatible_model(self, record: StreamRecord) -> LoadedModel:
@@ -211,8 +231,16 @@ class Engine:
     ) -> Plan:
         return plan_batch(model, items, last, recent, self.settings.dedup_window, prefix)
 
-    @staticmethod
-    def _advance(record: StreamRecord, plan: Plan, step: Step) -> StreamRecord:
+    def _advance(
+        self, record: StreamRecord, plan: Plan, step: Step, model: LoadedModel
+    ) -> tuple[StreamRecord, Scored]:
+        scores, scored = advance(
+            Accuracy.from_json(record.accuracy),
+            self.accuracy_spec(model),
+            record.steps,
+            plan.rows,
+            step.forecast,
+        )
         return record.replace(
             state=step.state,
             steps=step.steps,
@@ -220,8 +248,15 @@ class Engine:
             last_values_hash=plan.last_values_hash,
             recent=plan.recent,
             forecast=step.forecast,
+            accuracy=scores.to_json(),
             updated_at=_now(),
-        )
+        ), scored
+
+    def accuracy_spec(self, model: LoadedModel) -> Spec:
+        targets = tuple(model.columns.index(t) for t in model.targets)
+        std = tuple(model.schema.std[j] for j in targets)
+        window = self.settings.accuracy_window
+        return Spec(targets, std, model.pred_len, window, keep=model.seq_len + model.pred_len)
 
     def _seq_len(self, record: StreamRecord) -> int | None:
         model = self.registry.models.get(record.model)

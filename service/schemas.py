@@ -156,3 +156,31 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+class Accuracy(BaseModel):
+    """MAE and MSE of the served forecasts and of the last-value forecast over the same values
+    (stream units, averaged over the target columns); ``skill = 1 - mae / last_value_mae``."""
+
+    count: int = Field(description="values scored (per target column)")
+    mae: float | None
+    mse: float | None
+    last_value_mae: float | None
+    last_value_mse: float | None
+    skill: float | None
+
+
+class StepAccuracy(Accuracy):
+    step: int = Field(description="horizon step, 1 = one step ahead")
+
+
+class AccuracyWindow(Accuracy):
+    steps: list[StepAccuracy]
+
+
+class AccuracyOut(StreamStatus):
+    columns: list[str] = Field(description="target columns the errors average over")
+    window: int = Field(description="latest scored values per step in `recent`")
+    pending: int = Field(description="served forecasts whose horizon has not fully matured")
+    since_creation: AccuracyWindow
+    recent: AccuracyWindow

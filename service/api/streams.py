@@ -54,3 +54,8 @@ async def post_observations(
 @router.get("/{stream_id}/forecast", response_model=schemas.ForecastOut)
 async def get_forecast(stream_id: StreamIdPath, engine: EngineDep) -> schemas.ForecastOut:
     return await engine.forecast(stream_id)
+
+
+@router.get("/{stream_id}/accuracy", response_model=schemas.AccuracyOut)
+async def get_accuracy(stream_id: StreamIdPath, engine: EngineDep) -> schemas.AccuracyOut:
+    return await engine.accuracy(stream_id)

@@ -38,6 +38,7 @@ class StreamRecord:
     recent: tuple[tuple[Timestamp, str], ...] = ()
     freq: str | None = None
     forecast: tuple[tuple[float, ...], ...] | None = None  # in the stream's units
+    accuracy: dict[str, Any] | None = None  # service.accuracy.Accuracy as JSON; None: nothing scored yet
     created_at: str = ""
     updated_at: str = ""
     version: int = 0
@@ -57,6 +58,8 @@ class StreamRecord:
     def from_fields(cls, fields: dict[bytes, bytes]) -> StreamRecord:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            if f.name.encode() not in fields and f.default is not dataclasses.MISSING:
+                continue  # a field newer than the stored record: its default
             raw = fields[f.name.encode()]
             values[f.name] = raw if f.name == "state" else json.loads(raw)
         values["recent"] = tuple((ts, h) for ts, h in values["recent"])
