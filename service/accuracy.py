@@ -24,9 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service import schemas
+
+if TYPE_CHECKING:
+    from service.registry import LoadedModel
+    from service.store import StreamRecord
 
 Row = tuple[float, ...]  # [c] target values
 
@@ -191,6 +195,30 @@ def recent(acc: Accuracy, columns: int) -> tuple[Summary, list[Summary]]:
     n = sum(len(w) for w in acc.window) * columns
     pooled = [sum(e[k] for w in acc.window for e in w) * columns for k in range(4)]
     return _summary(n, pooled), per_step
+
+
+def history_rows(
+    model: LoadedModel, record: StreamRecord, values: list[list[float]], acc: Accuracy
+) -> list[schemas.HistoryRow]:
+    """The latest observations (``values``, from the state) with their timestamps (the record's
+    recent window) and the forecast each got, for display."""
+    m = min(len(values), len(record.recent))
+    first = record.steps - m + 1  # observation number of the first row shown
+    made = {entry.index: entry for entry in acc.matured}
+    rows = []
+    for j, (row, (timestamp, _)) in enumerate(
+        zip(values[len(values) - m :], record.recent[len(record.recent) - m :], strict=True)
+    ):
+        entry = made.get(first + j)
+        rows.append(
+            schemas.HistoryRow(
+                timestamp=timestamp,
+                values=dict(zip(model.columns, row, strict=True)),
+                forecast=dict(zip(model.targets, entry.values, strict=True)) if entry else None,
+                forecast_step=entry.step if entry else None,
+            )
+        )
+    return rows
 
 
 def report(

@@ -14,7 +14,7 @@ from importlib.metadata import version
 import torch
 from fastapi import FastAPI
 
-from service.api import health, models, streams
+from service.api import health, models, streams, ui
 from service.api.errors import install_error_handlers
 from service.engine import Engine
 from service.metrics import Metrics
@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(streams.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(ui.router)
     # outermost last: latency covers everything, including refused bodies
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(LatencyMiddleware, metrics=metrics)

@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
 from service import schemas
-from service.accuracy import Accuracy, Scored, Spec, advance, report
+from service.accuracy import Accuracy, Scored, Spec, advance, history_rows, report
 from service.batching import Batcher
-from service.compute import Step, compute
+from service.compute import Step, compute, recent_values
 from service.errors import (
     InvalidObservation,
     OutOfOrder,
@@ -202,6 +202,22 @@ class Engine:
             pending=len(scores.pending),
             since_creation=since,
             recent=recent,
+        )
+
+    async def list_ids(self, cursor: str | None, limit: int) -> schemas.StreamsPage:
+        ids, next_cursor = await self.store.list_ids(cursor, limit)
+        return schemas.StreamsPage(streams=ids, next_cursor=next_cursor)
+
+    async def history(self, stream_id: str) -> schemas.HistoryOut:
+        record = await self.store.get(stream_id)
+        model = self.compatible_model(record)
+        values = await self._batcher.run(lambda: recent_values(model, record.state))
+        rows = history_rows(model, record, values, Accuracy.from_json(record.accuracy))
+        return schemas.HistoryOut(
+            **self.status(record).model_dump(),
+            columns=list(model.columns),
+            targets=list(model.targets),
+            rows=rows,
         )
 
     # -- helpers -------------------------------------------------------------------------------

@@ -184,3 +184,23 @@ class AccuracyOut(StreamStatus):
     pending: int = Field(description="served forecasts whose horizon has not fully matured")
     since_creation: AccuracyWindow
     recent: AccuracyWindow
+
+
+class StreamsPage(BaseModel):
+    streams: list[str] = Field(description="stream ids")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: no more")
+
+
+class HistoryRow(BaseModel):
+    timestamp: TimestampOut
+    values: dict[str, float]
+    forecast: dict[str, float] | None = Field(
+        description="the target values the latest served forecast made for this row, if any"
+    )
+    forecast_step: int | None = Field(description="how many steps ahead that forecast was made")
+
+
+class HistoryOut(StreamStatus):
+    columns: list[str]
+    targets: list[str]
+    rows: list[HistoryRow] = Field(description="the latest observations the state holds, oldest first")

@@ -87,6 +87,12 @@ class StateStore(Protocol):
 
     async def delete(self, stream_id: str) -> None: ...
 
+    async def list_ids(self, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """A page of stream ids from ``cursor`` (``None``: the first page) and the cursor of the
+        next page (``None``: no more). The embedded store pages in id order, ``limit`` at a time;
+        the Redis store follows ``SCAN`` (about ``limit`` per page, in no particular order)."""
+        ...
+
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
         ...

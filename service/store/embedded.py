@@ -49,6 +49,12 @@ class EmbeddedStore:
             if self._records.pop(stream_id, None) is None:
                 raise StreamNotFound(stream_id)
 
+    async def list_ids(self, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        with self._lock:
+            ids = sorted(i for i in self._records if cursor is None or i > cursor)
+        page = ids[:limit]
+        return page, page[-1] if len(ids) > limit else None
+
     async def ping(self) -> None:
         return None
 

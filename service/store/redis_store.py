@@ -14,6 +14,7 @@ client keeps no dead connection: redis-py drops a broken one and reconnects on t
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,7 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.errors import StoreUnavailable, StreamExists, StreamNotFound
+from service.errors import InvalidObservation, StoreUnavailable, StreamExists, StreamNotFound
 from service.store.base import StreamRecord
 
 _CREATE = """
@@ -97,6 +98,26 @@ class RedisStore:
             removed = await self._redis.delete(self.key(stream_id))
         if not removed:
             raise StreamNotFound(stream_id)
+
+    async def list_ids(self, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """``SCAN`` over this service's keys (``{prefix}:{*}``), never ``KEYS``: pages of about
+        ``limit`` ids; the cursor is Redis's own."""
+        try:
+            position = int(cursor or 0)
+        except ValueError:
+            raise InvalidObservation(
+                "cursor is not one this endpoint returned", field="query.cursor"
+            ) from None
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._prefix) + ":{*}"
+        start = len(self._prefix) + 2
+        ids: list[str] = []
+        async with self._translate():
+            while True:
+                position, keys = await self._redis.scan(position, match=pattern, count=limit)
+                ids += [(key if isinstance(key, str) else key.decode())[start:-1] for key in keys]
+                if position == 0 or len(ids) >= limit:
+                    break
+        return ids, str(position) if position else None
 
     async def ping(self) -> None:
         async with self._translate():
