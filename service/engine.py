@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
@@ -36,6 +37,9 @@ from service.observations import Plan, check_freq, future_timestamps, plan_batch
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
 from service.store import StateStore, StreamRecord, Timestamp, update_stream
+from service.store.base import Change
+
+T = TypeVar("T")
 
 
 class StreamLocks:
@@ -219,6 +223,16 @@ class Engine:
             targets=list(model.targets),
             rows=rows,
         )
+
+    async def update(self, stream_id: str, change: Change[T]) -> tuple[StreamRecord | None, T]:
+        """Read-modify-write one stream by compare-and-set (state lifecycle writes use it too)."""
+        async with self._locks.hold(stream_id):
+            return await update_stream(
+                self.store, stream_id, change, attempts=self.settings.store_retries, stats=self.metrics
+            )
+
+    async def run_in_pool(self, fn: Callable[[], T]) -> T:
+        return await self._batcher.run(fn)
 
     # -- helpers -------------------------------------------------------------------------------
     def compatible_model(self, record: StreamRecord) -> LoadedModel:

@@ -60,6 +60,11 @@ class Metrics:
             buckets=ERROR_BUCKETS,
             registry=r,
         )
+        self.streams_expired = Counter(
+            "memcast_streams_expired",
+            "Streams deleted after MEMCAST_STREAM_TTL_S without a write",
+            registry=r,
+        )
         self.models_loaded = Gauge("memcast_models_loaded", "Checkpoints loaded", registry=r)
 
     # StoreStats

@@ -204,3 +204,23 @@ class HistoryOut(StreamStatus):
     columns: list[str]
     targets: list[str]
     rows: list[HistoryRow] = Field(description="the latest observations the state holds, oldest first")
+
+
+SnapshotName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+
+
+class CreateSnapshot(_Strict):
+    name: SnapshotName
+
+
+class SnapshotOut(BaseModel):
+    name: str
+    taken_at: str
+    model: str
+    mode: Mode
+    steps: int
+    last_timestamp: TimestampOut | None
+
+
+class SnapshotsOut(BaseModel):
+    snapshots: list[SnapshotOut]

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     max_history: int = Field(20_000, ge=0, description="history rows when creating a stream (413 above)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size in bytes (413 above)")
     dedup_window: int = Field(64, ge=1, description="recent observations remembered to detect duplicates")
+    stream_ttl_s: float | None = Field(
+        None,
+        gt=0,
+        description="delete a stream and its snapshots after this many seconds without a write; unset: never",
+    )
     accuracy_window: int = Field(
         48, ge=1, description="scored values per horizon step in a stream's recent accuracy window"
     )

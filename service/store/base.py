@@ -68,6 +68,27 @@ class StreamRecord:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A named copy of a stream's record, as it was when taken."""
+
+    name: str
+    taken_at: str
+    record: StreamRecord
+
+    def meta(self) -> str:
+        """Everything but the state blob, as JSON."""
+        fields = {k: v for k, v in self.record.to_fields().items() if k != "state"}
+        return json.dumps({"name": self.name, "taken_at": self.taken_at, "record": fields})
+
+    @classmethod
+    def from_parts(cls, meta: bytes | str, state: bytes) -> Snapshot:
+        data = json.loads(meta)
+        fields = {k.encode(): v.encode() for k, v in data["record"].items()}
+        fields[b"state"] = state
+        return cls(data["name"], data["taken_at"], StreamRecord.from_fields(fields))
+
+
 class StateStore(Protocol):
     """What the engine needs from a store; both stores give the same guarantees."""
 
@@ -92,6 +113,26 @@ class StateStore(Protocol):
         next page (``None``: no more). The embedded store pages in id order, ``limit`` at a time;
         the Redis store follows ``SCAN`` (about ``limit`` per page, in no particular order)."""
         ...
+
+    async def delete_if_version(self, stream_id: str, version: int) -> bool:
+        """Delete the stream and its snapshots only if its version is still ``version`` (the
+        expiry sweep's compare-and-set); ``False`` when it changed or is gone."""
+        ...
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` with its stream; ``SnapshotExists`` if the name is taken,
+        ``StreamNotFound`` if the stream is gone. Deleting the stream deletes its snapshots."""
+        ...
+
+    async def get_snapshot(self, stream_id: str, name: str) -> Snapshot:
+        """``SnapshotNotFound`` if there is none of that name."""
+        ...
+
+    async def list_snapshots(self, stream_id: str) -> list[Snapshot]:
+        """The stream's snapshots (their records without the state blob), by name."""
+        ...
+
+    async def delete_snapshot(self, stream_id: str, name: str) -> None: ...
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""

@@ -23,8 +23,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.errors import InvalidObservation, StoreUnavailable, StreamExists, StreamNotFound
-from service.store.base import StreamRecord
+from service.errors import (
+    InvalidObservation,
+    SnapshotExists,
+    SnapshotNotFound,
+    StoreUnavailable,
+    StreamExists,
+    StreamNotFound,
+)
+from service.store.base import Snapshot, StreamRecord
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -37,6 +44,21 @@ local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return -1 end
 if version ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
+_DELETE_IF_VERSION = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# snapshots: hash ``{prefix}:{<id>}:snapshots`` (same slot), fields ``<name>.meta`` and ``<name>.state``
+_PUT_SNAPSHOT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
 
@@ -55,9 +77,14 @@ class RedisStore:
         self._retry_after = retry_after
         self._create = self._redis.register_script(_CREATE)
         self._cas = self._redis.register_script(_COMPARE_AND_SET)
+        self._put_snapshot = self._redis.register_script(_PUT_SNAPSHOT)
+        self._delete_if_version = self._redis.register_script(_DELETE_IF_VERSION)
 
     def key(self, stream_id: str) -> str:
         return f"{self._prefix}:{{{stream_id}}}"
+
+    def snapshots_key(self, stream_id: str) -> str:  # not ending in "}": list_ids never sees it
+        return f"{self.key(stream_id)}:snapshots"
 
     @asynccontextmanager
     async def _translate(self) -> AsyncIterator[None]:
@@ -94,8 +121,10 @@ class RedisStore:
         return stored if outcome == 1 else None
 
     async def delete(self, stream_id: str) -> None:
-        async with self._translate():
-            removed = await self._redis.delete(self.key(stream_id))
+        async with self._translate(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key(stream_id))
+            pipe.delete(self.snapshots_key(stream_id))
+            removed, _ = await pipe.execute()
         if not removed:
             raise StreamNotFound(stream_id)
 
@@ -118,6 +147,48 @@ class RedisStore:
                 if position == 0 or len(ids) >= limit:
                     break
         return ids, str(position) if position else None
+
+    async def delete_if_version(self, stream_id: str, version: int) -> bool:
+        async with self._translate():
+            deleted = await self._delete_if_version(
+                keys=[self.key(stream_id), self.snapshots_key(stream_id)], args=[str(version)]
+            )
+        return bool(deleted)
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        stream_id, name = snapshot.record.stream_id, snapshot.name
+        async with self._translate():
+            outcome = await self._put_snapshot(
+                keys=[self.key(stream_id), self.snapshots_key(stream_id)],
+                args=[f"{name}.meta", snapshot.meta(), f"{name}.state", snapshot.record.state],
+            )
+        if outcome == -1:
+            raise StreamNotFound(stream_id)
+        if outcome == 0:
+            raise SnapshotExists(name)
+
+    async def get_snapshot(self, stream_id: str, name: str) -> Snapshot:
+        async with self._translate():
+            meta, state = await self._redis.hmget(
+                self.snapshots_key(stream_id), [f"{name}.meta", f"{name}.state"]
+            )
+        if meta is None or state is None:
+            raise SnapshotNotFound(name)
+        return Snapshot.from_parts(meta, state if isinstance(state, bytes) else state.encode())
+
+    async def list_snapshots(self, stream_id: str) -> list[Snapshot]:
+        key = self.snapshots_key(stream_id)
+        async with self._translate():
+            fields = [f.decode() if isinstance(f, bytes) else f for f in await self._redis.hkeys(key)]
+            metas = sorted(f for f in fields if f.endswith(".meta"))
+            values = await self._redis.hmget(key, metas) if metas else []
+        return [Snapshot.from_parts(v, b"") for v in values if v is not None]
+
+    async def delete_snapshot(self, stream_id: str, name: str) -> None:
+        async with self._translate():
+            removed = await self._redis.hdel(self.snapshots_key(stream_id), f"{name}.meta", f"{name}.state")
+        if not removed:
+            raise SnapshotNotFound(name)
 
     async def ping(self) -> None:
         async with self._translate():
