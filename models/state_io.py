@@ -12,6 +12,7 @@ import json
 import struct
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tensordict import TensorDict
@@ -84,11 +85,14 @@ def state_from_bytes(data: bytes, fingerprint: str | None = None) -> tuple[Tenso
     meta = read_metadata(data)
     if fingerprint is not None and meta["memcast.fingerprint"] != fingerprint:
         raise FingerprintMismatchError(meta["memcast.fingerprint"], fingerprint)
-    tensors = st_load(data)
-    batch = int(meta["memcast.batch"])
-    state = TensorDict(tensors, batch_size=[batch]).unflatten_keys(".")
-    for path in json.loads(meta["memcast.empty"]):
-        state[tuple(path)] = TensorDict({}, batch_size=[batch])
+    try:
+        tensors = st_load(data)
+        batch = int(meta["memcast.batch"])
+        state = TensorDict(tensors, batch_size=[batch]).unflatten_keys(".")
+        for path in json.loads(meta["memcast.empty"]):
+            state[tuple(path)] = TensorDict({}, batch_size=[batch])
+    except (SafetensorError, RuntimeError, ValueError, KeyError) as exc:  # truncated or inconsistent
+        raise StateFormatError(f"unreadable state: {exc}") from exc
     user = {k: v for k, v in meta.items() if k not in _RESERVED}
     return state, user
 

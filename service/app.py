@@ -6,6 +6,8 @@ on ``app.state``; nothing lives in module globals, so several apps can share a p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,9 +16,10 @@ from importlib.metadata import version
 import torch
 from fastapi import FastAPI
 
-from service.api import health, models, streams
+from service.api import health, models, state, streams, ui
 from service.api.errors import install_error_handlers
 from service.engine import Engine
+from service.expiry import run_sweeps
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, LatencyMiddleware
 from service.registry import load_registry
@@ -44,9 +47,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             len(registry),
             "redis" if settings.redis_url else "embedded",
         )
+        sweeper = (
+            asyncio.create_task(run_sweeps(store, settings.stream_ttl_s, metrics))
+            if settings.stream_ttl_s
+            else None
+        )
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             engine.close()
             await store.aclose()
 
@@ -60,8 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
     app.include_router(streams.router)
+    app.include_router(state.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(ui.router)
     # outermost last: latency covers everything, including refused bodies
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(LatencyMiddleware, metrics=metrics)

@@ -80,6 +80,16 @@ def compute_batch(
     return results  # type: ignore[return-value]
 
 
+def recent_values(model: LoadedModel, blob: bytes) -> list[list[float]]:
+    """The raw values the state's window holds (at most ``seq_len + pred_len``), oldest first."""
+    state = decode(model, blob)
+    history = state["history"][0].double()  # [seq_len + pred_len, c], scaled
+    held = history[history.shape[0] - min(int(state["count"][0]), history.shape[0]) :]
+    mean = torch.tensor(model.schema.mean, dtype=torch.float64)
+    std = torch.tensor(model.schema.std, dtype=torch.float64)
+    return (held * std + mean).tolist()
+
+
 def decode(model: LoadedModel, blob: bytes) -> TensorDict:
     try:
         state, _ = state_from_bytes(blob, model.fingerprint)

@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
 from service import schemas
+from service.accuracy import Accuracy, Scored, Spec, advance, history_rows, report
 from service.batching import Batcher
-from service.compute import Step, compute
+from service.compute import Step, compute, recent_values
 from service.errors import (
     InvalidObservation,
     NonFiniteState,
@@ -37,6 +39,9 @@ from service.observations import Plan, check_freq, future_timestamps, plan_batch
 from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
 from service.store import StateStore, StreamRecord, Timestamp, update_stream
+from service.store.base import Change
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +114,8 @@ class Engine:
             created_at=now,
             updated_at=now,
         )
-        record = self._advance(record, plan, step, "history")
+        # a creation serves one forecast and scores none
+        record, _ = self._advance(record, plan, step, model, "history")
         stored = await self.store.create(record)
         self.metrics.applied(mode.value, len(plan.rows), len(plan.statuses) - len(plan.rows), len(step.state))
         return stored
@@ -146,6 +152,7 @@ class Engine:
                 last_values_hash=None,
                 recent=(),
                 forecast=None,
+                accuracy=None,
                 updated_at=_now(),
             ), None
 
@@ -164,23 +171,27 @@ class Engine:
                 f"{len(items)} observations in one request; the limit is {self.settings.max_batch}"
             )
 
-        async def change(current: StreamRecord) -> tuple[StreamRecord | None, tuple[Plan, str]]:
+        Outcome = tuple[Plan, str, Scored]
+
+        async def change(current: StreamRecord) -> tuple[StreamRecord | None, Outcome]:
             model = self.compatible_model(current)
             mode = UpdateMode(batch.mode or current.mode)
             plan = self._plan(model, items, current.last_timestamp, current.recent)
             if not plan.rows:
-                return None, (plan, mode.value)
+                return None, (plan, mode.value, Scored())
             step = await self._batcher.observe(model, current.state, plan.rows, mode)
-            return self._advance(current, plan, step), (plan, mode.value)
+            record, scored = self._advance(current, plan, step, model)
+            return record, (plan, mode.value, scored)
 
         async with self._locks.hold(stream_id):
-            record, (plan, mode) = await update_stream(
+            record, (plan, mode, scored) = await update_stream(
                 self.store, stream_id, change, attempts=self.settings.store_retries, stats=self.metrics
             )
         assert record is not None
         applied = len(plan.rows)
         nbytes = len(record.state) if applied else None
         self.metrics.applied(mode, applied, len(plan.statuses) - applied, nbytes)
+        self.metrics.scored(record.model, mode, scored)
         return schemas.ObservationsOut(
             **self.status(record, mode).model_dump(),
             applied=applied,
@@ -193,6 +204,46 @@ class Engine:
         record = await self.store.get(stream_id)
         self.compatible_model(record)
         return schemas.ForecastOut(**self.status(record).model_dump(), forecast=self.forecast_of(record))
+
+    async def accuracy(self, stream_id: str) -> schemas.AccuracyOut:
+        record = await self.store.get(stream_id)
+        model = self.compatible_model(record)
+        scores = Accuracy.from_json(record.accuracy)
+        since, recent = report(scores, model.pred_len, len(model.targets))
+        return schemas.AccuracyOut(
+            **self.status(record).model_dump(),
+            columns=list(model.targets),
+            window=self.settings.accuracy_window,
+            pending=len(scores.pending),
+            since_creation=since,
+            recent=recent,
+        )
+
+    async def list_ids(self, cursor: str | None, limit: int) -> schemas.StreamsPage:
+        ids, next_cursor = await self.store.list_ids(cursor, limit)
+        return schemas.StreamsPage(streams=ids, next_cursor=next_cursor)
+
+    async def history(self, stream_id: str) -> schemas.HistoryOut:
+        record = await self.store.get(stream_id)
+        model = self.compatible_model(record)
+        values = await self._batcher.in_pool(lambda: recent_values(model, record.state))
+        rows = history_rows(model, record, values, Accuracy.from_json(record.accuracy))
+        return schemas.HistoryOut(
+            **self.status(record).model_dump(),
+            columns=list(model.columns),
+            targets=list(model.targets),
+            rows=rows,
+        )
+
+    async def update(self, stream_id: str, change: Change[T]) -> tuple[StreamRecord | None, T]:
+        """Read-modify-write one stream by compare-and-set (state lifecycle writes use it too)."""
+        async with self._locks.hold(stream_id):
+            return await update_stream(
+                self.store, stream_id, change, attempts=self.settings.store_retries, stats=self.metrics
+            )
+
+    async def run_in_pool(self, fn: Callable[[], T]) -> T:
+        return await self._batcher.in_pool(fn)
 
     # -- helpers -------------------------------------------------------------------------------
     def compatible_model(self, record: StreamRecord) -> LoadedModel:
@@ -223,10 +274,11 @@ class Engine:
         window = max(self.settings.dedup_window, self.settings.max_batch)
         return plan_batch(model, items, last, recent, window, prefix)
 
-    @staticmethod
-    def _advance(record: StreamRecord, plan: Plan, step: Step, prefix: str = "observations") -> StreamRecord:
-        """The next record; first checks that its forecast can be dated, so that serving it
-        can never fail once it is written."""
+    def _advance(
+        self, record: StreamRecord, plan: Plan, step: Step, model: LoadedModel, prefix: str = "observations"
+    ) -> tuple[StreamRecord, Scored]:
+        """The next record and the errors it scored; first checks that its forecast can be
+        dated, so that serving it can never fail once it is written."""
         if step.forecast is not None:
             try:
                 future_timestamps(plan.last_timestamp, record.freq, len(step.forecast))
@@ -238,6 +290,13 @@ class Engine:
                     "year 9999",
                     field=f"{prefix}.{index}.timestamp",
                 ) from exc
+        scores, scored = advance(
+            Accuracy.from_json(record.accuracy),
+            self.accuracy_spec(model),
+            record.steps,
+            plan.rows,
+            step.forecast,
+        )
         return record.replace(
             state=step.state,
             steps=step.steps,
@@ -245,8 +304,15 @@ class Engine:
             last_values_hash=plan.last_values_hash,
             recent=plan.recent,
             forecast=step.forecast,
+            accuracy=scores.to_json(),
             updated_at=_now(),
-        )
+        ), scored
+
+    def accuracy_spec(self, model: LoadedModel) -> Spec:
+        targets = tuple(model.columns.index(t) for t in model.targets)
+        std = tuple(model.schema.std[j] for j in targets)
+        window = self.settings.accuracy_window
+        return Spec(targets, std, model.pred_len, window, keep=model.seq_len + model.pred_len)
 
     def _seq_len(self, record: StreamRecord) -> int | None:
         model = self.registry.models.get(record.model)

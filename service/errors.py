@@ -5,9 +5,11 @@
     ServiceError
     ├── NotFound ............................ 404
     │   ├── StreamNotFound
+    │   ├── SnapshotNotFound
     │   └── ModelNotFound
     ├── Conflict ............................ 409
     │   ├── StreamExists
+    │   ├── SnapshotExists
     │   ├── OutOfOrder          (carries the last applied timestamp)
     │   └── StateIncompatible   (another model's state, e.g. after a checkpoint change: reset)
     ├── InvalidObservation .................. 422  (names the field)
@@ -57,6 +59,13 @@ class StreamNotFound(NotFound):
         super().__init__(f"stream {stream_id!r} does not exist", field="stream_id")
 
 
+class SnapshotNotFound(NotFound):
+    type = "snapshot_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"snapshot {name!r} does not exist", field="name")
+
+
 class ModelNotFound(NotFound):
     type = "model_not_found"
 
@@ -73,6 +82,13 @@ class StreamExists(Conflict):
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} already exists", field="stream_id")
+
+
+class SnapshotExists(Conflict):
+    type = "snapshot_exists"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"snapshot {name!r} already exists; delete it first", field="name")
 
 
 class OutOfOrder(Conflict):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.accuracy import Scored
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # |error| / the target's std
 BYTES_BUCKETS = tuple(float(2**k) for k in range(8, 27, 2))  # 256 B .. 64 MiB
 
 
@@ -42,6 +45,26 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        # sum / count of each is the MAE over every stream; 1 - served / last_value is the skill
+        self.forecast_errors = Histogram(
+            "memcast_forecast_abs_error",
+            "Absolute error of served forecasts as their values matured, in units of the target's std",
+            ["model", "mode"],
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        self.last_value_errors = Histogram(
+            "memcast_last_value_abs_error",
+            "Absolute error of the last-value forecast over the same values, in units of the target's std",
+            ["model", "mode"],
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        self.streams_expired = Counter(
+            "memcast_streams_expired",
+            "Streams deleted after MEMCAST_STREAM_TTL_S without a write",
+            registry=r,
+        )
         self.models_loaded = Gauge("memcast_models_loaded", "Checkpoints loaded", registry=r)
 
     # StoreStats
@@ -58,6 +81,14 @@ class Metrics:
             self.duplicates.inc(duplicates)
         if state_bytes is not None:
             self.state_bytes.observe(state_bytes)
+
+    def scored(self, model: str, mode: str, scored: Scored) -> None:
+        served = self.forecast_errors.labels(model=model, mode=mode)
+        for e in scored.errors:
+            served.observe(e)
+        naive = self.last_value_errors.labels(model=model, mode=mode)
+        for e in scored.last_value_errors:
+            naive.observe(e)
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()

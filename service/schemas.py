@@ -177,3 +177,71 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+class Accuracy(BaseModel):
+    """MAE and MSE of the served forecasts and of the last-value forecast over the same values
+    (stream units, averaged over the target columns); ``skill = 1 - mae / last_value_mae``."""
+
+    count: int = Field(description="values scored (per target column)")
+    mae: float | None
+    mse: float | None
+    last_value_mae: float | None
+    last_value_mse: float | None
+    skill: float | None
+
+
+class StepAccuracy(Accuracy):
+    step: int = Field(description="horizon step, 1 = one step ahead")
+
+
+class AccuracyWindow(Accuracy):
+    steps: list[StepAccuracy]
+
+
+class AccuracyOut(StreamStatus):
+    columns: list[str] = Field(description="target columns the errors average over")
+    window: int = Field(description="latest scored values per step in `recent`")
+    pending: int = Field(description="served forecasts whose horizon has not fully matured")
+    since_creation: AccuracyWindow
+    recent: AccuracyWindow
+
+
+class StreamsPage(BaseModel):
+    streams: list[str] = Field(description="stream ids")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: no more")
+
+
+class HistoryRow(BaseModel):
+    timestamp: TimestampOut
+    values: dict[str, float]
+    forecast: dict[str, float] | None = Field(
+        description="the target values the latest served forecast made for this row, if any"
+    )
+    forecast_step: int | None = Field(description="how many steps ahead that forecast was made")
+
+
+class HistoryOut(StreamStatus):
+    columns: list[str]
+    targets: list[str]
+    rows: list[HistoryRow] = Field(description="the latest observations the state holds, oldest first")
+
+
+SnapshotName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+
+
+class CreateSnapshot(_Strict):
+    name: SnapshotName
+
+
+class SnapshotOut(BaseModel):
+    name: str
+    taken_at: str
+    model: str
+    mode: Mode
+    steps: int
+    last_timestamp: TimestampOut | None
+
+
+class SnapshotsOut(BaseModel):
+    snapshots: list[SnapshotOut]

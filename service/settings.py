@@ -58,6 +58,14 @@ class Settings(BaseSettings):
         ge=1,
         description="applied observations remembered to acknowledge re-posts (at least max_batch are)",
     )
+    stream_ttl_s: float | None = Field(
+        None,
+        gt=0,
+        description="delete a stream and its snapshots after this many seconds without a write; unset: never",
+    )
+    accuracy_window: int = Field(
+        48, ge=1, description="scored values per horizon step in a stream's recent accuracy window"
+    )
 
     # process
     log_level: str = Field("info", description="`debug`, `info`, `warning` or `error`")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Response, status
+from fastapi import APIRouter, Body, Path, Query, Response, status
 
 from service import schemas
 from service.api.deps import Authenticated, EngineDep
@@ -29,6 +29,15 @@ async def create_stream(
     record = await engine.create(req)
     response.headers["Location"] = f"/v1/streams/{record.stream_id}"
     return engine.summary(record)
+
+
+@router.get("", response_model=schemas.StreamsPage)
+async def list_streams(
+    engine: EngineDep,
+    cursor: Annotated[str | None, Query(max_length=256, description="from the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> schemas.StreamsPage:
+    return await engine.list_ids(cursor, limit)
 
 
 @router.get("/{stream_id}", response_model=schemas.StreamOut)
@@ -59,3 +68,13 @@ async def post_observations(
 @router.get("/{stream_id}/forecast", response_model=schemas.ForecastOut)
 async def get_forecast(stream_id: StreamIdPath, engine: EngineDep) -> schemas.ForecastOut:
     return await engine.forecast(stream_id)
+
+
+@router.get("/{stream_id}/accuracy", response_model=schemas.AccuracyOut)
+async def get_accuracy(stream_id: StreamIdPath, engine: EngineDep) -> schemas.AccuracyOut:
+    return await engine.accuracy(stream_id)
+
+
+@router.get("/{stream_id}/history", response_model=schemas.HistoryOut)
+async def get_history(stream_id: StreamIdPath, engine: EngineDep) -> schemas.HistoryOut:
+    return await engine.history(stream_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.settings import Settings
-from service.store.base import StateStore, StoreStats, StreamRecord, Timestamp, update_stream
+from service.store.base import Snapshot, StateStore, StoreStats, StreamRecord, Timestamp, update_stream
 from service.store.embedded import EmbeddedStore
 from service.store.redis_store import RedisStore
 
@@ -22,6 +22,7 @@ def make_store(settings: Settings) -> StateStore:
 __all__ = [
     "EmbeddedStore",
     "RedisStore",
+    "Snapshot",
     "StateStore",
     "StoreStats",
     "StreamRecord",

@@ -45,6 +45,7 @@ class StreamRecord:
     recent: tuple[tuple[Timestamp, str], ...] = ()
     freq: str | None = None
     forecast: tuple[tuple[float, ...], ...] | None = None  # in the stream's units
+    accuracy: dict[str, Any] | None = None  # service.accuracy.Accuracy as JSON; None: nothing scored yet
     created_at: str = ""
     updated_at: str = ""
     version: int = 0
@@ -66,8 +67,8 @@ class StreamRecord:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = fields.get(f.name.encode())
-            if raw is None and f.name == "incarnation":  # written before incarnations existed
-                continue
+            if raw is None and f.default is not dataclasses.MISSING:
+                continue  # a field newer than the stored record (incarnation, accuracy): its default
             if raw is None:
                 raise ValueError(f"stream record without its {f.name!r} field")
             values[f.name] = raw if f.name == "state" else json.loads(raw)
@@ -75,6 +76,27 @@ class StreamRecord:
         if values["forecast"] is not None:
             values["forecast"] = tuple(tuple(row) for row in values["forecast"])
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A named copy of a stream's record, as it was when taken."""
+
+    name: str
+    taken_at: str
+    record: StreamRecord
+
+    def meta(self) -> str:
+        """Everything but the state blob, as JSON."""
+        fields = {k: v for k, v in self.record.to_fields().items() if k != "state"}
+        return json.dumps({"name": self.name, "taken_at": self.taken_at, "record": fields})
+
+    @classmethod
+    def from_parts(cls, meta: bytes | str, state: bytes) -> Snapshot:
+        data = json.loads(meta)
+        fields = {k.encode(): v.encode() for k, v in data["record"].items()}
+        fields[b"state"] = state
+        return cls(data["name"], data["taken_at"], StreamRecord.from_fields(fields))
 
 
 class StateStore(Protocol):
@@ -97,6 +119,33 @@ class StateStore(Protocol):
         ...
 
     async def delete(self, stream_id: str) -> None: ...
+
+    async def list_ids(self, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """A page of stream ids from ``cursor`` (``None``: the first page) and the cursor of the
+        next page (``None``: no more). The embedded store pages in id order, ``limit`` at a time;
+        the Redis store follows ``SCAN`` (about ``limit`` per page, in no particular order)."""
+        ...
+
+    async def delete_if_unchanged(self, record: StreamRecord) -> bool:
+        """Delete the stream and its snapshots only if its version and incarnation are still
+        ``record``'s (the expiry sweep's compare-and-set); ``False`` when it was written,
+        re-created or deleted since."""
+        ...
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` with its stream; ``SnapshotExists`` if the name is taken,
+        ``StreamNotFound`` if the stream is gone. Deleting the stream deletes its snapshots."""
+        ...
+
+    async def get_snapshot(self, stream_id: str, name: str) -> Snapshot:
+        """``SnapshotNotFound`` if there is none of that name."""
+        ...
+
+    async def list_snapshots(self, stream_id: str) -> list[Snapshot]:
+        """The stream's snapshots (their records without the state blob), by name."""
+        ...
+
+    async def delete_snapshot(self, stream_id: str, name: str) -> None: ...
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 
-from service.errors import StreamExists, StreamNotFound
-from service.store.base import StreamRecord, new_incarnation
+from service.errors import SnapshotExists, SnapshotNotFound, StreamExists, StreamNotFound
+from service.store.base import Snapshot, StreamRecord, new_incarnation
 
 
 class EmbeddedStore:
     def __init__(self) -> None:
         self._records: dict[str, StreamRecord] = {}
+        self._snapshots: dict[str, dict[str, Snapshot]] = {}
         self._lock = threading.Lock()
 
     async def create(self, record: StreamRecord) -> StreamRecord:
@@ -46,8 +47,55 @@ class EmbeddedStore:
 
     async def delete(self, stream_id: str) -> None:
         with self._lock:
+            self._snapshots.pop(stream_id, None)
             if self._records.pop(stream_id, None) is None:
                 raise StreamNotFound(stream_id)
+
+    async def list_ids(self, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        with self._lock:
+            ids = sorted(i for i in self._records if cursor is None or i > cursor)
+        page = ids[:limit]
+        return page, page[-1] if len(ids) > limit else None
+
+    async def delete_if_unchanged(self, record: StreamRecord) -> bool:
+        stream_id = record.stream_id
+        with self._lock:
+            current = self._records.get(stream_id)
+            if current is None or (current.version, current.incarnation) != (
+                record.version,
+                record.incarnation,
+            ):
+                return False
+            del self._records[stream_id]
+            self._snapshots.pop(stream_id, None)
+        return True
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        stream_id = snapshot.record.stream_id
+        with self._lock:
+            if stream_id not in self._records:
+                raise StreamNotFound(stream_id)
+            taken = self._snapshots.setdefault(stream_id, {})
+            if snapshot.name in taken:
+                raise SnapshotExists(snapshot.name)
+            taken[snapshot.name] = snapshot
+
+    async def get_snapshot(self, stream_id: str, name: str) -> Snapshot:
+        with self._lock:
+            snapshot = self._snapshots.get(stream_id, {}).get(name)
+        if snapshot is None:
+            raise SnapshotNotFound(name)
+        return snapshot
+
+    async def list_snapshots(self, stream_id: str) -> list[Snapshot]:
+        with self._lock:
+            taken = dict(self._snapshots.get(stream_id, {}))
+        return [taken[name] for name in sorted(taken)]
+
+    async def delete_snapshot(self, stream_id: str, name: str) -> None:
+        with self._lock:
+            if self._snapshots.get(stream_id, {}).pop(name, None) is None:
+                raise SnapshotNotFound(name)
 
     async def ping(self) -> None:
         return None

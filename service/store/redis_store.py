@@ -17,6 +17,7 @@ client keeps no dead connection: redis-py drops a broken one and reconnects on t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
@@ -26,8 +27,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.errors import StoreUnavailable, StreamExists, StreamNotFound
-from service.store.base import StreamRecord, new_incarnation
+from service.errors import (
+    InvalidObservation,
+    SnapshotExists,
+    SnapshotNotFound,
+    StoreUnavailable,
+    StreamExists,
+    StreamNotFound,
+)
+from service.store.base import Snapshot, StreamRecord, new_incarnation
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -47,6 +55,24 @@ return 1
 """
 
 
+# ARGV: the version and incarnation read (JSON-encoded, as stored): a stream written or
+# re-created since is kept
+_DELETE_IF_UNCHANGED = """
+local current = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+if current[1] ~= ARGV[1] or (current[2] or '""') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# snapshots: hash ``{prefix}:{<id>}:snapshots`` (same slot), fields ``<name>.meta`` and ``<name>.state``
+_PUT_SNAPSHOT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+
 class RedisStore:
     def __init__(self, url: str, *, prefix: str = "memcast", timeout_s: float = 2.0, retry_after: int = 1):
         # One immediate retry lets a pooled connection broken by a Redis restart reconnect
@@ -61,9 +87,14 @@ class RedisStore:
         self._retry_after = retry_after
         self._create = self._redis.register_script(_CREATE)
         self._cas = self._redis.register_script(_COMPARE_AND_SET)
+        self._put_snapshot = self._redis.register_script(_PUT_SNAPSHOT)
+        self._delete_if_unchanged = self._redis.register_script(_DELETE_IF_UNCHANGED)
 
     def key(self, stream_id: str) -> str:
         return f"{self._prefix}:{{{stream_id}}}"
+
+    def snapshots_key(self, stream_id: str) -> str:  # not ending in "}": list_ids never sees it
+        return f"{self.key(stream_id)}:snapshots"
 
     @asynccontextmanager
     async def _translate(self) -> AsyncIterator[None]:
@@ -101,10 +132,76 @@ class RedisStore:
         return stored if outcome == 1 else None
 
     async def delete(self, stream_id: str) -> None:
-        async with self._translate():
-            removed = await self._redis.delete(self.key(stream_id))
+        async with self._translate(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key(stream_id))
+            pipe.delete(self.snapshots_key(stream_id))
+            removed, _ = await pipe.execute()
         if not removed:
             raise StreamNotFound(stream_id)
+
+    async def list_ids(self, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
+        """``SCAN`` over this service's keys (``{prefix}:{*}``), never ``KEYS``: pages of about
+        ``limit`` ids; the cursor is Redis's own."""
+        try:
+            position = int(cursor or 0)
+        except ValueError:
+            raise InvalidObservation(
+                "cursor is not one this endpoint returned", field="query.cursor"
+            ) from None
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._prefix) + ":{*}"
+        start = len(self._prefix) + 2
+        ids: list[str] = []
+        async with self._translate():
+            while True:
+                position, keys = await self._redis.scan(position, match=pattern, count=limit)
+                ids += [(key if isinstance(key, str) else key.decode())[start:-1] for key in keys]
+                if position == 0 or len(ids) >= limit:
+                    break
+        return ids, str(position) if position else None
+
+    async def delete_if_unchanged(self, record: StreamRecord) -> bool:
+        stream_id = record.stream_id
+        async with self._translate():
+            deleted = await self._delete_if_unchanged(
+                keys=[self.key(stream_id), self.snapshots_key(stream_id)],
+                args=[json.dumps(record.version), json.dumps(record.incarnation)],
+            )
+        return bool(deleted)
+
+    async def put_snapshot(self, snapshot: Snapshot) -> None:
+        stream_id, name = snapshot.record.stream_id, snapshot.name
+        async with self._translate():
+            outcome = await self._put_snapshot(
+                keys=[self.key(stream_id), self.snapshots_key(stream_id)],
+                args=[f"{name}.meta", snapshot.meta(), f"{name}.state", snapshot.record.state],
+            )
+        if outcome == -1:
+            raise StreamNotFound(stream_id)
+        if outcome == 0:
+            raise SnapshotExists(name)
+
+    async def get_snapshot(self, stream_id: str, name: str) -> Snapshot:
+        async with self._translate():
+            meta, state = await self._redis.hmget(
+                self.snapshots_key(stream_id), [f"{name}.meta", f"{name}.state"]
+            )
+        if meta is None or state is None:
+            raise SnapshotNotFound(name)
+        return Snapshot.from_parts(meta, state if isinstance(state, bytes) else state.encode())
+
+    async def list_snapshots(self, stream_id: str) -> list[Snapshot]:
+        key = self.snapshots_key(stream_id)
+        async with self._translate():
+            fields = [f.decode() if isinstance(f, bytes) else f for f in await self._redis.hkeys(key)]
+            metas = sorted(f for f in fields if f.endswith(".meta"))
+            values = await self._redis.hmget(key, metas) if metas else []
+        return [Snapshot.from_parts(v, b"") for v in values if v is not None]
+
+    async def delete_snapshot(self, stream_id: str, name: str) -> None:
+        async with self._translate():
+            removed = await self._redis.hdel(self.snapshots_key(stream_id), f"{name}.meta", f"{name}.state")
+        if not removed:
+            raise SnapshotNotFound(name)
 
     async def ping(self) -> None:
         async with self._translate():

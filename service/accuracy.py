@@ -1,0 +1,248 @@
+"""Live accuracy of a stream's served forecasts, scored as their horizon matures.
+
+Pure bookkeeping on plain numbers (no torch, no I/O); the engine calls :func:`advance` once
+per applied batch, where it builds the next record, so every path that applies observations
+(single requests, the cross-stream micro-batch, stream creation) scores the same way, and a
+duplicate, never applied, is never scored.
+
+The forecast a request returns (the one stored in the record) is *served*; it is kept
+*pending*, with the last observed target values at its origin (the last-value forecast), until
+its horizon has matured, so at most ``pred_len`` are pending. When the ``s``-th observation
+arrives, the pending forecast served after observation ``o`` has its step ``h = s - o`` scored
+against it, and so has the last-value forecast. Forecasts a request did not return (those
+inside a batch of several observations, or inside a creation history) were never served and
+are not scored: one observation per request scores every step, as ``memcast evaluate`` does.
+
+Per horizon step the record keeps sums since creation and a ring of the latest ``window``
+scored values (each the mean over the target columns), as JSON: no pickle. Errors are in the
+stream's units, averaged over the target columns; skill is ``1 - MAE / MAE_last_value``.
+
+Axis legend: ``p`` horizon steps, ``c`` target columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from service import schemas
+
+if TYPE_CHECKING:
+    from service.registry import LoadedModel
+    from service.store import StreamRecord
+
+Row = tuple[float, ...]  # [c] target values
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What scoring needs to know about a stream's model and the service settings."""
+
+    targets: tuple[int, ...]  # indices of the target columns in an observation row
+    std: tuple[float, ...]  # the checkpoint's scale of each target (for the aggregate metrics)
+    pred_len: int
+    window: int  # scored values per step in the recent window
+    keep: int  # matured values whose forecast is kept for display (the history's length)
+
+
+@dataclass(frozen=True)
+class Pending:
+    origin: int  # observations seen when the forecast was served
+    forecast: tuple[Row, ...]  # [p][c]
+    last: Row  # [c] the last-value forecast
+
+
+@dataclass(frozen=True)
+class Matured:
+    """The latest served forecast of one observed value (the one made closest to it)."""
+
+    index: int  # the observation's number, 1-based
+    step: int  # made this many steps ahead
+    values: Row  # [c]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Errors scored by one :func:`advance`, one per target value, for the aggregate metrics:
+    ``|forecast - actual| / std`` in the checkpoint's scale, comparable across streams."""
+
+    errors: list[float] = field(default_factory=list)
+    last_value_errors: list[float] = field(default_factory=list)
+
+
+# totals[step]: [values scored, sum |e|, sum e^2, sum |e_last|, sum e_last^2]
+# window[step]: [[mean |e|, mean e^2, mean |e_last|, mean e_last^2] per scored value, oldest first]
+@dataclass(frozen=True)
+class Accuracy:
+    pending: tuple[Pending, ...] = ()
+    totals: tuple[tuple[float, ...], ...] = ()
+    window: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    matured: tuple[Matured, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pending": [[p.origin, [list(r) for r in p.forecast], list(p.last)] for p in self.pending],
+            "totals": [list(t) for t in self.totals],
+            "window": [[list(e) for e in w] for w in self.window],
+            "matured": [[m.index, m.step, list(m.values)] for m in self.matured],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Accuracy:
+        if not data:
+            return cls()
+        return cls(
+            pending=tuple(
+                Pending(int(o), tuple(tuple(r) for r in f), tuple(last)) for o, f, last in data["pending"]
+            ),
+            totals=tuple(tuple(t) for t in data["totals"]),
+            window=tuple(tuple(tuple(e) for e in w) for w in data["window"]),
+            matured=tuple(Matured(int(i), int(s), tuple(v)) for i, s, v in data["matured"]),
+        )
+
+
+def advance(
+    acc: Accuracy,
+    spec: Spec,
+    steps_before: int,
+    rows: Sequence[Sequence[float]],
+    forecast: Sequence[Sequence[float]] | None,
+) -> tuple[Accuracy, Scored]:
+    """Score the pending forecasts on the new ``rows`` (observations ``steps_before + 1 ..``),
+    then keep ``forecast`` (served after the last row) pending."""
+    p = spec.pred_len
+    totals = [list(t) for t in acc.totals] or [[0.0] * 5 for _ in range(p)]
+    window = [list(w) for w in acc.window] or [[] for _ in range(p)]
+    pending, matured, scored = list(acc.pending), list(acc.matured), Scored()
+    for i, row in enumerate(rows):
+        s = steps_before + i + 1
+        actual = [float(row[j]) for j in spec.targets]
+        closest: Matured | None = None
+        for entry in pending:
+            h = s - entry.origin  # 1 <= h <= p: entries past their horizon were dropped
+            errors = [f - a for f, a in zip(entry.forecast[h - 1], actual, strict=True)]
+            naive = [f - a for f, a in zip(entry.last, actual, strict=True)]
+            _add(totals[h - 1], window[h - 1], errors, naive, spec.window)
+            scored.errors.extend(abs(e) / sd for e, sd in zip(errors, spec.std, strict=True))
+            scored.last_value_errors.extend(abs(e) / sd for e, sd in zip(naive, spec.std, strict=True))
+            if closest is None or h < closest.step:
+                closest = Matured(s, h, entry.forecast[h - 1])
+        if closest is not None:
+            matured.append(closest)
+        pending = [e for e in pending if e.origin + p > s]
+    if forecast is not None and rows:
+        last = tuple(float(rows[-1][j]) for j in spec.targets)
+        pending.append(Pending(steps_before + len(rows), tuple(tuple(r) for r in forecast), last))
+    return (
+        Accuracy(
+            pending=tuple(pending),
+            totals=tuple(tuple(t) for t in totals),
+            window=tuple(tuple(tuple(e) for e in w) for w in window),
+            matured=tuple(matured[-spec.keep :]) if spec.keep else (),
+        ),
+        scored,
+    )
+
+
+def _add(total: list[float], ring: list[Any], errors: list[float], naive: list[float], size: int) -> None:
+    c = len(errors)
+    ae, se = sum(abs(e) for e in errors), sum(e * e for e in errors)
+    ae_last, se_last = sum(abs(e) for e in naive), sum(e * e for e in naive)
+    for k, v in enumerate((c, ae, se, ae_last, se_last)):
+        total[k] += v
+    ring.append((ae / c, se / c, ae_last / c, se_last / c))
+    del ring[:-size]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """MAE and MSE of the served and of the last-value forecasts over some scored values."""
+
+    count: int  # values scored (per target column and step)
+    mae: float | None
+    mse: float | None
+    last_value_mae: float | None
+    last_value_mse: float | None
+
+    @property
+    def skill(self) -> float | None:
+        if self.mae is None or not self.last_value_mae:
+            return None
+        return 1.0 - self.mae / self.last_value_mae
+
+
+def _summary(count: float, sums: Sequence[float]) -> Summary:
+    if not count:
+        return Summary(0, None, None, None, None)
+    ae, se, ae_last, se_last = (v / count for v in sums)
+    return Summary(int(count), ae, se, ae_last, se_last)
+
+
+def since_creation(acc: Accuracy) -> tuple[Summary, list[Summary]]:
+    """The pooled summary over every step, and one per step."""
+    per_step = [_summary(t[0], t[1:]) for t in acc.totals]
+    n = sum(t[0] for t in acc.totals)
+    pooled = [sum(t[k] for t in acc.totals) for k in range(1, 5)]
+    return _summary(n, pooled), per_step
+
+
+def recent(acc: Accuracy, columns: int) -> tuple[Summary, list[Summary]]:
+    """The same over the window (``columns`` target values per ring entry)."""
+    per_step = [
+        _summary(len(w) * columns, [sum(e[k] for e in w) * columns for k in range(4)]) for w in acc.window
+    ]
+    n = sum(len(w) for w in acc.window) * columns
+    pooled = [sum(e[k] for w in acc.window for e in w) * columns for k in range(4)]
+    return _summary(n, pooled), per_step
+
+
+def history_rows(
+    model: LoadedModel, record: StreamRecord, values: list[list[float]], acc: Accuracy
+) -> list[schemas.HistoryRow]:
+    """The latest observations (``values``, from the state) with their timestamps (the record's
+    recent window) and the forecast each got, for display."""
+    m = min(len(values), len(record.recent))
+    first = record.steps - m + 1  # observation number of the first row shown
+    made = {entry.index: entry for entry in acc.matured}
+    rows = []
+    for j, (row, (timestamp, _)) in enumerate(
+        zip(values[len(values) - m :], record.recent[len(record.recent) - m :], strict=True)
+    ):
+        entry = made.get(first + j)
+        rows.append(
+            schemas.HistoryRow(
+                timestamp=timestamp,
+                values=dict(zip(model.columns, row, strict=True)),
+                forecast=dict(zip(model.targets, entry.values, strict=True)) if entry else None,
+                forecast_step=entry.step if entry else None,
+            )
+        )
+    return rows
+
+
+def report(
+    acc: Accuracy, pred_len: int, columns: int
+) -> tuple[schemas.AccuracyWindow, schemas.AccuracyWindow]:
+    """(since creation, recent window) as response bodies, every step listed."""
+    empty = Summary(0, None, None, None, None)
+
+    def body(pooled: Summary, per_step: list[Summary]) -> schemas.AccuracyWindow:
+        per_step = per_step or [empty] * pred_len
+        return schemas.AccuracyWindow(
+            **_fields(pooled),
+            steps=[schemas.StepAccuracy(step=h + 1, **_fields(s)) for h, s in enumerate(per_step)],
+        )
+
+    return body(*since_creation(acc)), body(*recent(acc, columns))
+
+
+def _fields(s: Summary) -> dict[str, Any]:
+    return {
+        "count": s.count,
+        "mae": s.mae,
+        "mse": s.mse,
+        "last_value_mae": s.last_value_mae,
+        "last_value_mse": s.last_value_mse,
+        "skill": s.skill,
+    }
