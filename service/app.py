@@ -14,7 +14,7 @@ from importlib.metadata import version
 import torch
 from fastapi import FastAPI
 
-from service.api import health, models, streams
+from service.api import health, models, observations, streams
 from service.api.errors import install_error_handlers
 from service.engine import Engine
 from service.metrics import Metrics
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
     app.include_router(streams.router)
+    app.include_router(observations.router)
     app.include_router(models.router)
     app.include_router(health.router)
     # outermost last: latency covers everything, including refused bodies

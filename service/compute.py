@@ -82,6 +82,62 @@ def compute_batch(
     return results  # type: ignore[return-value]
 
 
+def compute_many(
+    model: LoadedModel,
+    blobs: list[bytes | None],
+    rows: list[list[list[float]]],
+    mode: UpdateMode,
+    fresh_mode: UpdateMode,
+) -> list[Step | ServiceError]:
+    """Several streams, each with its own (non-empty) rows, in one ``observe`` call per time
+    step over the streams that still have a row (``None``: a new stream, started in
+    ``fresh_mode``). Equals :func:`compute` per stream up to float rounding; a stream whose
+    state cannot be read or turns non-finite is that stream's error only."""
+    net = model.replica()
+    results: list[Step | ServiceError | None] = [None] * len(blobs)
+    with torch.no_grad():
+        decoded: dict[int, TensorDict] = {}
+        for i, blob in enumerate(blobs):
+            try:
+                state = init_stream_state(net, 1, fresh_mode) if blob is None else decode(model, blob)
+                decoded[i] = ensure_mode(net, state, mode)
+            except StateIncompatible as exc:
+                results[i] = exc
+        # longest first, so that the streams with a row at step t are a prefix [:k]
+        order = sorted(decoded, key=lambda i: -len(rows[i]))
+        if not order:
+            return results  # type: ignore[return-value]
+        try:
+            state = TensorDict.cat([decoded[i] for i in order], dim=0)  # [b]
+        except (RuntimeError, KeyError, ValueError):  # states of different layouts: one call each
+            for i in order:
+                results[i] = compute(model, blobs[i], rows[i], mode, fresh_mode)
+            return results  # type: ignore[return-value]
+        lengths = [len(rows[i]) for i in order]
+        c = len(rows[order[0]][0])
+        values = torch.zeros(len(order), lengths[0], c, dtype=torch.float64)  # [b, t, c]
+        for j, i in enumerate(order):
+            values[j, : lengths[j]] = torch.tensor(rows[i], dtype=torch.float64)
+        values = model.schema.scale(values)
+        outs: dict[int, Tensor] = {}  # position in order -> forecast [p, c_out]
+        for t in range(lengths[0]):
+            k = sum(1 for n in lengths if n > t)  # streams with a row at step t
+            ending = [j for j in range(k) if lengths[j] == t + 1]
+            sub = state if k == len(order) else state[:k]
+            sub, out = observe(net, sub, values[:k, t], mode, need_forecast=bool(ending))
+            state = sub if k == len(order) else TensorDict.cat([sub, state[k:]], dim=0)
+            for j in ending:
+                assert out is not None
+                outs[j] = out[j]
+        ready = is_ready(net, state).tolist()
+        for j, i in enumerate(order):
+            try:
+                results[i] = _finish(model, state[j : j + 1], outs[j][None], 0, ready[j])
+            except NonFiniteState as exc:
+                results[i] = exc
+    return results  # type: ignore[return-value]
+
+
 def decode(model: LoadedModel, blob: bytes) -> TensorDict:
     try:
         state, _ = state_from_bytes(blob, model.fingerprint)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
@@ -39,6 +40,7 @@ from service.settings import Settings
 from service.store import StateStore, StreamRecord, Timestamp, update_stream
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StreamLocks:
@@ -71,8 +73,32 @@ class Engine:
         self._batcher = Batcher(self._pool, settings.batch_slots, settings.batch_streams, metrics)
         self._locks = StreamLocks()
 
+        self._fresh: dict[tuple[str, str, UpdateMode], bytes] = {}
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def locks(self) -> StreamLocks:
+        return self._locks
+
+    async def run_model(self, fn: Callable[[], T]) -> T:
+        """Run model computation in the model thread pool."""
+        return await self._batcher.run(fn)
+
+    async def fresh_state(self, model: LoadedModel, mode: UpdateMode) -> bytes:
+        """The state of a stream that has seen nothing (the same for every such stream)."""
+        key = (model.name, model.fingerprint, mode)
+        if key not in self._fresh:
+            step = await self.run_model(lambda: compute(model, None, [], mode, mode))
+            self._fresh[key] = step.state
+        return self._fresh[key]
+
+    async def observe_bulk(self, req: schemas.BulkObservations) -> schemas.BulkObservationsOut:
+        """Observations for many streams in one request (see :mod:`service.bulk`)."""
+        from service.bulk import BulkRequest
+
+        return await BulkRequest(self, req).run()
 
     # -- streams ----------------------------------------------------------------------------
     async def create(self, req: schemas.CreateStream) -> StreamRecord:
