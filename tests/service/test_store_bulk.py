@@ -49,4 +49,4 @@ async def test_write_many_reloads_a_flushed_script_cache(redis_url: str) -> None
         [outcome] = await redis_store.write_many([(a.replace(steps=2), a.version)])
         assert outcome is not None and not isinstance(outcome, StreamNotFound) and outcome.steps == 2
     finally:
-        await store.aclose()
+        await redis_store.aclose()
