@@ -109,6 +109,9 @@ class TitansBlock(nn.Module):
 class TitansBackbone(Backbone):
     """``config.n_layers`` Titans blocks over a learned positional embedding."""
 
+    # scaled_dot_product_attention has no batching rule on CPU (vmap's slow fallback warns)
+    vmaps_stream_weights = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         fusion = FUSION_VARIANTS.get(config.fusion)
