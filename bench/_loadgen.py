@@ -149,6 +149,39 @@ async def create_streams(
     return upto - first, time.perf_counter() - started
 
 
+async def create_streams_bulk(
+    client: Any, streams: Streams, upto: int, spec: dict[str, Any], mode: str, errors: list[str]
+) -> tuple[int, float]:
+    """Create streams until there are ``upto`` with their whole history in bulk requests
+    (``POST /v1/observations`` with ``create``): each request carries whole histories of as many
+    streams as fit in ``bulk_create_items`` items, ``create_concurrency`` requests in flight."""
+    first = len(streams.ids)
+    for i in range(first, upto):
+        streams.add(f"bench-{i:05d}")
+    per_request = max(1, spec["bulk_create_items"] // streams.history)
+    chunks = [list(range(k, min(k + per_request, upto))) for k in range(first, upto, per_request)]
+    gate = asyncio.Semaphore(spec["create_concurrency"])
+    create = {"model": spec["model"], "mode": mode, "freq": "1"}
+
+    async def post(chunk: list[int]) -> None:
+        items = [
+            {"stream_id": streams.ids[i], "timestamp": t, "values": streams.row(i, t)}
+            for i in chunk
+            for t in range(streams.history)
+        ]
+        body = {"observations": items, "create": create, "forecasts": "none"}
+        async with gate:
+            response = await client.post("/v1/observations", json=body)
+        if response.status_code != 200:
+            errors.append(f"bulk create: {response.status_code} {response.text[:200]}")
+            return
+        errors.extend(f"bulk create: {o}" for o in response.json()["observations"] if o["status"] == "error")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(post(chunk) for chunk in chunks))
+    return upto - first, time.perf_counter() - started
+
+
 async def run_cell(
     url: str, streams: Streams, n: int, concurrency: int, mode: str, spec: dict[str, Any]
 ) -> dict[str, Any]:
@@ -167,8 +200,45 @@ async def run_cell(
         started = time.perf_counter()
         deadline = started + spec["cell_seconds"]
 
+        async def bulk_worker(poster: RawPoster | HttpxPoster) -> None:
+            """One bulk request at a time: one observation for each of ``bulk`` streams taken
+            from the queue (a stream is in one request at a time: its rows stay in order)."""
+            nonlocal applied, sent
+            while queue and sent < budget and time.perf_counter() < deadline:
+                taken = [queue.popleft() for _ in range(min(spec["bulk"], len(queue)))]
+                items = [
+                    {
+                        "stream_id": streams.ids[i],
+                        "timestamp": streams.cursor[i],
+                        "values": streams.row(i, streams.cursor[i]),
+                    }
+                    for i in taken
+                ]
+                sent += len(items)
+                body = json.dumps({"observations": items, "mode": mode}).encode()
+                t0 = time.perf_counter()
+                try:
+                    status, data = await poster.request("POST", "/v1/observations", body)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                else:
+                    latencies.append(time.perf_counter() - t0)
+                    if status != 200:
+                        errors.append(f"{status} {data[:200].decode(errors='replace')}")
+                    else:
+                        for i, item in zip(taken, json.loads(data)["observations"], strict=True):
+                            if item["status"] == "error":
+                                errors.append(str(item["error"])[:200])
+                            else:
+                                applied += item["status"] == "applied"
+                            if item["status"] != "error" or item["code"] == 409:
+                                streams.cursor[i] += 1
+                queue.extend(taken)
+
         async def worker(poster: RawPoster | HttpxPoster) -> None:
             nonlocal applied, sent
+            if spec.get("bulk"):
+                return await bulk_worker(poster)
             while queue and sent < budget and time.perf_counter() < deadline:
                 i = queue.popleft()
                 sent += 1
@@ -201,7 +271,8 @@ async def run_cell(
         await asyncio.gather(*(p.aclose() for p in posters))
     return {
         "observations": applied,
-        "requests": sent,
+        "requests": len(latencies) if spec.get("bulk") else sent,
+        "bulk": spec.get("bulk") or None,
         "seconds": seconds,
         "obs_per_s": applied / seconds if seconds > 0 else math.nan,
         "latency_ms": percentiles(latencies),
@@ -243,7 +314,8 @@ async def client_main(spec: dict[str, Any]) -> dict[str, Any]:
                     break
                 if n > len(streams.ids):
                     errors: list[str] = []
-                    created, seconds = await create_streams(client, streams, n, spec, creation_mode, errors)
+                    make = create_streams_bulk if spec.get("bulk") else create_streams
+                    created, seconds = await make(client, streams, n, spec, creation_mode, errors)
                     result["creation"].append(
                         {"streams": n, "created": created, "seconds": seconds, "errors": len(errors)}
                     )

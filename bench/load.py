@@ -124,6 +124,8 @@ def run_store(store: str, args: argparse.Namespace, checkpoint: Path, data: Path
                 "create_concurrency": args.create_concurrency,
                 "timeout": args.request_timeout,
                 "http_client": args.http_client,
+                "bulk": args.bulk,
+                "bulk_create_items": args.bulk_create_items,
                 "deadline": time.time() + args.store_budget,
             }
             spec_path = work / f"client-{store}.spec.json"
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "create_concurrency",
                 "http_client",
                 "workers_threads",
+                "bulk",
             )
         },
         "command": " ".join(["python", *sys.argv]),
@@ -230,6 +233,14 @@ def parser() -> argparse.ArgumentParser:
         help="posting client: a minimal keep-alive HTTP/1.1 client (default) or httpx",
     )
     p.add_argument("--workers-threads", type=int, help="MEMCAST_WORKERS_THREADS (default: the service's)")
+    p.add_argument(
+        "--bulk",
+        type=int,
+        default=0,
+        help="observations per POST /v1/observations, one per stream (0: one per request, per stream); "
+        "streams are then created in bulk too",
+    )
+    p.add_argument("--bulk-create-items", type=int, default=1000, help="items per bulk creation request")
     p.add_argument("--floor", type=Path, help="floor.json of the same checkpoint: adds ratios to the floor")
     p.add_argument("--out", type=Path, default=Path("runs/bench/load.json"))
     return p

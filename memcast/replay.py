@@ -48,6 +48,7 @@ class ReplayClientConfig:
     rate: float | None = None  # observations/s over all streams (open loop); None: as fast as answered
     timeout: float = 60.0
     keep: bool = False
+    bulk: int | None = None  # items per POST /v1/observations across streams; None: per-stream requests
     prefix: str = field(default_factory=lambda: f"replay-{uuid.uuid4().hex[:6]}")
 
 
@@ -171,6 +172,42 @@ class Replay:
                 self.sent_since_report = 0
                 self.report()
 
+    async def run_bulk(self, client: httpx.AsyncClient, ids: list[str]) -> None:
+        """``--bulk N``: the streams split into ``concurrency`` groups, each posting its streams'
+        rows, time step by time step, ``N`` items per ``POST /v1/observations`` (one request in
+        flight per group, so that every stream's rows arrive in time order)."""
+        from memcast.client import AsyncClient
+
+        assert self.config.bulk is not None
+        s, size, pred_len = self.series, self.config.bulk, self.model["pred_len"]
+        index = {stamp: t for t, stamp in enumerate(s.stamps)}
+        groups = [ids[k :: self.config.concurrency] for k in range(min(self.config.concurrency, len(ids)))]
+
+        async def post_group(group: list[str]) -> None:
+            items = [(sid, s.stamps[t], s.raw[t].tolist()) for t in range(s.border, s.end) for sid in group]
+            async with AsyncClient(
+                self.config.url, api_key=self.config.api_key, timeout=self.config.timeout
+            ) as mc:
+                for start in range(0, len(items), size):
+                    chunk = items[start : start + size]
+                    t0 = time.perf_counter()
+                    result = await mc.bulk(chunk)
+                    self.latencies.append(time.perf_counter() - t0)
+                    failed = [o for o in result["observations"] if o["status"] == "error"]
+                    if failed:
+                        self.errors += 1
+                        _say(f"bulk: {len(failed)} items refused, first: {failed[0]}")
+                        return
+                    self.observations += len(chunk)
+                    self.sent_since_report += len(chunk)
+                    for stream in result["streams"]:
+                        self.score(stream, last=index[stream["last_timestamp"]], pred_len=pred_len)
+                    if self.sent_since_report >= self.config.report_every:
+                        self.sent_since_report = 0
+                        self.report()
+
+        await asyncio.gather(*(post_group(g) for g in groups))
+
     def score(self, payload: dict[str, Any], last: int, pred_len: int) -> None:
         """Score the forecast made after row ``last`` against the rows that followed it."""
         forecast = payload.get("forecast")
@@ -256,7 +293,10 @@ async def replay(config: ReplayClientConfig) -> dict[str, Any]:
             run.score(response.json(), last=series.border - 1, pred_len=model["pred_len"])
         run.started = start = time.perf_counter()
         try:
-            await asyncio.gather(*(run.run_stream(client, sid, k) for k, sid in enumerate(ids)))
+            if config.bulk:
+                await run.run_bulk(client, ids)
+            else:
+                await asyncio.gather(*(run.run_stream(client, sid, k) for k, sid in enumerate(ids)))
         finally:
             seconds = time.perf_counter() - start
             if not config.keep:
@@ -320,6 +360,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument(
         "--report-every", type=int, default=500, help="print the rolling errors every N observations"
     )
+    replay.add_argument(
+        "--bulk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="post N observations per request across streams (POST /v1/observations); --concurrency "
+        "groups of streams post at once",
+    )
     replay.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     replay.add_argument("--keep", action="store_true", help="keep the streams after the replay")
     replay.add_argument("--json", dest="json_out", type=Path, help="write the summary numbers to this file")
@@ -342,6 +390,7 @@ def run_replay(args: argparse.Namespace) -> int:
         rate=args.rate,
         timeout=args.timeout,
         keep=args.keep,
+        bulk=args.bulk,
     )
     summary = asyncio.run(replay(config))
     if args.json_out is not None:

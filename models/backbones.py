@@ -5,12 +5,20 @@ They keep nothing per stream (each forecast re-reads the window), so their state
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
 
 from models.base import Backbone, StorePolicy
 from models.config import ModelConfig
+
+
+def _under_vmap(*tensors: Tensor) -> bool:
+    """True inside ``torch.func.vmap`` (inputs or weights carry a batch dimension of its own)."""
+    return any(torch._C._functorch.is_batchedtensor(t) for t in tensors)
 
 
 class LSTMBackbone(Backbone):
@@ -27,12 +35,40 @@ class LSTMBackbone(Backbone):
     def forward(  # type: ignore[override]
         self, x: Tensor, state: TensorDict, store: StorePolicy
     ) -> tuple[Tensor, TensorDict]:
+        if _under_vmap(x, cast(Tensor, self.lstm.weight_ih_l0)):
+            return self._recurrence(x), state
         features, _ = self.lstm(x)  # [b, n, d]
         return features, state
+
+    def _recurrence(self, x: Tensor) -> Tensor:
+        """``nn.LSTM``'s recurrence written with matmuls: the same numbers, but it runs under
+        ``torch.func.vmap`` with per-stream weights, where ``aten::lstm`` has no batching rule
+        (``models.online`` learns full_model streams that way)."""
+        lstm = self.lstm
+        for layer in range(lstm.num_layers):
+            w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+            b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+            if layer and lstm.dropout:
+                x = F.dropout(x, lstm.dropout, self.training)
+            pre = x @ w_ih.T + b  # [b, n, 4d]: input gates of every step at once
+            h = x.new_zeros(x.shape[0], lstm.hidden_size)
+            c = torch.zeros_like(h)
+            outputs = []
+            for t in range(x.shape[1]):
+                gates = pre[:, t] + h @ w_hh.T  # [b, 4d], PyTorch's order: input, forget, cell, output
+                i, f, g, o = gates.chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outputs.append(h)
+            x = torch.stack(outputs, dim=1)  # [b, n, d]
+        return x
 
 
 class TransformerBackbone(Backbone):
     """Causal transformer encoder with a learned positional embedding."""
+
+    # scaled_dot_product_attention has no batching rule on CPU (vmap's slow fallback warns)
+    vmaps_stream_weights = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -66,6 +66,10 @@ class StatefulModule(nn.Module, metaclass=ABCMeta):
         step must let it store each new observation once."""
         return False
 
+    #: The forward pass runs under ``torch.func.vmap`` with per-stream weights (every op it
+    #: calls has a batching rule), so ``full_model`` streams learn in one batched call.
+    vmaps_stream_weights: bool = True
+
     def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
         """Update the state of ONE stream (batch 1) from the gradients of its forecast loss.
 

@@ -82,6 +82,11 @@ class ContinualForecaster(nn.Module):
         return any(c.stores_tokens for c in self.stateful_children().values())
 
     @property
+    def vmaps_stream_weights(self) -> bool:
+        """Every stateful component runs under ``vmap`` with per-stream weights."""
+        return all(c.vmaps_stream_weights for c in self.stateful_children().values())
+
+    @property
     def learns_from_gradients(self) -> bool:
         return any(c.learns_from_gradients for c in self.stateful_children().values())
 

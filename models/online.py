@@ -16,6 +16,8 @@ learned from when its last value arrives, and never before.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from enum import StrEnum
 from typing import cast
 
@@ -199,6 +201,9 @@ def learn(
     if mode is UpdateMode.NONE or not (mode is UpdateMode.FULL_MODEL or model.learns_from_gradients):
         return state
     state = ensure_mode(model, state, mode)
+    batched = model.vmaps_stream_weights and not model.learns_from_gradients  # FSNet adapts one by one
+    if mode is UpdateMode.FULL_MODEL and state.batch_size[0] > 1 and batched:
+        return _learn_batched(model, state, inputs, targets, mask)
     if state.batch_size[0] == 1:  # the common single-stream case skips slicing and concatenation
         return (
             state
@@ -250,6 +255,89 @@ def _learn_one(
     return row
 
 
+def _learn_batched(
+    model: ContinualForecaster, state: TensorDict, inputs: Tensor, targets: Tensor, mask: Tensor | None
+) -> TensorDict:
+    """``full_model`` for several streams at once: each stream's forecast with its own weights
+    under ``vmap``, one backward pass through the sum of the streams' losses (stream i's
+    weights reach only stream i's loss, so each gets exactly its own gradient), and the AdamW
+    step on the stacked weights. Equals :func:`_learn_one` per stream up to float rounding."""
+    cfg = model.config
+    b = state.batch_size[0]
+    idx = None if mask is None or bool(mask.all()) else mask.nonzero().squeeze(1)  # [k]
+    rows = state if idx is None else state[idx]
+    if idx is not None:
+        inputs, targets = inputs[idx], targets[idx]
+    source = {k.replace("-", "."): cast(Tensor, v) for k, v in rows["params"].items()}  # [k, ...]
+    params = {k: v.detach().requires_grad_(True) for k, v in source.items()}
+    with torch.enable_grad():
+        forecast = torch.func.vmap(_forecast_one(model))(params, inputs, rows["model"])  # [k, p, c_out]
+        losses = ((forecast - targets) ** 2).flatten(1).mean(dim=1)  # each stream's F.mse_loss
+        grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+    grad_map = {
+        k: torch.zeros_like(p) if g is None else g.detach()
+        for (k, p), g in zip(params.items(), grads, strict=True)
+    }
+    opt = rows["opt"]
+    new_p, avg, avg_sq, step = adamw_step(
+        source,
+        grad_map,
+        {k.replace("-", "."): cast(Tensor, v) for k, v in opt["exp_avg"].items()},
+        {k.replace("-", "."): cast(Tensor, v) for k, v in opt["exp_avg_sq"].items()},
+        opt["step"],  # [k]: each stream's own bias correction
+        lr=cfg.online_lr,
+        betas=cfg.online_betas,
+        weight_decay=cfg.online_weight_decay,
+    )
+    k = rows.batch_size[0]
+    updated = rows.clone(recurse=False)
+    updated["params"] = TensorDict({_key(n): v for n, v in new_p.items()}, batch_size=[k])
+    updated["opt"] = TensorDict(
+        {
+            "exp_avg": TensorDict({_key(n): v for n, v in avg.items()}, batch_size=[k]),
+            "exp_avg_sq": TensorDict({_key(n): v for n, v in avg_sq.items()}, batch_size=[k]),
+            "step": step,
+        },
+        batch_size=[k],
+    )
+    if idx is None:
+        return updated
+    out = state.clone()
+    out[idx] = updated
+    assert out.batch_size[0] == b
+    return out
+
+
+def _forecast_one(model: ContinualForecaster) -> Callable[[dict[str, Tensor], Tensor, TensorDict], Tensor]:
+    """One stream's forecast ``[p, c_out]`` from its own weights (the body ``vmap`` maps)."""
+
+    def one(params: dict[str, Tensor], inputs: Tensor, model_state: TensorDict) -> Tensor:
+        forecast, _ = functional_call(
+            model, params, (inputs[None], model_state.unsqueeze(0), StorePolicy.NONE)
+        )
+        return forecast[0]
+
+    return one
+
+
+# per model, the store policies whose forward cannot run under vmap (see _forward)
+_NO_VMAP: weakref.WeakKeyDictionary[ContinualForecaster, set[StorePolicy]] = weakref.WeakKeyDictionary()
+
+
+def _forward_one(
+    model: ContinualForecaster, policy: StorePolicy
+) -> Callable[[dict[str, Tensor], Tensor, TensorDict], tuple[Tensor, TensorDict]]:
+    """One stream's forecast and next component state from its own weights (mapped by ``vmap``)."""
+
+    def one(params: dict[str, Tensor], inputs: Tensor, model_state: TensorDict) -> tuple[Tensor, TensorDict]:
+        forecast, next_state = functional_call(
+            model, params, (inputs[None], model_state.unsqueeze(0), policy)
+        )
+        return forecast[0], next_state.squeeze(0)
+
+    return one
+
+
 def _forward(
     model: ContinualForecaster, state: TensorDict, inputs: Tensor, policy: StorePolicy
 ) -> tuple[Tensor, TensorDict]:
@@ -259,6 +347,20 @@ def _forward(
         out = state.clone(recurse=False)
         out["model"] = model_state
         return forecast, out
+    if state.batch_size[0] > 1 and model.vmaps_stream_weights and policy not in _NO_VMAP.get(model, ()):
+        params = {k.replace("-", "."): cast(Tensor, v) for k, v in state["params"].items()}  # [b, ...]
+        try:
+            forecast, model_state = torch.func.vmap(_forward_one(model, policy))(
+                params, inputs, state["model"]
+            )
+        except RuntimeError as exc:  # a memory whose storing branches on its data (chunks filled)
+            if "vmap" not in str(exc):
+                raise
+            _NO_VMAP.setdefault(model, set()).add(policy)  # pure functions: nothing happened; loop instead
+        else:
+            out = state.clone(recurse=False)
+            out["model"] = model_state
+            return forecast, out
     forecasts, rows = [], []
     for i in range(state.batch_size[0]):
         row = (state if state.batch_size[0] == 1 else state[i : i + 1]).clone(recurse=False)

@@ -63,6 +63,28 @@ def state_to_bytes(state: TensorDict, fingerprint: str, metadata: dict[str, str]
     return st_save(tensors, metadata=meta)
 
 
+def states_to_bytes(
+    state: TensorDict, fingerprint: str, metadata: dict[str, str] | None = None
+) -> list[bytes]:
+    """One blob per stream of a ``[b]`` state, each what :func:`state_to_bytes` makes of
+    ``state[i : i + 1]``; the keys, metadata and empty paths are worked out once for all."""
+    extra = dict(metadata or {})
+    if any(k in _RESERVED for k in extra):
+        raise ValueError(f"metadata keys {_RESERVED} are reserved")
+    flat = {k: v.detach().cpu().contiguous() for k, v in state.flatten_keys(".").items()}
+    meta = {
+        "memcast.schema": STATE_SCHEMA_VERSION,
+        "memcast.fingerprint": fingerprint,
+        "memcast.batch": "1",
+        "memcast.empty": json.dumps(_empty_paths(state)),
+        **extra,
+    }
+    return [
+        st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta)
+        for i in range(state.batch_size[0])
+    ]
+
+
 def read_metadata(data: bytes) -> dict[str, str]:
     """The metadata of a state blob, read from its JSON header without loading tensors."""
     if len(data) < 8:

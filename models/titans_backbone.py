@@ -104,6 +104,8 @@ class TitansBackbone(Backbone):
     fuses_integrated_memory = True
     takes_side_memory = False
     fusions = ("layer", "context", "gated")  # MAL, MAC, MAG
+    # scaled_dot_product_attention has no batching rule on CPU (vmap's slow fallback warns)
+    vmaps_stream_weights = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from importlib.metadata import version
 import torch
 from fastapi import FastAPI
 
-from service.api import health, models, state, streams, ui
+from service.api import health, models, observations, state, streams, ui
 from service.api.errors import install_error_handlers
 from service.engine import Engine
 from service.expiry import run_sweeps
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(streams.router)
     app.include_router(state.router)
+    app.include_router(observations.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(ui.router)

@@ -16,7 +16,13 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from models.online import UpdateMode, ensure_mode, init_stream_state, is_ready, observe, observe_many
-from models.state_io import FingerprintMismatchError, StateFormatError, state_from_bytes, state_to_bytes
+from models.state_io import (
+    FingerprintMismatchError,
+    StateFormatError,
+    state_from_bytes,
+    state_to_bytes,
+    states_to_bytes,
+)
 from service.errors import NonFiniteState, ServiceError, StateIncompatible
 from service.registry import LoadedModel
 
@@ -32,11 +38,19 @@ class Step:
     forecast: Forecast | None  # None until the stream has seen seq_len values
 
 
-def compute(model: LoadedModel, blob: bytes | None, rows: list[list[float]], mode: UpdateMode) -> Step:
-    """Decode (or start, in ``mode``) one stream's state, learn from ``rows`` in order, encode."""
+def compute(
+    model: LoadedModel,
+    blob: bytes | None,
+    rows: list[list[float]],
+    mode: UpdateMode,
+    create_mode: UpdateMode | None = None,
+) -> Step:
+    """Decode (or start, in ``create_mode``, default ``mode``: a bulk request may create a
+    stream in one mode and post to it in another) one stream's state, learn from ``rows`` in
+    order, encode."""
     net = model.replica()
     with torch.no_grad():  # full_model learning enables grad itself, inside models.online.learn
-        state = init_stream_state(net, 1, mode) if blob is None else decode(model, blob)
+        state = init_stream_state(net, 1, create_mode or mode) if blob is None else decode(model, blob)
         state = ensure_mode(net, state, mode)
         out = None
         if rows:
@@ -88,6 +102,82 @@ def recent_values(model: LoadedModel, blob: bytes) -> list[list[float]]:
     mean = torch.tensor(model.schema.mean, dtype=torch.float64)
     std = torch.tensor(model.schema.std, dtype=torch.float64)
     return (held * std + mean).tolist()
+
+
+def compute_many(
+    model: LoadedModel,
+    blobs: list[bytes | None],
+    rows: list[list[list[float]]],
+    mode: UpdateMode,
+    fresh_mode: UpdateMode,
+) -> list[Step | ServiceError]:
+    """Several streams, each with its own (non-empty) rows, in one ``observe`` call per time
+    step over the streams that still have a row (``None``: a new stream, started in
+    ``fresh_mode``). Equals :func:`compute` per stream up to float rounding; a stream whose
+    state cannot be read or turns non-finite is that stream's error only."""
+    net = model.replica()
+    results: list[Step | ServiceError | None] = [None] * len(blobs)
+    with torch.no_grad():
+        decoded: dict[int, TensorDict] = {}
+        for i, blob in enumerate(blobs):
+            try:
+                state = init_stream_state(net, 1, fresh_mode) if blob is None else decode(model, blob)
+                decoded[i] = ensure_mode(net, state, mode)
+            except StateIncompatible as exc:
+                results[i] = exc
+        # longest first, so that the streams with a row at step t are a prefix [:k]
+        order = sorted(decoded, key=lambda i: -len(rows[i]))
+        if not order:
+            return results  # type: ignore[return-value]
+        try:
+            state = TensorDict.cat([decoded[i] for i in order], dim=0)  # [b]
+        except (RuntimeError, KeyError, ValueError):  # states of different layouts: one call each
+            for i in order:
+                results[i] = compute(model, blobs[i], rows[i], mode, fresh_mode)
+            return results  # type: ignore[return-value]
+        lengths = [len(rows[i]) for i in order]
+        c = len(rows[order[0]][0])
+        values = torch.zeros(len(order), lengths[0], c, dtype=torch.float64)  # [b, t, c]
+        for j, i in enumerate(order):
+            values[j, : lengths[j]] = torch.tensor(rows[i], dtype=torch.float64)
+        values = model.schema.scale(values)
+        outs: dict[int, Tensor] = {}  # position in order -> forecast [p, c_out]
+        for t in range(lengths[0]):
+            k = sum(1 for n in lengths if n > t)  # streams with a row at step t
+            ending = [j for j in range(k) if lengths[j] == t + 1]
+            sub = state if k == len(order) else state[:k]
+            sub, out = observe(net, sub, values[:k, t], mode, need_forecast=bool(ending))
+            state = sub if k == len(order) else TensorDict.cat([sub, state[k:]], dim=0)
+            for j in ending:
+                assert out is not None
+                outs[j] = out[j]
+        _finish_many(model, state, torch.stack([outs[j] for j in range(len(order))]), order, results)
+    return results  # type: ignore[return-value]
+
+
+def _finish_many(
+    model: LoadedModel,
+    state: TensorDict,
+    out: Tensor,
+    order: list[int],
+    results: list[Step | ServiceError | None],
+) -> None:
+    """:func:`_finish` for every stream of a ``[b]`` state at once (checks, unscaling and the
+    encoding's bookkeeping done once, not per stream); ``out`` ``[b, p, c_out]``."""
+    finite = torch.isfinite(out).flatten(1).all(1)  # [b]
+    for t in state.values(include_nested=True, leaves_only=True):
+        if isinstance(t, Tensor) and t.is_floating_point():
+            finite &= torch.isfinite(t).flatten(1).all(1) if t.dim() > 1 else torch.isfinite(t)
+    ready = (state["count"] >= model.seq_len).tolist()  # models.online.is_ready
+    forecasts = model.schema.unscale_targets(out.double()).tolist()  # [b][p][c_out]
+    blobs = states_to_bytes(state, model.fingerprint, {"model": model.name})
+    counts = state["count"].tolist()
+    for j, i in enumerate(order):
+        if not bool(finite[j]):
+            results[i] = NonFiniteState()
+            continue
+        forecast = tuple(tuple(row) for row in forecasts[j]) if ready[j] else None
+        results[i] = Step(blobs[j], int(counts[j]), forecast)
 
 
 def decode(model: LoadedModel, blob: bytes) -> TensorDict:

@@ -76,8 +76,32 @@ class Engine:
         self._batcher = Batcher(self._pool, settings.batch_slots, settings.batch_streams, metrics)
         self._locks = StreamLocks()
 
+        self._fresh: dict[tuple[str, str, UpdateMode], bytes] = {}
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def locks(self) -> StreamLocks:
+        return self._locks
+
+    async def run_model(self, fn: Callable[[], T]) -> T:
+        """Run model computation in the model thread pool."""
+        return await self._batcher.in_pool(fn)
+
+    async def fresh_state(self, model: LoadedModel, mode: UpdateMode) -> bytes:
+        """The state of a stream that has seen nothing (the same for every such stream)."""
+        key = (model.name, model.fingerprint, mode)
+        if key not in self._fresh:
+            step = await self.run_model(lambda: compute(model, None, [], mode))
+            self._fresh[key] = step.state
+        return self._fresh[key]
+
+    async def observe_bulk(self, req: schemas.BulkObservations) -> schemas.BulkObservationsOut:
+        """Observations for many streams in one request (see :mod:`service.bulk`)."""
+        from service.bulk import BulkRequest
+
+        return await BulkRequest(self, req).run()
 
     # -- streams ----------------------------------------------------------------------------
     async def create(self, req: schemas.CreateStream) -> StreamRecord:

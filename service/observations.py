@@ -115,15 +115,19 @@ def plan_batch(
     recent: Sequence[tuple[Timestamp, str]],
     window: int,
     prefix: str = "observations",
+    indices: Sequence[int] | None = None,
 ) -> Plan:
     """Validate a batch in order against the stream's last applied observation (see the
-    module docstring for the duplicate rule); ``window`` bounds the remembered observations."""
+    module docstring for the duplicate rule); ``window`` bounds the remembered observations.
+    Errors name ``{prefix}.{n}``, where ``n`` is ``indices[i]`` (an item's place in a bulk
+    request) or the observation's own index ``i``."""
     rows: list[list[float]] = []
     statuses: list[tuple[Timestamp, str]] = []
     recent_list = [(_stored(ts), digest) for ts, digest in recent]
     seen = set(recent_list)
     last_hash: str | None = recent_list[-1][1] if recent_list else None
-    for i, obs in enumerate(observations):
+    for j, obs in enumerate(observations):
+        i = indices[j] if indices is not None else j
         ts = canonical(obs.timestamp)
         row = values_row(model, obs.values, f"{prefix}.{i}.values")
         digest = values_hash(row)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -101,6 +101,52 @@ class ResetStream(_Strict):
     mode: Mode | None = None
 
 
+class BulkItem(Observation):
+    """One item of ``POST /v1/observations``; validated item by item, so that a bad item is
+    that item's (and its stream's) error, not the whole request's."""
+
+    stream_id: StreamId
+
+
+class BulkCreate(_Strict):
+    """How to create the streams a bulk request names that do not exist yet."""
+
+    model: str | None = Field(None, min_length=1, description="a loaded model; the default when absent")
+    mode: Mode = "memory_only"
+    freq: str | None = Field(
+        None, max_length=40, description="as in POST /v1/streams; the model's when absent"
+    )
+
+    @field_validator("freq")
+    @classmethod
+    def _freq(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_freq(value)
+        return value
+
+
+class BulkObservations(_Strict):
+    observations: list[dict[str, Any]] = Field(
+        min_length=1,
+        description=(
+            "items `{stream_id, timestamp, values}` (as in POST /v1/streams/{id}/observations, plus the "
+            "stream id), each validated on its own; several per stream are applied in time order"
+        ),
+    )
+    forecasts: Literal["last", "none"] = Field("last", description="the latest forecast per stream, or none")
+    mode: Mode | None = Field(None, description="update mode for this request only")
+    create: BulkCreate | None = Field(
+        None,
+        description="create missing streams with this model and mode (absent: a missing stream is a 404)",
+    )
+
+
+class CreateStreams(_Strict):
+    """``POST /v1/streams`` with a list: many streams in one request."""
+
+    streams: list[CreateStream] = Field(min_length=1)
+
+
 class ForecastRow(BaseModel):
     step: int
     timestamp: TimestampOut | None
@@ -166,6 +212,49 @@ class ModelOut(BaseModel):
 class ModelsOut(BaseModel):
     default: str | None
     models: list[ModelOut]
+
+
+class ItemError(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+    details: object | None = None
+
+
+class BulkItemOut(BaseModel):
+    stream_id: str | None
+    timestamp: TimestampOut | None
+    status: Literal["applied", "duplicate", "error"]
+    code: int = Field(description="200, or the status code this item alone would have had")
+    error: ItemError | None = None
+
+
+class BulkStreamOut(BaseModel):
+    stream_id: str
+    code: int
+    created: bool = False
+    steps: int | None = None
+    last_timestamp: TimestampOut | None = None
+    ready: bool | None = None
+    needs: int | None = None
+    applied: int = 0
+    duplicates: int = 0
+    forecast: Forecast | None = None
+    error: ItemError | None = None
+
+
+class BulkObservationsOut(BaseModel):
+    applied: int
+    duplicates: int
+    errors: int
+    observations: list[BulkItemOut] = Field(description="one per item, in request order")
+    streams: list[BulkStreamOut] = Field(description="one per stream named, in order of first mention")
+
+
+class CreateStreamsOut(BaseModel):
+    created: int
+    errors: int
+    streams: list[BulkStreamOut]
 
 
 class ErrorDetail(BaseModel):

@@ -20,11 +20,11 @@ import dataclasses
 import json
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from service.errors import StoreContention
+from service.errors import StoreContention, StreamNotFound
 
 Timestamp = int | str  # an integer step or an ISO 8601 datetime, as the stream's client sent it
 
@@ -99,6 +99,9 @@ class Snapshot:
         return cls(data["name"], data["taken_at"], StreamRecord.from_fields(fields))
 
 
+WriteOutcome = StreamRecord | StreamNotFound | None
+
+
 class StateStore(Protocol):
     """What the engine needs from a store; both stores give the same guarantees."""
 
@@ -146,6 +149,18 @@ class StateStore(Protocol):
         ...
 
     async def delete_snapshot(self, stream_id: str, name: str) -> None: ...
+
+    async def get_many(self, stream_ids: Sequence[str]) -> list[StreamRecord | None]:
+        """The current record of each stream (``None`` where there is none), in one round trip."""
+        ...
+
+    async def write_many(self, writes: Sequence[tuple[StreamRecord, int]]) -> list[WriteOutcome]:
+        """Compare-and-set each ``(record, expected_version)`` (as :meth:`compare_and_set`; an
+        expected version 0 creates the stream if absent, with a fresh incarnation), in one round
+        trip; each write is atomic on its own and touches only its own stream. Per write: the
+        stored record, ``None`` for a lost race (or a stream created meanwhile), or
+        ``StreamNotFound`` (the stream was deleted or re-created)."""
+        ...
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""

@@ -8,9 +8,10 @@ tasks and threads alike. State does not survive the process.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from service.errors import SnapshotExists, SnapshotNotFound, StreamExists, StreamNotFound
-from service.store.base import Snapshot, StreamRecord, new_incarnation
+from service.store.base import Snapshot, StreamRecord, WriteOutcome, new_incarnation
 
 
 class EmbeddedStore:
@@ -44,6 +45,29 @@ class EmbeddedStore:
                 return None
             self._records[record.stream_id] = stored
         return stored
+
+    async def get_many(self, stream_ids: Sequence[str]) -> list[StreamRecord | None]:
+        with self._lock:
+            return [self._records.get(stream_id) for stream_id in stream_ids]
+
+    async def write_many(self, writes: Sequence[tuple[StreamRecord, int]]) -> list[WriteOutcome]:
+        outcomes: list[WriteOutcome] = []
+        with self._lock:
+            for record, expected in writes:
+                current = self._records.get(record.stream_id)
+                if expected == 0:
+                    stored = record.replace(version=1, incarnation=new_incarnation())
+                    ok = current is None
+                elif current is None or current.incarnation != record.incarnation:
+                    outcomes.append(StreamNotFound(record.stream_id))
+                    continue
+                else:
+                    stored = record.replace(version=expected + 1)
+                    ok = current.version == expected
+                if ok:
+                    self._records[record.stream_id] = stored
+                outcomes.append(stored if ok else None)
+        return outcomes
 
     async def delete(self, stream_id: str) -> None:
         with self._lock:

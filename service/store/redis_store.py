@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from service.errors import (
     InvalidObservation,
@@ -35,7 +35,7 @@ from service.errors import (
     StreamExists,
     StreamNotFound,
 )
-from service.store.base import Snapshot, StreamRecord, new_incarnation
+from service.store.base import Snapshot, StreamRecord, WriteOutcome, new_incarnation
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -72,6 +72,22 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
 
+# The bulk write: the compare-and-set above, or with expected version 0 a create-if-absent
+# (0: the id is taken, re-read it). ARGV as for _COMPARE_AND_SET.
+_WRITE = """
+if ARGV[1] == '0' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+  return 1
+end
+local current = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+if not current[1] then return -1 end
+if (current[2] or '""') ~= ARGV[2] then return -1 end
+if current[1] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+return 1
+"""
+
 
 class RedisStore:
     def __init__(self, url: str, *, prefix: str = "memcast", timeout_s: float = 2.0, retry_after: int = 1):
@@ -89,6 +105,7 @@ class RedisStore:
         self._cas = self._redis.register_script(_COMPARE_AND_SET)
         self._put_snapshot = self._redis.register_script(_PUT_SNAPSHOT)
         self._delete_if_unchanged = self._redis.register_script(_DELETE_IF_UNCHANGED)
+        self._write = self._redis.register_script(_WRITE)
 
     def key(self, stream_id: str) -> str:
         return f"{self._prefix}:{{{stream_id}}}"
@@ -130,6 +147,53 @@ class RedisStore:
         if outcome == -1:
             raise StreamNotFound(record.stream_id)
         return stored if outcome == 1 else None
+
+    async def get_many(self, stream_ids: Sequence[str]) -> list[StreamRecord | None]:
+        """One pipeline of HGETALLs (no transaction: each stream is read on its own)."""
+        async with self._translate():
+            pipe = self._redis.pipeline(transaction=False)
+            for stream_id in stream_ids:
+                pipe.hgetall(self.key(stream_id))
+            replies = await pipe.execute()
+        return [StreamRecord.from_fields(fields) if fields else None for fields in replies]
+
+    async def write_many(self, writes: Sequence[tuple[StreamRecord, int]]) -> list[WriteOutcome]:
+        """One pipeline of per-stream write scripts, sent as EVALSHA (a Redis that lost its
+        script cache answers NOSCRIPT for a command it did not run: those are loaded and sent
+        again)."""
+        stored = [
+            r.replace(version=1, incarnation=new_incarnation()) if v == 0 else r.replace(version=v + 1)
+            for r, v in writes
+        ]
+        commands = [
+            (self.key(r.stream_id), json.dumps(v), json.dumps(s.incarnation if v == 0 else r.incarnation), s)
+            for (r, v), s in zip(writes, stored, strict=True)
+        ]
+        pending = list(range(len(commands)))
+        replies: list[object] = [None] * len(commands)
+        async with self._translate():
+            for _ in range(2):
+                pipe = self._redis.pipeline(transaction=False)
+                for i in pending:
+                    key, version, incarnation, record = commands[i]
+                    pipe.evalsha(self._write.sha, 1, key, version, incarnation, *_flatten(record))
+                answers = await pipe.execute(raise_on_error=False)
+                for i, answer in zip(pending, answers, strict=True):
+                    replies[i] = answer
+                pending = [i for i in pending if isinstance(replies[i], NoScriptError)]
+                if not pending:
+                    break
+                await self._redis.script_load(_WRITE)
+            for answer in replies:
+                if isinstance(answer, Exception):
+                    raise answer
+        outcomes: list[WriteOutcome] = []
+        for (record, _), reply, new in zip(writes, replies, stored, strict=True):
+            if reply == -1:
+                outcomes.append(StreamNotFound(record.stream_id))
+            else:
+                outcomes.append(new if reply == 1 else None)
+        return outcomes
 
     async def delete(self, stream_id: str) -> None:
         async with self._translate(), self._redis.pipeline(transaction=True) as pipe:
