@@ -1,8 +1,10 @@
 """The Redis store (redis.asyncio): one hash per stream, compare-and-set in a Lua script.
 
 Key: ``{prefix}:{<stream_id>}``; the braces are a cluster hash tag, so everything about a
-stream lives in one slot. Hash fields: ``state`` (the safetensors blob) and the JSON-encoded
-metadata of :class:`~service.store.base.StreamRecord` (schema version, model, fingerprint,
+stream lives in one slot. A ``redis+cluster://host:port`` (or ``rediss+cluster://``) URL
+selects redis-py's cluster client, which finds the other nodes from that one; every script
+below names its stream's key alone (``KEYS[1]``), so it runs on the node owning that slot.
+Hash fields: ``state`` (the safetensors blob) and the JSON-encoded metadata of :class:`~service.store.base.StreamRecord` (schema version, model, fingerprint,
 mode, steps, last timestamp and values hash, recent duplicates window, frequency, forecast,
 created/updated times, version, incarnation).
 
@@ -24,7 +26,8 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.errors import StoreUnavailable, StreamExists, StreamNotFound
 from service.store.base import StreamRecord, new_incarnation
@@ -51,16 +54,16 @@ class RedisStore:
     def __init__(self, url: str, *, prefix: str = "memcast", timeout_s: float = 2.0, retry_after: int = 1):
         # One immediate retry lets a pooled connection broken by a Redis restart reconnect
         # within the same call; a Redis that is down fails fast instead of backing off.
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-        )
+        self._redis = _client(url, timeout_s, Retry(NoBackoff(), 1))
         self._prefix = prefix
         self._retry_after = retry_after
         self._create = self._redis.register_script(_CREATE)
         self._cas = self._redis.register_script(_COMPARE_AND_SET)
+
+    @property
+    def scripts(self) -> tuple[AsyncScript, ...]:
+        """Every server-side script this store runs; each names its stream's key alone."""
+        return (self._create, self._cas)
 
     def key(self, stream_id: str) -> str:
         return f"{self._prefix}:{{{stream_id}}}"
@@ -69,9 +72,7 @@ class RedisStore:
     async def _translate(self) -> AsyncIterator[None]:
         try:
             yield
-        except RedisError as exc:
-            raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
-        except OSError as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
 
     async def create(self, record: StreamRecord) -> StreamRecord:
@@ -112,6 +113,24 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def _client(url: str, timeout_s: float, retry: Retry) -> aioredis.Redis | aioredis.RedisCluster:
+    """redis-py's cluster client for a ``redis+cluster://`` URL, its single-node client else."""
+    scheme, _, rest = url.partition("://")
+    if scheme in _CLUSTER_SCHEMES:
+        return aioredis.RedisCluster.from_url(
+            f"{_CLUSTER_SCHEMES[scheme]}://{rest}",
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=retry,
+        )
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry
+    )
 
 
 def _flatten(record: StreamRecord) -> list[bytes | str]:
