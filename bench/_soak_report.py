@@ -24,6 +24,20 @@ def rss_growth_mib_per_hour(memory: list[dict[str, Any]]) -> float | None:
     return None if var == 0 else sum((p[0] - mx) * (p[1] - my) for p in points) / var * 3600
 
 
+def cpu_ms_per_request(memory: list[dict[str, Any]], row: dict[str, Any]) -> float | None:
+    """Server CPU per request in one minute, from the memory samples nearest its edges (a
+    rising figure means each request costs more; a steady one under falling throughput means
+    the machine gave the server less CPU)."""
+    inside = [
+        m for m in memory if "cpu_s" in m and 60 * row["minute"] <= m["t_s"] <= 60 * (row["minute"] + 1)
+    ]
+    if len(inside) < 2 or not row["requests"]:
+        return None
+    first, last = inside[0], inside[-1]
+    share = (last["t_s"] - first["t_s"]) / 60  # the samples span most of the minute, not all of it
+    return None if share <= 0 else (last["cpu_s"] - first["cpu_s"]) * 1000 / (row["requests"] * share)
+
+
 def totals(minutes: list[dict[str, Any]]) -> collections.Counter[str]:
     out: collections.Counter[str] = collections.Counter()
     for row in minutes:
@@ -97,7 +111,7 @@ def soak_lines(result: dict[str, Any], img: str) -> list[str]:
                 "applied but unacknowledged (answer lost; a re-post is a duplicate)",
                 str(obs["applied_unacknowledged"]),
             ],
-            ["minutes with any non-200", ", ".join(str(m) for m in bad_minutes) or "none"],
+            ["minutes (from 0) with any non-200", ", ".join(str(m) for m in bad_minutes) or "none"],
             [
                 "p99 latency, minutes without errors (median of minutes / worst)",
                 f"{sorted(steady)[len(steady) // 2]:.0f} / {max(steady):.0f} ms" if steady else "n/a",
@@ -122,7 +136,7 @@ def soak_lines(result: dict[str, Any], img: str) -> list[str]:
         "",
     ]
     lines += table(
-        ["minute", "requests", "by status", "p50 ms", "p99 ms", "max ms"],
+        ["minute", "requests", "by status", "p50 ms", "p99 ms", "max ms", "server CPU ms/request"],
         [
             [
                 str(r["minute"]),
@@ -131,6 +145,7 @@ def soak_lines(result: dict[str, Any], img: str) -> list[str]:
                 f"{r['latency_ms']['p50']:.0f}",
                 f"{r['latency_ms']['p99']:.0f}",
                 f"{r['latency_ms']['max']:.0f}",
+                "–" if (cpu := cpu_ms_per_request(memory, r)) is None else f"{cpu:.1f}",
             ]
             for r in result["minutes"]
         ],

@@ -37,18 +37,21 @@ REDIS_CONF = ROOT / "docker" / "redis.conf"
 
 
 def sample(server_pid: int, redis: RedisServer, start: float) -> dict[str, Any]:
-    """Resident memory of the server (and its children) and Redis's ``used_memory`` now."""
+    """Resident memory and CPU seconds of the server (and its children), and Redis's
+    ``used_memory``, now."""
     import psutil
     import redis as redis_py
 
     process = psutil.Process(server_pid)
-    rss = process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
+    children = process.children(recursive=True)
+    rss = process.memory_info().rss + sum(c.memory_info().rss for c in children)
+    cpu = sum(sum(p.cpu_times()[:2]) for p in (process, *children))
     try:
         with redis.client(timeout=1.0) as client:
             used: int | None = int(client.info("memory")["used_memory"])
     except redis_py.RedisError:
         used = None  # down or loading
-    return {"t_s": round(time.time() - start, 1), "rss_bytes": rss, "redis_used_memory": used}
+    return {"t_s": round(time.time() - start, 1), "rss_bytes": rss, "cpu_s": cpu, "redis_used_memory": used}
 
 
 def restart_redis(redis: RedisServer, how: str, outage_s: float) -> dict[str, float]:

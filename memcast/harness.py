@@ -173,9 +173,13 @@ class RedisCluster:
     """A Redis Cluster of ``masters`` :class:`RedisServer` children on loopback, no replicas,
     the 16384 slots spread by ``redis-cli --cluster create``; :meth:`start` returns once every
     node reports ``cluster_state:ok``. :attr:`url` is the ``redis+cluster://`` URL memcast reads.
+    A node in :attr:`nodes` can be stopped and started again on its port: it keeps its slots
+    (``nodes.conf``) and, when ``persistent``, its data.
     """
 
-    def __init__(self, directory: Path, masters: int = 3, *, log: Path | None = None) -> None:
+    def __init__(
+        self, directory: Path, masters: int = 3, *, persistent: bool = False, log: Path | None = None
+    ) -> None:
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
         self.directory = directory
@@ -183,6 +187,7 @@ class RedisCluster:
             RedisServer(
                 directory / f"node{i}",
                 free_cluster_port(),
+                persistent=persistent,
                 log=log,
                 # nodes.conf is the node's own record of the cluster, kept in its --dir
                 extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
@@ -224,6 +229,17 @@ class RedisCluster:
                     if time.monotonic() > deadline:
                         raise HarnessError(f"the cluster on {node.port} is not ok within {timeout:.0f} s")
                     time.sleep(0.05)
+
+    def owner(self, key: str) -> RedisServer:
+        """The node that holds ``key`` (which must exist)."""
+        for node in self.nodes:
+            with node.client() as client:
+                try:
+                    if client.exists(key):
+                        return node
+                except redis.ResponseError:  # MOVED: another node owns the key's slot
+                    continue
+        raise HarnessError(f"no node holds {key}")
 
     def flush(self) -> None:
         for node in self.nodes:
