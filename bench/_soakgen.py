@@ -113,7 +113,8 @@ async def client_main(spec: dict[str, Any], ready: Path) -> dict[str, Any]:
 
     from trainer.data import read_frame
 
-    async with httpx.AsyncClient(base_url=spec["url"], timeout=spec["timeout"]) as client:
+    # set-up is not timed: a creation learns its whole history, slow on a busy machine
+    async with httpx.AsyncClient(base_url=spec["url"], timeout=max(120.0, spec["timeout"])) as client:
         listing = (await client.get("/v1/models")).json()
         model = next(m for m in listing["models"] if m["name"] == spec["model"])
         raw = read_frame(spec["data"])[model["columns"]].to_numpy(dtype=float).tolist()
