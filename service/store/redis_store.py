@@ -18,11 +18,14 @@ client keeps no dead connection: redis-py drops a broken one and reconnects on t
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import cast
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -74,6 +77,12 @@ class RedisStore:
             yield
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
+        except (AttributeError, TypeError) as exc:
+            if not _raised_in_client(exc):
+                raise  # a bug of ours, never taken for an outage
+            raise StoreUnavailable(
+                f"state store unavailable: {exc!r}", retry_after=self._retry_after
+            ) from exc
 
     async def create(self, record: StreamRecord) -> StreamRecord:
         stored = record.replace(version=1, incarnation=new_incarnation())
@@ -113,6 +122,24 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+# redis-py's asyncio clients can fail with AttributeError or TypeError when a connection is
+# torn down while another command uses it (redis/redis-py#3546, #3835; here: the cluster client
+# while a master restarts, `'NoneType' object has no attribute 'writelines'`). Such an error is
+# a connection failure whose command may or may not have run, as a timeout is: a 503.
+_CLIENT_CODE = (Path(redis.__file__).parent, Path(asyncio.__file__).parent)
+
+
+def _raised_in_client(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in redis-py or the asyncio streams under it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    origin = Path(tb.tb_frame.f_code.co_filename)
+    return any(origin.is_relative_to(code) for code in _CLIENT_CODE)
 
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}

@@ -105,7 +105,9 @@ async def test_post_observations_cluster_master_killed_under_load_loses_nothing(
     tmp_path: Path, checkpoint_root: Path
 ) -> None:
     """One master of three killed and restarted: its streams answer 503 meanwhile, the others
-    are served throughout, and every stream ends with exactly its client's observations."""
+    are still served (redis-py's cluster client re-reads the slot map after a connection error,
+    so a few of their requests may answer 503 too), and every stream ends with exactly its
+    client's observations."""
     with RedisCluster(tmp_path, persistent=True) as cluster:
         settings = Settings(
             checkpoint_dir=checkpoint_root,
@@ -122,16 +124,22 @@ async def test_post_observations_cluster_master_killed_under_load_loses_nothing(
             assert len(on_victim) < streams, "pick stream ids that land on more than one master"
             clients = [Client(api, f"s{i}") for i in range(streams)]
 
+            others = [c for c in clients if c.stream_id not in on_victim]
+            served_while_down = 0
+
             async def chaos() -> None:
+                nonlocal served_while_down
                 while sum(len(c.acks) for c in clients) < 20:  # under load
                     await asyncio.sleep(0.01)
                 victim.kill()  # SIGKILL: no shutdown, no final fsync
+                before = sum(len(c.acks) for c in others)
                 await asyncio.sleep(1.0)
+                served_while_down = sum(len(c.acks) for c in others) - before
                 await asyncio.to_thread(victim.start)  # same port, nodes.conf and append-only file
 
             await asyncio.gather(chaos(), *(c.run(series(per_stream, start=SEQ_LEN)) for c in clients))
-            hit = {c.stream_id for c in clients if c.statuses[503]}
-            assert hit and hit <= on_victim, (hit, on_victim)  # only the dead master's streams failed
+            assert all(c.statuses[503] for c in clients if c.stream_id in on_victim)
+            assert served_while_down > 0  # the other masters' streams went on
             for client in clients:
                 assert set(client.statuses) <= {200, 503} and len(client.acks) == per_stream
                 assert client.slowest < HANG_BOUND_S, client.slowest

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 import redis.asyncio
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 from memcast.harness import RedisCluster
-from service.errors import StoreContention, StreamExists, StreamNotFound
+from service.errors import StoreContention, StoreUnavailable, StreamExists, StreamNotFound
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import RedisStore, StateStore, StreamRecord, make_store, update_stream
@@ -212,3 +213,23 @@ async def test_cluster_lua_scripts_keys_in_one_slot(
         assert n_keys >= 1 and len({key_slot(k) for k in keys}) == 1, call[:4]
     with redis_cluster.nodes[0].client() as node, pytest.raises(redis.ResponseError, match="same slot"):
         node.eval("return 1", 2, "test:{a}", "test:{b.2}")
+
+
+async def test_redis_store_client_race_503_own_bug_raised() -> None:
+    """redis-py's asyncio clients can raise AttributeError when a connection is torn down under
+    a concurrent command (seen with the cluster client while a master restarts): 503 like any
+    connection failure. The same error raised by our own code is a bug and stays one."""
+
+    class TornDown:  # a connection whose writer a concurrent disconnect has just dropped
+        _writer = None
+
+    store = RedisStore("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(StoreUnavailable, match="writelines"):
+            async with store._translate():
+                await AbstractConnection._send_packed_command(TornDown(), [b"PING"])  # type: ignore[arg-type]
+        with pytest.raises(AttributeError):
+            async with store._translate():
+                TornDown._writer.writelines([b"PING"])  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()
