@@ -17,6 +17,14 @@ from bench._format import table
 from bench._plots import plot_load
 from bench._speed_report import findings, floor_section, headline, load_section
 
+SOAK_LINK = [
+    "## Soak",
+    "",
+    "Steady load for a long time with a Redis restart in the middle (memory over time, errors,",
+    "p99 per minute, lost acknowledged observations): [soak.md](soak.md), by `python -m bench.soak`.",
+    "",
+]
+
 
 def machine_section(sources: list[dict[str, Any]]) -> list[str]:
     m = sources[0]["machine"]
@@ -90,6 +98,8 @@ def write_report(
     if load is not None:
         plot_load(load, img_dir)
         lines += load_section(load, floor, "img")
+    if (out.parent / "soak.md").is_file():  # written by bench.soak, a run of its own
+        lines += SOAK_LINK
     lines += machine_section(sources)
     lines += ["## Commands", "", "```bash", *commands, "```", ""]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""Child processes for the tests, the benchmarks and the demo: ``redis-server`` and ``memcast
-serve`` on free loopback ports, each waited on until it answers.
+"""Child processes for the tests, the benchmarks and the demo: ``redis-server`` (alone or as a
+Redis Cluster) and ``memcast serve`` on free loopback ports, each waited on until it answers.
 
 One copy of "start it, poll until ready, show its log when it dies" instead of one per caller.
 ``python -m memcast.harness wait-ready URL`` is the same wait for shell scripts.
@@ -32,6 +32,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port(attempts: int = 200) -> int:
+    """A free port for a cluster node: at most 55535, its bus port (10000 above) free too."""
+    for _ in range(attempts):
+        port = free_port()
+        if port <= 55535 and _port_free(port + 10000):
+            return port
+    raise HarnessError("no free port pair (P, P + 10000) for a Redis Cluster node")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -144,6 +162,94 @@ class RedisServer:
             client.flushall()
 
     def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` :class:`RedisServer` children on loopback, no replicas,
+    the 16384 slots spread by ``redis-cli --cluster create``; :meth:`start` returns once every
+    node reports ``cluster_state:ok``. :attr:`url` is the ``redis+cluster://`` URL memcast reads.
+    A node in :attr:`nodes` can be stopped and started again on its port: it keeps its slots
+    (``nodes.conf``) and, when ``persistent``, its data.
+    """
+
+    def __init__(
+        self, directory: Path, masters: int = 3, *, persistent: bool = False, log: Path | None = None
+    ) -> None:
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.directory = directory
+        self.nodes = [
+            RedisServer(
+                directory / f"node{i}",
+                free_cluster_port(),
+                persistent=persistent,
+                log=log,
+                # nodes.conf is the node's own record of the cluster, kept in its --dir
+                extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+            )
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        binary = shutil.which("redis-cli")
+        if binary is None:
+            raise HarnessError("redis-cli is not on PATH")
+        try:
+            for node in self.nodes:
+                node.start()
+            create = [binary, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+            done = subprocess.run(
+                [*create, "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if done.returncode != 0:
+                raise HarnessError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+            self._wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ok(self, timeout: float) -> None:
+        """Until every node has heard of every slot's owner (the gossip takes a moment)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            with node.client() as client:
+                while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                    if time.monotonic() > deadline:
+                        raise HarnessError(f"the cluster on {node.port} is not ok within {timeout:.0f} s")
+                    time.sleep(0.05)
+
+    def owner(self, key: str) -> RedisServer:
+        """The node that holds ``key`` (which must exist)."""
+        for node in self.nodes:
+            with node.client() as client:
+                try:
+                    if client.exists(key):
+                        return node
+                except redis.ResponseError:  # MOVED: another node owns the key's slot
+                    continue
+        raise HarnessError(f"no node holds {key}")
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            node.flush()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisCluster:
         self.start()
         return self
 

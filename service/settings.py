@@ -20,7 +20,9 @@ class Settings(BaseSettings):
 
     # state store
     redis_url: str | None = Field(
-        None, description="`redis://host:6379/0`; unset: the embedded in-process store (one process only)"
+        None,
+        description="`redis://host:6379/0`, or a Redis Cluster: `redis+cluster://host:6379` (any node); "
+        "unset: the embedded in-process store (one process only)",
     )
     redis_key_prefix: str = Field("memcast", description="key prefix: `memcast` -> `memcast:{stream_id}`")
     store_retries: int = Field(16, ge=1, description="compare-and-set attempts per request before 503")

@@ -17,6 +17,11 @@ best weights kept. How a model whose memory stores tokens sees the windows
 The best checkpoint is written (atomically) after every improving epoch, and once before the
 first epoch (the untrained model forecasts the last value), so an interrupted run always
 leaves a loadable checkpoint.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (:mod:`trainer.distributed`):
+each rank takes its share of every global batch's rows (``fresh``: windows; ``carried``:
+streams) and of the validation windows, gradients and sums are reduced across ranks, and rank
+0 alone writes the checkpoint and its report. ``batch_size`` stays the global batch.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from models.checkpoint import REPORT_FILE, is_checkpoint, save_checkpoint
 from models.forecaster import ContinualForecaster
 from models.online import rollout, stores_tokens
 from trainer.data import LoadedData, WindowSet, load_dataset
-from trainer.train_config import TrainConfig, file_identity
+from trainer.distributed import Group, join
+from trainer.train_config import TrainConfig, TrainConfigError, file_identity
 
 __all__ = ["BatchHook", "TrainConfig", "carried_segments", "file_identity", "pretrain", "stream_starts"]
 
@@ -61,18 +67,27 @@ def pretrain(cfg: TrainConfig, on_batch: BatchHook | None = None) -> Path:
     Ctrl-C (``KeyboardInterrupt``) stops training: the best checkpoint written so far stays,
     its report is marked ``interrupted``, and the interrupt is raised again.
     """
+    group = join(cfg.device)
+    try:
+        return _pretrain(cfg, group, on_batch)
+    finally:
+        group.leave()
+
+
+def _pretrain(cfg: TrainConfig, group: Group, on_batch: BatchHook | None) -> Path:
     started = time.perf_counter()
-    device = torch.device(cfg.device)
+    device = group.device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = load_dataset(
         cfg.data, cfg.features, cfg.target, cfg.seq_len, cfg.pred_len, cfg.val_fraction, cfg.test_fraction
     )
     model_cfg = cfg.model_config(data.schema)
     model = ContinualForecaster(model_cfg).to(device)
-    run = _Run(cfg, data, model, device, on_batch)
+    group.broadcast_weights(model)
+    run = _Run(cfg, data, model, device, on_batch, group)
     out = Path(cfg.out)
-    log.info(
-        "pretraining %s/%s/%s (%d parameters) on %s: %d train windows, %d validation windows",
+    run.info(
+        "pretraining %s/%s/%s (%d parameters) on %s: %d train windows, %d validation windows, %d process(es)",
         model_cfg.backbone,
         model_cfg.memory,
         model_cfg.fusion,
@@ -80,11 +95,14 @@ def pretrain(cfg: TrainConfig, on_batch: BatchHook | None = None) -> Path:
         data.path.name,
         run.report["train_windows"],
         len(run.val_set),
+        group.world,
     )
     try:
         run.fit(out)
     except KeyboardInterrupt:
         run.report.update(interrupted=True, wall_time_s=time.perf_counter() - started)
+        if not group.main:
+            raise
         if run.saved:
             _write_report(out, run.report)
             log.warning("pretraining interrupted; the best checkpoint so far is kept at %s", out)
@@ -93,8 +111,10 @@ def pretrain(cfg: TrainConfig, on_batch: BatchHook | None = None) -> Path:
         raise
     run.report.update(wall_time_s=time.perf_counter() - started, finished=True)
     model.load_state_dict(run.best_weights)
-    save_checkpoint(out, model, data.schema, run.report, name=cfg.name)
-    log.info(
+    if group.main:
+        save_checkpoint(out, model, data.schema, run.report, name=cfg.name)
+    group.barrier()  # every rank returns once the checkpoint is there
+    run.info(
         "best validation loss %.5f (epoch %d) in %.1f s -> %s",
         run.report["best_val_loss"],
         run.report["best_epoch"],
@@ -114,8 +134,10 @@ class _Run:
         model: ContinualForecaster,
         device: torch.device,
         hook: BatchHook | None,
+        group: Group | None = None,
     ) -> None:
         self.cfg, self.data, self.model, self.device, self.hook = cfg, data, model, device, hook
+        self.group = group or Group()
         out_idx = model.config.out_indices
         self.train_set = WindowSet(data.split("train"), cfg.seq_len, cfg.pred_len, out_idx)
         self.val_set = WindowSet(data.split("val"), cfg.seq_len, cfg.pred_len, out_idx)
@@ -129,6 +151,11 @@ class _Run:
         if self.carried:
             starts, run = stream_starts(len(self.train_set), cfg.batch_size, 0, cfg.max_train_windows)
             self.steps_per_epoch, train_windows = math.ceil(run / cfg.tbptt), run * len(starts)
+            if len(starts) < self.group.world:
+                raise TrainConfigError(
+                    f"carried pretraining on {self.group.world} processes needs at least as many streams "
+                    f"(batch_size {cfg.batch_size}, {len(self.train_set)} train windows): {len(starts)}"
+                )
         self.best_weights = copy.deepcopy(model.state_dict())
         self.saved = False  # whether this run has written the checkpoint directory
         self.report: dict[str, Any] = {
@@ -139,6 +166,7 @@ class _Run:
             "memory_pretraining": "carried" if self.carried else "fresh",
             "val_windows": len(self.val_set),
             "device": str(device),
+            "processes": self.group.world,
             "amp": None if self.amp_dtype is None else str(self.amp_dtype),
             "torch": torch.__version__,
             "epochs": [],
@@ -151,7 +179,7 @@ class _Run:
         cfg = self.cfg
         best = self.validate()
         self.report.update(initial_val_loss=best, best_val_loss=best, best_epoch=0)
-        log.info("initial validation loss %.5f (the untrained model)", best)
+        self.info("initial validation loss %.5f (the untrained model)", best)
         if not is_checkpoint(out):  # an interrupted run leaves a checkpoint, never replaces one with this
             self._save(out)
         since_best = 0
@@ -171,7 +199,7 @@ class _Run:
                 row = self._epoch(epoch, phase, optimizer, schedule)
                 row["val_loss"] = self.validate()
                 self.report["epochs"].append(row)
-                log.info("epoch %d: train %.5f, validation %.5f", epoch, row["train_loss"], row["val_loss"])
+                self.info("epoch %d: train %.5f, validation %.5f", epoch, row["train_loss"], row["val_loss"])
                 if row["val_loss"] < best:
                     best, since_best = row["val_loss"], 0
                     self.best_weights = copy.deepcopy(self.model.state_dict())
@@ -180,11 +208,16 @@ class _Run:
                 else:
                     since_best += 1
                     if since_best >= cfg.patience:
-                        log.info("no improvement for %d epochs: stopping early", since_best)
+                        self.info("no improvement for %d epochs: stopping early", since_best)
                         break
 
+    def info(self, message: str, *args: object) -> None:
+        if self.group.main:
+            log.info(message, *args)
+
     def _save(self, out: Path) -> None:
-        save_checkpoint(out, self.model, self.data.schema, self.report, name=self.cfg.name)
+        if self.group.main:
+            save_checkpoint(out, self.model, self.data.schema, self.report, name=self.cfg.name)
         self.saved = True
 
     def _optimizer(
@@ -220,23 +253,28 @@ class _Run:
         model.train()
         started = time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
-        total, used, skipped = 0.0, 0, 0
+        total, used, skipped, windows = 0.0, 0, 0, 0
         bar = tqdm(
             total=self.steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.group.main),
             leave=False,
         )
         with bar:
-            for i, (forecast, y) in enumerate(self._train_forecasts()):
-                loss = F.mse_loss(forecast.float(), y)
-                if not self._step(loss, params, optimizer):
+            for i, (forecast, y, share) in enumerate(self._train_forecasts()):
+                # the mean over this rank's rows, weighed by its share of the global batch's
+                loss = (
+                    F.mse_loss(forecast.float(), y) * share if share else torch.zeros((), device=self.device)
+                )
+                windows += y.shape[:-2].numel()  # fresh: [b, pred, c]; carried: [b, k, pred, c]
+                done, value = self._step(loss, params, optimizer)
+                if not done:
                     skipped += 1
                 else:
                     schedule.step()
-                    total, used = total + loss.item(), used + 1
+                    total, used = total + value, used + 1
                     if self.hook is not None:
-                        self.hook(epoch, i, loss.item())
+                        self.hook(epoch, i, value)
                 bar.update()
                 if i % 20 == 0:
                     bar.set_postfix(loss=f"{total / max(used, 1):.4f}", skipped=skipped)
@@ -251,10 +289,12 @@ class _Run:
             "skipped": skipped,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
+            "windows_by_process": self.group.each(windows, self.device),
         }
 
-    def _train_forecasts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of ``(forecast, target)`` per optimizer step."""
+    def _train_forecasts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """One epoch of ``(forecast, target, share)`` per optimizer step: this rank's rows and
+        their share of the global batch's (0: none, forecast and target empty)."""
         cfg, model = self.cfg, self.model
         if self.carried:
             n = len(self.train_set)
@@ -262,62 +302,78 @@ class _Run:
             # the runs' borders move every epoch, by less than one run
             offset = int(torch.randint(0, run, (1,), generator=self.generator))
             starts, run = stream_starts(n, cfg.batch_size, offset, cfg.max_train_windows)
-            yield from carried_segments(
-                model, self.train_set, starts, run, cfg.tbptt, self.device, self._autocast
-            )
+            mine = self.group.shard(starts)  # never empty (checked in __init__)
+            for forecast, y in carried_segments(
+                model, self.train_set, mine, run, cfg.tbptt, self.device, self._autocast
+            ):
+                yield forecast, y, len(mine) / len(starts)
             return
         order = self.train_starts[torch.randperm(len(self.train_starts), generator=self.generator)]
         for starts in order.split(cfg.batch_size):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.train_set.batch(starts))
+            mine = self.group.shard(starts)
+            if not len(mine):  # a last batch smaller than the number of processes
+                yield torch.empty(0, 0, 0), torch.empty(0, 0, 0), 0.0
+                continue
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_set.batch(mine))
             with self._autocast():
                 forecast, _ = model(x, model.init_state(x.shape[0], device=self.device), StorePolicy.WINDOW)
-            yield forecast, y
+            yield forecast, y, len(mine) / len(starts)
 
-    def _step(self, loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> bool:
-        """One optimizer step; False (and no change) for a non-finite loss or gradient."""
+    def _step(
+        self, loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer
+    ) -> tuple[bool, float]:
+        """One optimizer step and the global batch's loss; False (and no change) for a
+        non-finite loss or gradient. Several ranks decide together: every rank backpropagates
+        its loss and the summed gradients and loss decide."""
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return False
+        value = float(loss.detach())
+        if not self.group.active and not math.isfinite(value):
+            return False, value
+        if loss.requires_grad:
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        value = self.group.sum_gradients(params, value)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         norm = nn.utils.clip_grad_norm_(params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
-        if not torch.isfinite(norm):
+        if not (torch.isfinite(norm) and math.isfinite(value)):
             optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.update()  # lets the scaler lower its scale after an overflow
-            return False
+            return False, value
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
-        return True
+        return True, value
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean squared error over every validation window (the training objective)."""
+        """Mean squared error over every validation window (the training objective); each rank
+        sums the error of its share of the windows (carried: of the streams)."""
         model = self.model
         model.eval()
-        total, count = 0.0, 0
+        total, count = 0.0, 0.0
         if self.carried:  # the validation windows as streams, each replayed as served
             starts, run = stream_starts(len(self.val_set), self.cfg.batch_size, 0)
-            for forecast, y in carried_segments(
-                model, self.val_set, starts, run, _EVAL_SEGMENT, self.device, self._autocast
-            ):
+            mine = self.group.shard(starts)
+            segments = carried_segments(
+                model, self.val_set, mine, run, _EVAL_SEGMENT, self.device, self._autocast
+            )
+            for forecast, y in segments if len(mine) else ():
                 err = (forecast.float() - y).pow(2).mean(dim=(2, 3)).flatten()
                 total += float(torch.nan_to_num(err, nan=1e6, posinf=1e6).sum())
                 count += len(err)
+            total, count = self.group.sum([total, count], self.device)
             return total / count
-        for starts in torch.arange(len(self.val_set)).split(_EVAL_BATCH):
+        for starts in self.group.shard(torch.arange(len(self.val_set))).split(_EVAL_BATCH):
             x, y = (t.to(self.device) for t in self.val_set.batch(starts))
             with self._autocast():
                 forecast, _ = model(x, model.init_state(x.shape[0], device=self.device), StorePolicy.WINDOW)
             err = (forecast.float() - y).pow(2).mean(dim=(1, 2))
             total += float(torch.nan_to_num(err, nan=1e6, posinf=1e6).sum())
             count += len(err)
+        total, count = self.group.sum([total, count], self.device)
         return total / count
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -1,8 +1,10 @@
 """The Redis store (redis.asyncio): one hash per stream, compare-and-set in a Lua script.
 
 Key: ``{prefix}:{<stream_id>}``; the braces are a cluster hash tag, so everything about a
-stream lives in one slot. Hash fields: ``state`` (the safetensors blob) and the JSON-encoded
-metadata of :class:`~service.store.base.StreamRecord` (schema version, model, fingerprint,
+stream lives in one slot. A ``redis+cluster://host:port`` (or ``rediss+cluster://``) URL
+selects redis-py's cluster client, which finds the other nodes from that one; every script
+below names its stream's key alone (``KEYS[1]``), so it runs on the node owning that slot.
+Hash fields: ``state`` (the safetensors blob) and the JSON-encoded metadata of :class:`~service.store.base.StreamRecord` (schema version, model, fingerprint,
 mode, steps, last timestamp and values hash, recent duplicates window, frequency, forecast,
 created/updated times, version, incarnation).
 
@@ -16,16 +18,20 @@ client keeps no dead connection: redis-py drops a broken one and reconnects on t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import cast
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.errors import (
     InvalidObservation,
@@ -89,16 +95,19 @@ return 1
 """
 
 
+# KEYS: the stream's record and its snapshots (one slot): both go at once, on a cluster too
+_DELETE = """
+local removed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+return removed
+"""
+
+
 class RedisStore:
     def __init__(self, url: str, *, prefix: str = "memcast", timeout_s: float = 2.0, retry_after: int = 1):
         # One immediate retry lets a pooled connection broken by a Redis restart reconnect
         # within the same call; a Redis that is down fails fast instead of backing off.
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),
-        )
+        self._redis = _client(url, timeout_s, Retry(NoBackoff(), 1))
         self._prefix = prefix
         self._retry_after = retry_after
         self._create = self._redis.register_script(_CREATE)
@@ -106,6 +115,21 @@ class RedisStore:
         self._put_snapshot = self._redis.register_script(_PUT_SNAPSHOT)
         self._delete_if_unchanged = self._redis.register_script(_DELETE_IF_UNCHANGED)
         self._write = self._redis.register_script(_WRITE)
+        self._delete = self._redis.register_script(_DELETE)
+        # a cluster client refuses scripts in pipelines and scans node by node
+        self._cluster = isinstance(self._redis, aioredis.RedisCluster)
+
+    @property
+    def scripts(self) -> tuple[AsyncScript, ...]:
+        """Every server-side script this store runs; each names its stream's key alone."""
+        return (
+            self._create,
+            self._cas,
+            self._write,
+            self._delete,
+            self._delete_if_unchanged,
+            self._put_snapshot,
+        )
 
     def key(self, stream_id: str) -> str:
         return f"{self._prefix}:{{{stream_id}}}"
@@ -117,10 +141,14 @@ class RedisStore:
     async def _translate(self) -> AsyncIterator[None]:
         try:
             yield
-        except RedisError as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
-        except OSError as exc:
-            raise StoreUnavailable(f"state store unavailable: {exc}", retry_after=self._retry_after) from exc
+        except (AttributeError, TypeError) as exc:
+            if not _raised_in_client(exc):
+                raise  # a bug of ours, never taken for an outage
+            raise StoreUnavailable(
+                f"state store unavailable: {exc!r}", retry_after=self._retry_after
+            ) from exc
 
     async def create(self, record: StreamRecord) -> StreamRecord:
         stored = record.replace(version=1, incarnation=new_incarnation())
@@ -171,8 +199,23 @@ class RedisStore:
         ]
         pending = list(range(len(commands)))
         replies: list[object] = [None] * len(commands)
+        if self._cluster:  # one script call per stream, each to its node, all in flight at once
+            async with self._translate():
+                answers = await asyncio.gather(
+                    *(
+                        self._write(keys=[key], args=[version, incarnation, *_flatten(record)])
+                        for key, version, incarnation, record in commands
+                    ),
+                    return_exceptions=True,
+                )
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    async with self._translate():
+                        raise answer
+            replies = list(answers)
+            pending = []
         async with self._translate():
-            for _ in range(2):
+            for _ in range(2 if pending else 0):
                 pipe = self._redis.pipeline(transaction=False)
                 for i in pending:
                     key, version, incarnation, record = commands[i]
@@ -196,24 +239,24 @@ class RedisStore:
         return outcomes
 
     async def delete(self, stream_id: str) -> None:
-        async with self._translate(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key(stream_id))
-            pipe.delete(self.snapshots_key(stream_id))
-            removed, _ = await pipe.execute()
+        async with self._translate():
+            removed = await self._delete(keys=[self.key(stream_id), self.snapshots_key(stream_id)])
         if not removed:
             raise StreamNotFound(stream_id)
 
     async def list_ids(self, cursor: str | None, limit: int) -> tuple[list[str], str | None]:
         """``SCAN`` over this service's keys (``{prefix}:{*}``), never ``KEYS``: pages of about
-        ``limit`` ids; the cursor is Redis's own."""
+        ``limit`` ids; the cursor is Redis's own (on a cluster: the last id, see below)."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._prefix) + ":{*}"
+        start = len(self._prefix) + 2
+        if self._cluster:
+            return await self._list_cluster_ids(pattern, start, cursor, limit)
         try:
             position = int(cursor or 0)
         except ValueError:
             raise InvalidObservation(
                 "cursor is not one this endpoint returned", field="query.cursor"
             ) from None
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._prefix) + ":{*}"
-        start = len(self._prefix) + 2
         ids: list[str] = []
         async with self._translate():
             while True:
@@ -222,6 +265,19 @@ class RedisStore:
                 if position == 0 or len(ids) >= limit:
                     break
         return ids, str(position) if position else None
+
+    async def _list_cluster_ids(
+        self, pattern: str, start: int, cursor: str | None, limit: int
+    ) -> tuple[list[str], str | None]:
+        """On a cluster every primary is scanned (``scan_iter``) and the ids are paged in id
+        order, the cursor being the last id returned: a whole scan per page, which suits an
+        operator's listing, not a hot path."""
+        async with self._translate():
+            keys = [k async for k in self._redis.scan_iter(match=pattern, count=1000)]
+        ids = sorted({(k if isinstance(k, str) else k.decode())[start:-1] for k in keys})
+        ids = [i for i in ids if cursor is None or i > cursor]
+        page = ids[:limit]
+        return page, page[-1] if len(ids) > limit else None
 
     async def delete_if_unchanged(self, record: StreamRecord) -> bool:
         stream_id = record.stream_id
@@ -273,6 +329,42 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+# redis-py's asyncio clients can fail with AttributeError or TypeError when a connection is
+# torn down while another command uses it (redis/redis-py#3546, #3835; here: the cluster client
+# while a master restarts, `'NoneType' object has no attribute 'writelines'`). Such an error is
+# a connection failure whose command may or may not have run, as a timeout is: a 503.
+_CLIENT_CODE = (Path(redis.__file__).parent, Path(asyncio.__file__).parent)
+
+
+def _raised_in_client(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in redis-py or the asyncio streams under it."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    origin = Path(tb.tb_frame.f_code.co_filename)
+    return any(origin.is_relative_to(code) for code in _CLIENT_CODE)
+
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def _client(url: str, timeout_s: float, retry: Retry) -> aioredis.Redis | aioredis.RedisCluster:
+    """redis-py's cluster client for a ``redis+cluster://`` URL, its single-node client else."""
+    scheme, _, rest = url.partition("://")
+    if scheme in _CLUSTER_SCHEMES:
+        return aioredis.RedisCluster.from_url(
+            f"{_CLUSTER_SCHEMES[scheme]}://{rest}",
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=retry,
+        )
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry
+    )
 
 
 def _flatten(record: StreamRecord) -> list[bytes | str]:

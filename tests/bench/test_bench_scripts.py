@@ -155,3 +155,27 @@ def test_run_all_rebuilds_report_from_existing_results(outputs: dict[str, Path],
     out = tmp_path / "benchmarks.md"
     stdout = run_script("run_all.py", "--quick", "--report-only", "--work", str(work), "--out", str(out))
     assert "report" in stdout and "## Service" in out.read_text()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not on PATH")
+def test_soak_restarts_redis_and_loses_no_acknowledged_observation(tmp_path: Path) -> None:
+    """A 15-second soak: the Redis restart in the middle is seen as 503s, and every
+    observation the server acknowledged is in Redis afterwards."""
+    csv = write_synthetic_csv(tmp_path / "tiny.csv", rows=400, channels=2, seed=1)
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoints" / "tiny")
+    out, doc = tmp_path / "soak.json", tmp_path / "docs" / "soak.md"
+    run_script(
+        "soak.py",
+        *("--checkpoint-dir", str(checkpoint), "--data", str(csv), "--work", str(tmp_path / "work")),
+        *("--minutes", "0.25", "--streams", "5", "--rate", "20", "--outage-s", "1", "--sample-s", "2"),
+        *("--out", str(out), "--doc", str(doc)),
+    )
+    soak = read(out)
+    statuses = {k for row in soak["minutes"] for k in row["by_status"]}
+    assert "200" in statuses and statuses <= {"200", "503"}, soak["error_samples"]
+    assert sum(row["by_status"].get("503", 0) for row in soak["minutes"]) > 0, "the restart went unseen"
+    assert soak["observations"]["acknowledged"] > 100
+    assert soak["observations"]["lost"] == 0 and soak["observations"]["streams_missing"] == 0
+    assert 0 < soak["restart"]["stopped_at"] < soak["restart"]["ready_at"] < 15
+    assert len(soak["memory"]) >= 5 and all(m["rss_bytes"] > 0 for m in soak["memory"])
+    assert "acknowledged observations lost" in doc.read_text() and (doc.parent / "img" / "soak.png").is_file()

@@ -12,6 +12,7 @@ import pytest
 
 from service.expiry import sweep
 from service.settings import Settings
+from tests.conftest import with_cluster
 from tests.service.conftest import SEQ_LEN, Api, make_checkpoint, running, series
 
 
@@ -50,6 +51,7 @@ async def test_revert_to_snapshot_restores_state_bytes_and_forecast(api: Api) ->
     assert (await api.post("s", rows[SEQ_LEN + 2 :])).json()["applied"] == 6
 
 
+@with_cluster
 async def test_snapshots_list_get_delete(api: Api) -> None:
     await api.create("s", series(3))
     for name in ("b", "a"):
@@ -67,6 +69,7 @@ async def test_snapshots_list_get_delete(api: Api) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "name"
 
 
+@with_cluster
 async def test_delete_stream_deletes_its_snapshots(api: Api) -> None:
     await api.create("s", series(2))
     await api.client.post("/v1/streams/s/snapshots", json={"name": "one"})
@@ -155,6 +158,7 @@ async def test_import_over_the_body_limit_is_413(settings: Settings) -> None:
 # -- idle expiry -----------------------------------------------------------------------------------
 
 
+@with_cluster
 async def test_sweep_expires_only_idle_streams_with_their_snapshots(api: Api) -> None:
     store, metrics = api.app.state.store, api.app.state.metrics
     await api.create("old", series(2))

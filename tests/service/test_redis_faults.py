@@ -1,5 +1,5 @@
-"""Fault injection under load: Redis killed (SIGKILL) and restarted, and Redis made slow, silent
-or cut off by a TCP proxy on loopback.
+"""Fault injection under load: Redis (or one master of a Redis Cluster) killed (SIGKILL) and
+restarted, and Redis made slow, silent or cut off by a TCP proxy on loopback.
 
 Whatever happens, every request answers 200 or 503 (never 500), none waits much past the store
 timeout, and no acknowledged observation is lost or learned twice: clients retry a 503 with the
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from memcast.harness import RedisCluster
 from service.settings import Settings
 from tests.conftest import RedisServer
 from tests.service.conftest import SEQ_LEN, Api, running, series
@@ -98,6 +99,52 @@ async def test_post_observations_redis_killed_under_load_loses_nothing(
             body = (await api.client.get(f"/v1/streams/{client.stream_id}")).json()
             assert body["steps"] == SEQ_LEN + per_stream  # nothing lost, nothing learned twice
             assert body["last_timestamp"] == SEQ_LEN + per_stream - 1
+
+
+async def test_post_observations_cluster_master_killed_under_load_loses_nothing(
+    tmp_path: Path, checkpoint_root: Path
+) -> None:
+    """One master of three killed and restarted: its streams answer 503 meanwhile, the others
+    are still served (redis-py's cluster client re-reads the slot map after a connection error,
+    so a few of their requests may answer 503 too), and every stream ends with exactly its
+    client's observations."""
+    with RedisCluster(tmp_path, persistent=True) as cluster:
+        settings = Settings(
+            checkpoint_dir=checkpoint_root,
+            redis_url=cluster.url,
+            torch_threads=None,
+            store_timeout_s=TIMEOUT_S,
+        )
+        streams, per_stream = 6, 30
+        async with running(settings) as api:
+            for i in range(streams):
+                await api.create(f"s{i}", series(SEQ_LEN))
+            victim = cluster.owner("memcast:{s0}")
+            on_victim = {f"s{i}" for i in range(streams) if cluster.owner(f"memcast:{{s{i}}}") is victim}
+            assert len(on_victim) < streams, "pick stream ids that land on more than one master"
+            clients = [Client(api, f"s{i}") for i in range(streams)]
+
+            others = [c for c in clients if c.stream_id not in on_victim]
+            served_while_down = 0
+
+            async def chaos() -> None:
+                nonlocal served_while_down
+                while sum(len(c.acks) for c in clients) < 20:  # under load
+                    await asyncio.sleep(0.01)
+                victim.kill()  # SIGKILL: no shutdown, no final fsync
+                before = sum(len(c.acks) for c in others)
+                await asyncio.sleep(1.0)
+                served_while_down = sum(len(c.acks) for c in others) - before
+                await asyncio.to_thread(victim.start)  # same port, nodes.conf and append-only file
+
+            await asyncio.gather(chaos(), *(c.run(series(per_stream, start=SEQ_LEN)) for c in clients))
+            assert all(c.statuses[503] for c in clients if c.stream_id in on_victim)
+            assert served_while_down > 0  # the other masters' streams went on
+            for client in clients:
+                assert set(client.statuses) <= {200, 503} and len(client.acks) == per_stream
+                assert client.slowest < HANG_BOUND_S, client.slowest
+                body = (await api.client.get(f"/v1/streams/{client.stream_id}")).json()
+                assert body["steps"] == SEQ_LEN + per_stream  # nothing lost, nothing learned twice
 
 
 @pytest.mark.parametrize("fault", ["slow", "silent", "cut"])

@@ -8,11 +8,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
+import redis.asyncio
+from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 
-from service.errors import StoreContention, StreamExists, StreamNotFound
+from memcast.harness import RedisCluster
+from service.errors import StoreContention, StoreUnavailable, StreamExists, StreamNotFound
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import RedisStore, StateStore, StreamRecord, make_store, update_stream
+from service.store.base import Snapshot
+from tests.conftest import with_cluster
 
 
 def record(stream_id: str = "s1", **changes: object) -> StreamRecord:
@@ -39,6 +45,7 @@ async def store(store_url: str | None) -> AsyncIterator[StateStore]:
         await store.aclose()
 
 
+@with_cluster
 async def test_create_get_delete(store: StateStore) -> None:
     created = await store.create(record())
     assert created.version == 1
@@ -53,6 +60,7 @@ async def test_create_get_delete(store: StateStore) -> None:
         await store.delete("s1")
 
 
+@with_cluster
 async def test_compare_and_set(store: StateStore) -> None:
     created = await store.create(record())
     assert created.incarnation  # drawn by the store; a writer carries the one it read
@@ -65,6 +73,7 @@ async def test_compare_and_set(store: StateStore) -> None:
         await store.compare_and_set(stored.replace(steps=2), expected_version=2)
 
 
+@with_cluster
 async def test_compare_and_set_recreated_stream_refused(store: StateStore) -> None:
     """A write computed from a deleted stream must not land on its re-creation, though the new
     stream has the version the writer read (the ABA problem)."""
@@ -79,6 +88,7 @@ async def test_compare_and_set_recreated_stream_refused(store: StateStore) -> No
     assert stored is not None and stored.steps == 1 and stored.mode == "none"
 
 
+@with_cluster
 async def test_update_stream_concurrent_writers_lose_nothing(store: StateStore) -> None:
     """50 writers read, yield to each other, then write: without the version check most
     increments would be lost."""
@@ -102,6 +112,7 @@ async def test_update_stream_concurrent_writers_lose_nothing(store: StateStore) 
     assert metrics.store_retries._value.get() >= metrics.store_conflicts._value.get()
 
 
+@with_cluster
 async def test_update_stream_gives_up_after_attempts(store: StateStore) -> None:
     await store.create(record())
 
@@ -115,6 +126,7 @@ async def test_update_stream_gives_up_after_attempts(store: StateStore) -> None:
     assert (await store.get("s1")).steps == 0  # never written
 
 
+@with_cluster
 async def test_update_stream_without_change_writes_nothing(store: StateStore) -> None:
     await store.create(record())
 
@@ -141,3 +153,90 @@ async def test_redis_layout_one_hash_per_stream_with_hash_tag(redis_url: str) ->
     assert meta["recent"] == [[1, "ab"], ["2024-01-01T00:00:00", "cd"]]
     for name in ("steps", "last_timestamp", "last_values_hash", "created_at", "updated_at", "forecast"):
         assert name in meta
+
+
+async def test_cluster_layout_streams_spread_over_masters_one_slot_each(
+    redis_cluster: RedisCluster, redis_cluster_url: str
+) -> None:
+    ids = [f"stream.{i}" for i in range(24)]
+    store = RedisStore(redis_cluster_url, prefix="memcast")
+    try:
+        for stream_id in ids:
+            created = await store.create(record(stream_id))
+            assert await store.compare_and_set(created.replace(steps=3), expected_version=1) is not None
+    finally:
+        await store.aclose()
+    holders: dict[str, int] = {}
+    for node in redis_cluster.nodes:
+        with node.client() as client:
+            for key in client.keys("*"):
+                assert key.decode() not in holders, f"{key!r} on two nodes"
+                holders[key.decode()] = node.port
+                # the hash tag: the key's slot is its stream id's
+                stream_id = key.decode().removeprefix("memcast:{").removesuffix("}")
+                assert key_slot(key) == key_slot(stream_id.encode())
+                assert json.loads(client.hget(key, "steps")) == 3  # both scripts ran on the owner
+    assert sorted(holders) == sorted(f"memcast:{{{i}}}" for i in ids)
+    assert len(set(holders.values())) == 3, "24 streams should land on all three masters"
+
+
+async def test_cluster_lua_scripts_keys_in_one_slot(
+    redis_cluster: RedisCluster, redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each script call names keys of one slot, its stream's (the control: the cluster refuses a
+    script whose keys span two slots, so the contract tests could not pass otherwise)."""
+    calls: list[tuple[object, ...]] = []
+    original = redis.asyncio.RedisCluster.execute_command
+
+    async def spy(self: redis.asyncio.RedisCluster, *args: object, **kwargs: object) -> object:
+        if str(args[0]).upper() in ("EVAL", "EVALSHA"):
+            calls.append(args)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.RedisCluster, "execute_command", spy)
+    store = RedisStore(redis_cluster_url, prefix="test")
+    try:
+        for stream_id in ("a", "b.2", "c:3"):
+            created = await store.create(record(stream_id))
+            stored = await store.compare_and_set(created.replace(steps=1), expected_version=1)
+            assert stored is not None
+            assert await store.compare_and_set(created.replace(steps=9), expected_version=1) is None
+            [written] = await store.write_many([(stored.replace(steps=2), 2)])
+            assert isinstance(written, StreamRecord)
+            await store.put_snapshot(Snapshot("s1", "2026-01-01T00:00:00+00:00", written))
+            assert not await store.delete_if_unchanged(stored)  # written since
+            await store.delete(stream_id)
+            with pytest.raises(StreamNotFound):
+                await store.compare_and_set(stored, expected_version=2)
+        gone = await store.create(record("d"))
+        assert await store.delete_if_unchanged(gone)
+        shas = {script.sha for script in store.scripts}
+    finally:
+        await store.aclose()
+    assert {str(call[1]) for call in calls} == shas  # every script was exercised
+    for call in calls:
+        n_keys = int(str(call[2]))
+        keys = [str(k).encode() for k in call[3 : 3 + n_keys]]
+        assert n_keys >= 1 and len({key_slot(k) for k in keys}) == 1, call[:4]
+    with redis_cluster.nodes[0].client() as node, pytest.raises(redis.ResponseError, match="same slot"):
+        node.eval("return 1", 2, "test:{a}", "test:{b.2}")
+
+
+async def test_redis_store_client_race_503_own_bug_raised() -> None:
+    """redis-py's asyncio clients can raise AttributeError when a connection is torn down under
+    a concurrent command (seen with the cluster client while a master restarts): 503 like any
+    connection failure. The same error raised by our own code is a bug and stays one."""
+
+    class TornDown:  # a connection whose writer a concurrent disconnect has just dropped
+        _writer = None
+
+    store = RedisStore("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(StoreUnavailable, match="writelines"):
+            async with store._translate():
+                await AbstractConnection._send_packed_command(TornDown(), [b"PING"])  # type: ignore[arg-type]
+        with pytest.raises(AttributeError):
+            async with store._translate():
+                TornDown._writer.writelines([b"PING"])  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()

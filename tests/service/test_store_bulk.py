@@ -6,9 +6,11 @@ import redis
 
 from service.errors import StreamNotFound
 from service.store import RedisStore, StateStore
+from tests.conftest import with_cluster
 from tests.service.test_store import record, store  # noqa: F401 - a fixture
 
 
+@with_cluster
 async def test_get_many_and_write_many(store: StateStore) -> None:  # noqa: F811
     a = await store.create(record("a"))
     b = await store.create(record("b"))
@@ -32,6 +34,7 @@ async def test_get_many_and_write_many(store: StateStore) -> None:  # noqa: F811
     assert await store.get_many(["a", "b", "new"]) == [outcomes[0], b, new]
 
 
+@with_cluster
 async def test_write_many_refuses_another_incarnation(store: StateStore) -> None:  # noqa: F811
     old = await store.create(record("x"))
     await store.delete("x")

@@ -13,6 +13,7 @@ import torch
 from models import UpdateMode, init_stream_state, observe_many, state_from_bytes
 from models.checkpoint import load_checkpoint
 from service.settings import Settings
+from tests.conftest import with_cluster
 from tests.service.conftest import (
     COLUMNS,
     PRED_LEN,
@@ -51,6 +52,7 @@ def share_store(target: Api, source: Api, store_kind: str) -> None:
 # -- streams -----------------------------------------------------------------------------------
 
 
+@with_cluster
 async def test_create_stream_returns_summary(api: Api) -> None:
     response = await api.client.post(
         "/v1/streams", json={"id": "s1", "mode": "full_model", "history": series(3)}
@@ -112,6 +114,7 @@ async def test_create_stream_invalid_422(api: Api, body: dict, field: str) -> No
     assert (await api.client.get("/v1/streams/s1")).status_code == 404
 
 
+@with_cluster
 async def test_delete_stream(api: Api) -> None:
     await api.create("s1", series(2))
     assert (await api.client.delete("/v1/streams/s1")).status_code == 204
@@ -139,6 +142,7 @@ async def test_unknown_stream_404(api: Api, method: str, path: str, body: dict |
     }
 
 
+@with_cluster
 async def test_reset_stream(api: Api) -> None:
     await api.create("s1", series(SEQ_LEN + 4))
     response = await api.client.post("/v1/streams/s1/reset", json={"mode": "none"})
@@ -156,6 +160,7 @@ async def test_reset_stream(api: Api) -> None:
 # -- observations -> forecast ------------------------------------------------------------------
 
 
+@with_cluster
 @pytest.mark.parametrize("mode", ["memory_only", "full_model", "none"])
 async def test_post_observations_forecast_matches_models_online(
     api: Api, checkpoint_root: Path, mode: str
@@ -398,6 +403,7 @@ async def test_api_key_required_401(settings: Settings) -> None:
 # -- concurrency ---------------------------------------------------------------------------------
 
 
+@with_cluster
 async def test_concurrent_posts_never_lose_an_update(settings: Settings, store_kind: str) -> None:
     """Two app instances (so the compare-and-set, not only the in-process lock, decides) and
     many tasks posting to one stream: every "applied" is in the step count, exactly once."""
@@ -484,6 +490,7 @@ async def test_list_models(api: Api) -> None:
     assert small["seq_len"] == SEQ_LEN and small["pred_len"] == PRED_LEN and len(small["fingerprint"]) == 64
 
 
+@with_cluster
 async def test_health_and_readiness(api: Api) -> None:
     assert (await api.client.get("/healthz")).json() == {"status": "ok"}
     ready = await api.client.get("/readyz")
@@ -520,6 +527,7 @@ async def test_metrics_exposes_named_metrics(api: Api) -> None:
         assert needle in text, needle
 
 
+@with_cluster
 async def test_restart_serves_state_identically(settings: Settings, store_kind: str) -> None:
     if store_kind == "embedded":
         pytest.skip("the embedded store lives and dies with its process")
@@ -664,6 +672,7 @@ async def test_post_observations_non_finite_state_422_nothing_written(api: Api) 
     assert all(math.isfinite(v) for row in body["forecast"]["rows"] for v in row["values"].values())
 
 
+@with_cluster
 async def test_post_observations_whole_batch_retry_is_duplicate(api: Api) -> None:
     await api.create("s1")
     rows = series(100)
