@@ -22,6 +22,7 @@ Axis legend: ``p`` horizon steps, ``c`` target columns.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,9 @@ class Scored:
 
     errors: list[float] = field(default_factory=list)
     last_value_errors: list[float] = field(default_factory=list)
+    # per applied row, [p][c] |forecast - actual| in the stream's units (NaN: no forecast of
+    # that step matured): what service.intervals learns from
+    abs_errors: list[list[list[float]]] = field(default_factory=list)
 
 
 # totals[step]: [values scored, sum |e|, sum e^2, sum |e_last|, sum e_last^2]
@@ -119,15 +123,18 @@ def advance(
         s = steps_before + i + 1
         actual = [float(row[j]) for j in spec.targets]
         closest: Matured | None = None
+        row_errors = [[math.nan] * len(actual) for _ in range(p)]
         for entry in pending:
             h = s - entry.origin  # 1 <= h <= p: entries past their horizon were dropped
             errors = [f - a for f, a in zip(entry.forecast[h - 1], actual, strict=True)]
             naive = [f - a for f, a in zip(entry.last, actual, strict=True)]
             _add(totals[h - 1], window[h - 1], errors, naive, spec.window)
+            row_errors[h - 1] = [abs(e) for e in errors]
             scored.errors.extend(abs(e) / sd for e, sd in zip(errors, spec.std, strict=True))
             scored.last_value_errors.extend(abs(e) / sd for e, sd in zip(naive, spec.std, strict=True))
             if closest is None or h < closest.step:
                 closest = Matured(s, h, entry.forecast[h - 1])
+        scored.abs_errors.append(row_errors)
         if closest is not None:
             matured.append(closest)
         pending = [e for e in pending if e.origin + p > s]

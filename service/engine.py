@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
-from service import schemas
+from service import intervals, schemas
 from service.accuracy import Accuracy, Scored, Spec, advance, history_rows, report
 from service.batching import Batcher
 from service.compute import Step, compute, recent_values
@@ -137,6 +137,7 @@ class Engine:
             freq=freq,
             created_at=now,
             updated_at=now,
+            intervals=intervals.initial(req.interval_levels),
         )
         # a creation serves one forecast and scores none
         record, _ = self._advance(record, plan, step, model, "history")
@@ -177,6 +178,7 @@ class Engine:
                 recent=(),
                 forecast=None,
                 accuracy=None,
+                intervals=intervals.cleared(current.intervals),
                 updated_at=_now(),
             ), None
 
@@ -329,6 +331,9 @@ class Engine:
             recent=plan.recent,
             forecast=step.forecast,
             accuracy=scores.to_json(),
+            intervals=intervals.learn(
+                record.intervals, model.pred_len, len(model.targets), scored.abs_errors
+            ),
             updated_at=_now(),
         ), scored
 
@@ -376,16 +381,7 @@ class Engine:
             stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
         except OverflowError:  # only a record written before horizons were checked
             stamps = [None] * len(record.forecast)
-        targets = model.targets
-        return schemas.Forecast(
-            columns=list(targets),
-            rows=[
-                schemas.ForecastRow(
-                    step=k + 1, timestamp=stamps[k], values=dict(zip(targets, row, strict=True))
-                )
-                for k, row in enumerate(record.forecast)
-            ],
-        )
+        return intervals.forecast(model.targets, record.forecast, stamps, record.intervals)
 
 
 def _usable_freq(freq: str | None, horizon: int) -> str | None:

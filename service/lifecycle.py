@@ -40,6 +40,7 @@ CONTENT = (
     "freq",
     "forecast",
     "accuracy",
+    "intervals",
 )
 
 
@@ -62,7 +63,8 @@ def read_archive(blob: bytes, stream_id: str) -> StreamRecord:
         meta = dict(header["__metadata__"])
         fields: dict[str, str] = json.loads(meta.pop(ARCHIVE_KEY))
         header["__metadata__"] = meta
-        raw = {k.encode(): str(fields[k]).encode() for k in CONTENT}
+        # an export made before a field existed (intervals) reads with its default
+        raw = {k.encode(): str(fields[k]).encode() for k in CONTENT if k in fields or k != "intervals"}
         now = json.dumps(_now()).encode()
         raw |= {b"stream_id": json.dumps(stream_id).encode(), b"created_at": now, b"updated_at": now}
         raw |= {b"version": b"0", b"state": _join(header, data)}

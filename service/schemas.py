@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from models.intervals import DEFAULT_LEVELS
 from service.freq import parse as parse_freq
 
 Mode = Literal["memory_only", "full_model", "none"]
@@ -85,6 +86,21 @@ class CreateStream(_Strict):
         ),
     )
     history: list[Observation] = Field(default_factory=list, description="rows applied at creation")
+    interval_levels: list[FiniteFloat] = Field(
+        default_factory=lambda: list(DEFAULT_LEVELS),
+        min_length=1,
+        max_length=8,
+        description="prediction-interval levels, each in (0, 1), learned from the stream's own errors",
+    )
+
+    @field_validator("interval_levels")
+    @classmethod
+    def _levels(cls, value: list[float]) -> list[float]:
+        if not all(0.0 < v < 1.0 for v in value):
+            raise ValueError("every interval level must be strictly between 0 and 1")
+        if len(set(value)) != len(value):
+            raise ValueError("interval levels must differ")
+        return sorted(value)
 
     @field_validator("freq")
     @classmethod
@@ -147,14 +163,30 @@ class CreateStreams(_Strict):
     streams: list[CreateStream] = Field(min_length=1)
 
 
+class Interval(BaseModel):
+    level: float = Field(description="nominal coverage, e.g. 0.95")
+    lower: dict[str, float]
+    upper: dict[str, float]
+
+
 class ForecastRow(BaseModel):
     step: int
     timestamp: TimestampOut | None
     values: dict[str, float]
+    lower: dict[str, float] | None = Field(
+        None, description="lower bound at the stream's highest interval level; null until learned"
+    )
+    upper: dict[str, float] | None = Field(
+        None, description="upper bound at the stream's highest interval level; null until learned"
+    )
+    intervals: list[Interval] = Field(
+        default_factory=list, description="the bounds at every level, ascending; empty until learned"
+    )
 
 
 class Forecast(BaseModel):
     columns: list[str]
+    levels: list[float] = Field(description="the stream's interval levels, ascending")
     rows: list[ForecastRow]
 
 

@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--er-samples", type=int, default=2, help="replayed pairs per learned pair")
     e.add_argument("--no-plots", action="store_true")
     e.add_argument("--save-forecasts", action="store_true", help="also write forecasts.npz")
+    e.add_argument(
+        "--interval-levels",
+        default="0.8,0.95",
+        help="prediction-interval levels to score (coverage, mean width), comma-separated, each in (0, 1)",
+    )
     e.set_defaults(func=run_evaluate)
 
     d = subparsers.add_parser("make-data", help="write memcast's generated multivariate data set (CSV)")
@@ -122,6 +127,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         er_samples=args.er_samples,
         plots=not args.no_plots,
         save_forecasts=args.save_forecasts,
+        interval_levels=tuple(float(v) for v in args.interval_levels.split(",") if v.strip()),
     )
     report = evaluate(cfg)
     sys.stdout.write(format_table(report) + f"\nreport: {Path(out) / 'report.json'}\n")

@@ -20,6 +20,7 @@ import torch
 
 from models.checkpoint import Checkpoint, DataSchema
 from models.forecaster import ContinualForecaster
+from models.intervals import DEFAULT_LEVELS, check_levels, coverage, replay
 from models.online import Feedback, UpdateMode
 from trainer.data import LoadedData, load_dataset
 from trainer.methods import MethodSpec, checkpoint_for, parse_methods
@@ -56,6 +57,7 @@ class EvalConfig:
     er_samples: int = 2
     plots: bool = True
     save_forecasts: bool = False  # forecasts.npz: every method's forecasts and the truths
+    interval_levels: tuple[float, ...] = DEFAULT_LEVELS  # prediction intervals scored per method
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -75,6 +77,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     started = time.perf_counter()
     train = cfg.train
     feedback = Feedback(cfg.feedback)
+    check_levels(cfg.interval_levels)
     specs = parse_methods(cfg.methods, UpdateMode(cfg.mode), Path(cfg.checkpoint) if cfg.checkpoint else None)
     data = load_dataset(
         train.data,
@@ -109,7 +112,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         },
         "feedback": feedback.value,
         "metric_scale": "scaled (standard scaler fitted on the train split)",
-        "methods": {run.spec.name: _summary(run) for run in runs},
+        "methods": {run.spec.name: _summary(run, cfg.interval_levels) for run in runs},
         "wall_time_s": time.perf_counter() - started,
     }
     write_outputs(Path(cfg.out), report, {r.spec.name: r.result for r in runs}, cfg.plots, cfg.save_forecasts)
@@ -189,9 +192,23 @@ def _rescale(forecasts: np.ndarray, ckpt: DataSchema, data: DataSchema) -> np.nd
     return ((raw - mean) / std).numpy()
 
 
-def _summary(run: MethodRun) -> dict[str, Any]:
+def interval_scores(result: StreamResult, levels: tuple[float, ...]) -> dict[str, dict[str, float]]:
+    """Coverage and mean width per level of the intervals the service would have served with
+    these forecasts: ``models.intervals`` learning from the errors in the order they mature
+    (delayed, whatever the feedback the models learned with). Keyed by level, e.g. ``"0.8"``."""
+    forecasts, truths = torch.from_numpy(result.forecasts), torch.from_numpy(result.truths)
+    lower, upper = replay(forecasts, truths, check_levels(levels))
+    cov, width, count = coverage(lower, upper, truths)
+    return {
+        str(level): {"coverage": float(cov[i]), "mean_width": float(width[i]), "count": int(count[i])}
+        for i, level in enumerate(levels)
+    }
+
+
+def _summary(run: MethodRun, levels: tuple[float, ...]) -> dict[str, Any]:
     r = run.result
     row: dict[str, Any] = metrics(r.forecasts, r.truths)
+    row["intervals"] = interval_scores(r, levels)
     row.update(
         mode=run.spec.mode.value,
         steps=r.steps,

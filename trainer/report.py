@@ -45,7 +45,20 @@ def write_outputs(
 
 def format_table(report: dict[str, Any]) -> str:
     """The methods as a text table, best MSE first."""
-    header = ("method", "mode", "MSE", "MAE", "RMSE", "MAPE%", "steps/s", "wall s")
+    first: dict[str, Any] = next(iter(report["methods"].values()), {})
+    levels = list(first.get("intervals", {}))
+    header = (
+        "method",
+        "mode",
+        "MSE",
+        "MAE",
+        "RMSE",
+        "MAPE%",
+        *(f"cov{_pct(lv)}%" for lv in levels),
+        *(f"width{_pct(lv)}" for lv in levels),
+        "steps/s",
+        "wall s",
+    )
     rows = [
         (
             name,
@@ -54,6 +67,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{m['mae']:.4f}",
             f"{m['rmse']:.4f}",
             f"{100 * m['mape']:.2f}",
+            *(f"{100 * m['intervals'][lv]['coverage']:.1f}" for lv in levels),
+            *(f"{m['intervals'][lv]['mean_width']:.3f}" for lv in levels),
             f"{m['steps_per_s']:.1f}",
             f"{m['wall_s']:.1f}",
         )
@@ -67,6 +82,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"pred_len={data['pred_len']} feedback={report['feedback']} steps={data['test_steps']}"
     )
     return "\n".join([title, lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _pct(level: str) -> str:
+    return f"{100 * float(level):g}"
 
 
 def plot_cumulative_mse(path: Path, errors: Mapping[str, np.ndarray], report: dict[str, Any]) -> None:

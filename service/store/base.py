@@ -46,6 +46,9 @@ class StreamRecord:
     freq: str | None = None
     forecast: tuple[tuple[float, ...], ...] | None = None  # in the stream's units
     accuracy: dict[str, Any] | None = None  # service.accuracy.Accuracy as JSON; None: nothing scored yet
+    intervals: dict[str, Any] | None = (
+        None  # service.intervals as JSON (levels, learned radii); None: defaults
+    )
     created_at: str = ""
     updated_at: str = ""
     version: int = 0

@@ -51,7 +51,10 @@ def test_make_data_pretrain_evaluate_end_to_end(
     for name, row in report["methods"].items():
         assert row["steps"] == 25, name
         assert all(math.isfinite(row[k]) for k in ("mse", "mae", "rmse", "mape", "steps_per_s")), name
+        assert set(row["intervals"]) == {"0.8", "0.95"}, name
+        assert 0 <= row["intervals"]["0.8"]["coverage"] <= 1 and row["intervals"]["0.8"]["count"] > 0, name
         assert name in table
+    assert "cov80%" in table and "width95" in table
     assert report["feedback"] == "immediate" and report["data"]["features"] == "MS"
     assert report["methods"]["er"]["learn_calls"] > report["methods"]["ogd"]["learn_calls"] == 25
     assert report["methods"]["fsnet"]["memory"] == "fsnet"

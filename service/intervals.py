@@ -1,0 +1,125 @@
+"""A stream's prediction intervals: its levels and the ``models.intervals`` state, kept as JSON
+in the record (``StreamRecord.intervals``, no pickle) and learned from the same matured errors
+that :mod:`service.accuracy` scores, once per applied observation, in the order the service
+meets them: what ``memcast evaluate`` replays (``models.intervals.replay``).
+
+JSON: ``{"levels": [l], "ratio": [p][c][l] | null, "scale": [p][c] | null, "count": [p][c] | null}``;
+``null`` before the first matured error. Units: the stream's (the radii follow the errors').
+
+Axis legend: ``p`` horizon steps, ``c`` target columns, ``l`` levels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.intervals import DEFAULT_LEVELS, IntervalState, bounds, check_levels, init_state, update
+from service import schemas
+
+
+@dataclass(frozen=True)
+class Band:
+    level: float
+    lower: list[list[float]]  # [p][c]
+    upper: list[list[float]]  # [p][c]
+
+
+def initial(levels: Sequence[float] = DEFAULT_LEVELS) -> dict[str, Any]:
+    return {
+        "levels": [float(v) for v in check_levels(list(levels)).tolist()],
+        "ratio": None,
+        "scale": None,
+        "count": None,
+    }
+
+
+def cleared(data: dict[str, Any] | None) -> dict[str, Any]:
+    """Nothing learned, the same levels (a reset)."""
+    return initial(_levels(data))
+
+
+def learn(
+    data: dict[str, Any] | None, pred_len: int, columns: int, abs_errors: Sequence[Sequence[Sequence[float]]]
+) -> dict[str, Any]:
+    """Learn from the matured ``|e|`` of each applied observation, ``[rows][p][c]`` (NaN: none)."""
+    levels = _levels(data)
+    if not any(not math.isnan(e) for row in abs_errors for step in row for e in step):
+        return data if data is not None else initial(levels)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    state = _state(data, pred_len, columns, lv)
+    for row in abs_errors:
+        state = update(state, torch.tensor(row, dtype=torch.float64)[None], lv)
+    seen = state.count[0] > 0
+    return {
+        "levels": levels,
+        "ratio": state.ratio[0].tolist(),
+        "scale": torch.where(seen, state.scale[0], torch.zeros_like(state.scale[0])).tolist(),
+        "count": state.count[0].tolist(),
+    }
+
+
+def bands(data: dict[str, Any] | None, forecast: Sequence[Sequence[float]]) -> list[Band]:
+    """The intervals of ``forecast [p][c]`` at each level, ascending; an empty list before the
+    first matured error. A step with no interval yet has NaN bounds."""
+    if data is None or data.get("ratio") is None:
+        return []
+    lv = torch.tensor(data["levels"], dtype=torch.float64)
+    f = torch.tensor(forecast, dtype=torch.float64)
+    state = _state(data, f.shape[0], f.shape[1], lv)
+    lower, upper = bounds(f[None], state)  # [1, p, c, l]
+    order = sorted(range(len(lv)), key=lambda i: float(lv[i]))
+    return [Band(float(lv[i]), lower[0, ..., i].tolist(), upper[0, ..., i].tolist()) for i in order]
+
+
+def forecast(
+    targets: Sequence[str],
+    values: Sequence[Sequence[float]],
+    stamps: Sequence[schemas.TimestampOut | None],
+    data: dict[str, Any] | None,
+) -> schemas.Forecast:
+    """The forecast ``values [p][c]`` as a response body, with the bounds learned so far: every
+    level in ``intervals``, the highest also as ``lower``/``upper`` (what the stream page draws)."""
+    found = bands(data, values)
+    rows = []
+    for k, row in enumerate(values):
+        ready = [b for b in found if not any(math.isnan(v) for v in b.lower[k])]
+        levels = [
+            schemas.Interval(
+                level=b.level,
+                lower=dict(zip(targets, b.lower[k], strict=True)),
+                upper=dict(zip(targets, b.upper[k], strict=True)),
+            )
+            for b in ready
+        ]
+        rows.append(
+            schemas.ForecastRow(
+                step=k + 1,
+                timestamp=stamps[k],
+                values=dict(zip(targets, row, strict=True)),
+                lower=levels[-1].lower if levels else None,
+                upper=levels[-1].upper if levels else None,
+                intervals=levels,
+            )
+        )
+    return schemas.Forecast(columns=list(targets), levels=sorted(_levels(data)), rows=rows)
+
+
+def _levels(data: dict[str, Any] | None) -> list[float]:
+    return list(data["levels"]) if data else [float(v) for v in DEFAULT_LEVELS]
+
+
+def _state(data: dict[str, Any] | None, pred_len: int, columns: int, levels: torch.Tensor) -> IntervalState:
+    if data is None or data.get("ratio") is None:
+        return init_state(1, pred_len, levels, columns)
+    count = torch.tensor(data["count"], dtype=torch.float64)[None]
+    scale = torch.tensor(data["scale"], dtype=torch.float64)[None]
+    return IntervalState(
+        ratio=torch.tensor(data["ratio"], dtype=torch.float64)[None],
+        scale=torch.where(count > 0, scale, torch.full_like(scale, math.nan)),
+        count=count,
+    )

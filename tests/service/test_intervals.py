@@ -1,0 +1,119 @@
+"""Prediction intervals per stream: the bounds a forecast response carries equal the ones
+``memcast evaluate`` replays (``models.intervals.replay``) on the same series, on either store;
+levels are set per stream, validated (422, nothing written), kept by a reset, and the learned
+state survives the store and an export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.checkpoint import Checkpoint, load_checkpoint
+from models.intervals import replay
+from service.settings import Settings
+from service.store import StreamRecord
+from tests.service.conftest import PRED_LEN, SEQ_LEN, Api, running, series
+from tests.service.test_accuracy import K, N, evaluated
+
+TARGETS = ("load_a", "OT")
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoint_root: Path) -> Checkpoint:
+    return load_checkpoint(checkpoint_root / "small")
+
+
+async def served_forecasts(api: Api, stream_id: str, rows: list[dict[str, Any]], **create: Any) -> list[dict]:
+    """The forecast of every response: the creation's (forecast 0), then one per posted row."""
+    out = [(await api.create(stream_id, rows[:SEQ_LEN], **create)).json()]
+    for row in rows[SEQ_LEN:N]:
+        response = await api.post(stream_id, [row])
+        assert response.status_code == 200, response.text
+        out.append(response.json()["forecast"])
+    return out
+
+
+async def test_forecast_intervals_equal_online_evaluation(settings: Settings, ckpt: Checkpoint) -> None:
+    rows = series(N + PRED_LEN - 1)
+    levels = [0.5, 0.9]
+    async with running(settings) as api:
+        created = await api.create("s", rows[:SEQ_LEN], interval_levels=[0.9, 0.5])
+        assert created.status_code == 201
+        forecasts = [(await api.client.get("/v1/streams/s/forecast")).json()["forecast"]]
+        for row in rows[SEQ_LEN:N]:
+            response = await api.post("s", [row])
+            assert response.status_code == 200, response.text
+            forecasts.append(response.json()["forecast"])
+    served, _, truth = evaluated(ckpt, rows)
+    lower, upper = replay(
+        torch.from_numpy(served), torch.from_numpy(truth), torch.tensor(levels, dtype=torch.float64)
+    )
+    assert len(forecasts) == K + 1 and all(f["levels"] == levels for f in forecasts)
+    with_bounds = 0
+    for k in range(K):  # the evaluator's forecasts 0 .. K - 1
+        for h, row in enumerate(forecasts[k]["rows"]):
+            for c, name in enumerate(TARGETS):
+                assert row["values"][name] == pytest.approx(float(served[k, h, c]), rel=1e-6)
+            if math.isnan(lower[k, h, 0, 0]):  # no error of step h + 1 matured yet
+                assert row["intervals"] == [] and row["lower"] is None and row["upper"] is None
+                continue
+            with_bounds += 1
+            assert [i["level"] for i in row["intervals"]] == levels
+            for j, interval in enumerate(row["intervals"]):
+                for c, name in enumerate(TARGETS):
+                    assert interval["lower"][name] == pytest.approx(float(lower[k, h, c, j]), rel=1e-6)
+                    assert interval["upper"][name] == pytest.approx(float(upper[k, h, c, j]), rel=1e-6)
+            assert (
+                row["lower"] == row["intervals"][-1]["lower"]
+                and row["upper"] == row["intervals"][-1]["upper"]
+            )
+    assert with_bounds > K * PRED_LEN // 2  # the comparison covered most values, not only the gaps
+
+
+async def test_intervals_widen_with_level_and_contain_the_forecast(api: Api) -> None:
+    forecasts = await served_forecasts(api, "s", series(N))
+    last = forecasts[-1]["rows"]
+    assert all(len(r["intervals"]) == 2 for r in last)  # every step has matured errors by now
+    for r in last:
+        narrow, wide = r["intervals"]
+        for name in TARGETS:
+            assert wide["lower"][name] <= narrow["lower"][name] <= r["values"][name]
+            assert r["values"][name] <= narrow["upper"][name] <= wide["upper"][name]
+
+
+@pytest.mark.parametrize("levels", [[0.0], [1.0], [0.5, 1.2], [-0.1], [], [0.8, 0.8], ["x"], [0.1] * 9])
+async def test_create_stream_bad_interval_levels_422(api: Api, levels: list[Any]) -> None:
+    response = await api.client.post("/v1/streams", json={"id": "s", "interval_levels": levels})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"].startswith("interval_levels")
+    assert (await api.client.get("/v1/streams/s")).status_code == 404  # nothing written
+
+
+async def test_interval_state_round_trips_the_store_and_reset_keeps_levels(api: Api) -> None:
+    await served_forecasts(api, "s", series(N), interval_levels=[0.7])
+    record = await api.record("s")
+    assert record.intervals is not None and record.intervals["levels"] == [0.7]
+    assert record.intervals["count"][0] == [float(N - SEQ_LEN)] * 2  # step 1 learned once per row
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in record.to_fields().items()}
+    assert StreamRecord.from_fields(fields) == record
+    before = (await api.client.get("/v1/streams/s/forecast")).json()["forecast"]
+    assert before["rows"][0]["intervals"][0]["level"] == 0.7
+    assert (await api.client.post("/v1/streams/s/reset")).status_code == 200
+    reset = await api.record("s")
+    assert reset.intervals == {"levels": [0.7], "ratio": None, "scale": None, "count": None}
+
+
+async def test_exported_stream_imports_with_its_intervals(api: Api) -> None:
+    await served_forecasts(api, "s", series(N))
+    export = await api.client.get("/v1/streams/s/export")
+    assert export.status_code == 200, export.text
+    imported = await api.client.post("/v1/streams/t/import", content=export.content)
+    assert imported.status_code == 200, imported.text
+    assert (await api.record("t")).intervals == (await api.record("s")).intervals
+    a = (await api.client.get("/v1/streams/s/forecast")).json()["forecast"]
+    b = (await api.client.get("/v1/streams/t/forecast")).json()["forecast"]
+    assert a == b and a["rows"][0]["intervals"]
