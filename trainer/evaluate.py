@@ -22,10 +22,11 @@ from models.checkpoint import Checkpoint, DataSchema
 from models.forecaster import ContinualForecaster
 from models.online import Feedback, UpdateMode
 from trainer.data import LoadedData, load_dataset
-from trainer.methods import MethodSpec, checkpoint_for, parse_methods
+from trainer.methods import MethodSpec, checkpoint_for, parse_methods, with_experts
 from trainer.online_eval import (
     ReplayConfig,
     StreamResult,
+    combine_stream,
     count_steps,
     metrics,
     naive_forecasts,
@@ -76,6 +77,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     train = cfg.train
     feedback = Feedback(cfg.feedback)
     specs = parse_methods(cfg.methods, UpdateMode(cfg.mode), Path(cfg.checkpoint) if cfg.checkpoint else None)
+    specs = with_experts(specs, UpdateMode(cfg.mode))
     data = load_dataset(
         train.data,
         train.features,
@@ -94,7 +96,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         feedback.value,
         ", ".join(s.name for s in specs),
     )
-    runs = [_run_method(spec, cfg, data, raw_test, feedback) for spec in specs]
+    runs: list[MethodRun] = []
+    for spec in specs:
+        if spec.experts:
+            by_name = {r.spec.name: r.result for r in runs}
+            result = combine_stream([by_name[e] for e in spec.experts], feedback)
+            log.info("%s: MSE %.4f", spec.name, metrics(result.forecasts, result.truths)["mse"])
+            runs.append(MethodRun(spec, result, None))
+        else:
+            runs.append(_run_method(spec, cfg, data, raw_test, feedback))
     report = {
         "config": cfg.to_dict(),
         "data": {
@@ -200,6 +210,8 @@ def _summary(run: MethodRun) -> dict[str, Any]:
         learn_calls=r.learn_calls,
         updates_per_s=r.learn_calls / max(r.wall_s, 1e-9),
     )
+    if run.spec.experts:
+        row.update(experts=list(run.spec.experts))
     if run.checkpoint is not None:
         cfg = run.checkpoint.config
         row.update(
