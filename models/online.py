@@ -232,6 +232,7 @@ def _learn_one(
     row = row.clone(recurse=False)
     row["model"] = model.adapt(row["model"], grad_map)
     if full:
+        grad_map = _clip(grad_map, cfg.online_clip)
         opt = row["opt"]
         new_p, avg, avg_sq, step = adamw_step(
             source,
@@ -242,12 +243,29 @@ def _learn_one(
             lr=cfg.online_lr,
             betas=cfg.online_betas,
             weight_decay=cfg.online_weight_decay,
+            anchor={k: v.detach() for k, v in model.named_parameters()},
+            anchor_strength=cfg.online_anchor,
         )
         row["params"] = _nest(new_p)
         row["opt"] = TensorDict(
             {"exp_avg": _nest(avg), "exp_avg_sq": _nest(avg_sq), "step": step.reshape(1)}, batch_size=[1]
         )
     return row
+
+
+def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """A stream's gradient scaled to norm ``max_norm`` at most (0: unchanged).
+
+    A step that cannot run away (full_model, delayed targets): the clipped gradient bounds
+    the AdamW moments after a level shift's outlier losses, and the anchor
+    (``online_anchor``, :func:`models.optim.adamw_step`) bounds how far a stream's weights
+    can drift from the pretrained ones whatever the number of steps.
+    """
+    if max_norm <= 0:
+        return grads
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))  # type: ignore[arg-type]
+    factor = float(torch.clamp(max_norm / (norm + 1e-12), max=1.0))
+    return grads if factor == 1.0 else {k: g * factor for k, g in grads.items()}
 
 
 def _forward(

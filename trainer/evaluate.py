@@ -34,7 +34,7 @@ from trainer.online_eval import (
     truths_of,
 )
 from trainer.report import write_outputs
-from trainer.train_config import TrainConfig
+from trainer.train_config import ONLINE_ONLY_MODEL_FIELDS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,12 @@ def _run_method(
         return MethodRun(spec, result, None)
     ckpt = checkpoint_for(spec, train, Path(cfg.runs_dir), train.device)
     _check_compatible(spec, ckpt.schema, schema)
-    online_lr = (
-        cfg.online_lr
-        if cfg.online_lr is not None
-        else (train.model.online_lr if spec.checkpoint is None else None)
-    )
-    model = with_online_lr(ckpt.model, online_lr)
+    # the flags' online settings apply to the models they describe (a cached checkpoint keeps
+    # the ones of its pretraining run); --online-lr applies to every model
+    online = {f: getattr(train.model, f) for f in ONLINE_ONLY_MODEL_FIELDS} if spec.checkpoint is None else {}
+    if cfg.online_lr is not None:
+        online["online_lr"] = cfg.online_lr
+    model = with_online_settings(ckpt.model, online)
     series = torch.as_tensor(ckpt.schema.scale(raw_test), dtype=torch.float32).to(train.device)
     replay = ReplayConfig(cfg.er_buffer, cfg.er_samples, train.seed) if spec.replay else None
     result = replay_stream(
@@ -164,9 +164,15 @@ def _run_method(
 
 def with_online_lr(model: ContinualForecaster, online_lr: float | None) -> ContinualForecaster:
     """The same weights under a config with another online learning rate (a new fingerprint)."""
-    if online_lr is None or online_lr == model.config.online_lr:
+    return with_online_settings(model, {} if online_lr is None else {"online_lr": online_lr})
+
+
+def with_online_settings(model: ContinualForecaster, online: dict[str, Any]) -> ContinualForecaster:
+    """The same weights under a config with other online-only settings (a new fingerprint)."""
+    changes = {k: v for k, v in online.items() if getattr(model.config, k) != v}
+    if not changes:
         return model
-    rebuilt = ContinualForecaster(model.config.replace(online_lr=online_lr))
+    rebuilt = ContinualForecaster(model.config.replace(**changes))
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.to(next(model.parameters()).device).eval()
     for p in rebuilt.parameters():

@@ -130,8 +130,8 @@ def test_metrics_values_and_mape_guard() -> None:
 
 def test_online_lr_override_keeps_the_weights() -> None:
     model = _trained_looking_model()
-    faster = with_online_lr(model, 0.5)
-    assert faster.config.online_lr == 0.5 and model.config.online_lr == 1e-2
+    faster = with_online_lr(model, 0.05)  # lr * online_anchor must stay < 1
+    assert faster.config.online_lr == 0.05 and model.config.online_lr == 1e-2
     for (name, a), (_, b) in zip(model.state_dict().items(), faster.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert with_online_lr(model, None) is model
