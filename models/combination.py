@@ -36,6 +36,13 @@ Jensen); the last term bounds the delay: each round moves the weights by at most
 ``eta B + alpha`` in total variation, and the delayed learner's weights are ``d`` rounds old.
 With ``normalise=True`` (the default) the same holds for the normalised losses ``l / s``
 while the scale is steady; it makes ``eta`` unit-free across data sets and horizons.
+
+Service hook (not wired yet): keep this state beside a stream's state (same leading stream
+dimension, so it saves with it); on each observed value call :func:`observe`, and serve
+``combine(state, stack([frozen, adapted, last value], dim=1))``. The frozen expert is what
+``titans_none`` serves: the shared weights and the initial component state (no stored
+tokens, no ``params``) on the stream's window; the evaluator's ``combo_<mode>`` replays
+exactly this (``trainer/online_eval.py``, ``combine_stream``).
 """
 
 from __future__ import annotations
