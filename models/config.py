@@ -22,6 +22,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "neural_memory.model": MEMORY_MODELS,
     "neural_memory.variant": MEMORY_VARIANTS,
 }
+# fields added after checkpoints were written: at their default they do not enter the digest
+LATER_FIELDS = ("online_clip", "online_anchor")  # an older checkpoint reads their defaults
 
 
 class ConfigError(ValueError):
@@ -89,8 +91,12 @@ class ModelConfig:
     neural_memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
     fsnet: FSNetConfig = field(default_factory=FSNetConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)
-    online_lr: float = 1e-3  # full_model: per-stream AdamW learning rate
+    # full_model online update (delayed targets): a per-stream AdamW step whose drift from the
+    # pretrained weights is bounded (see models/online.py, "A step that cannot run away")
+    online_lr: float = 1e-4  # per-stream AdamW learning rate
     online_weight_decay: float = 0.0
+    online_clip: float = 1.0  # max norm of a stream's gradient (0: no clipping)
+    online_anchor: float = 10.0  # pull toward the pretrained weights: p <- p - lr anchor (p - p0)
     online_betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
@@ -106,6 +112,10 @@ class ModelConfig:
             )
         if not self.cms.frequencies or min(self.cms.frequencies) < 1:
             raise ConfigError("cms.frequencies must be one or more update periods >= 1")
+        if self.online_lr <= 0 or self.online_clip < 0 or not 0 <= self.online_lr * self.online_anchor < 1:
+            raise ConfigError(
+                "online_lr must be > 0, online_clip >= 0 and online_lr * online_anchor in [0, 1)"
+            )
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
         # which components work together is declared by the components (models/registry.py)
@@ -151,8 +161,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def digest(self) -> str:
-        """Stable hash of the configuration (part of a model's fingerprint)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Stable hash of the configuration (part of a model's fingerprint). Fields added after
+        checkpoints were written are left out at their defaults, so those keep their fingerprint."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in LATER_FIELDS}
+        data = {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

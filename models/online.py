@@ -237,6 +237,7 @@ def _learn_one(
     row = row.clone(recurse=False)
     row["model"] = model.adapt(row["model"], grad_map)
     if full:
+        grad_map = _clip(grad_map, cfg.online_clip)
         opt = row["opt"]
         new_p, avg, avg_sq, step = adamw_step(
             source,
@@ -247,6 +248,8 @@ def _learn_one(
             lr=cfg.online_lr,
             betas=cfg.online_betas,
             weight_decay=cfg.online_weight_decay,
+            anchor={k: v.detach() for k, v in model.named_parameters()},
+            anchor_strength=cfg.online_anchor,
         )
         row["params"] = _nest(new_p)
         row["opt"] = TensorDict(
@@ -274,10 +277,13 @@ def _learn_batched(
         forecast = torch.func.vmap(_forecast_one(model))(params, inputs, rows["model"])  # [k, p, c_out]
         losses = ((forecast - targets) ** 2).flatten(1).mean(dim=1)  # each stream's F.mse_loss
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
-    grad_map = {
-        k: torch.zeros_like(p) if g is None else g.detach()
-        for (k, p), g in zip(params.items(), grads, strict=True)
-    }
+    grad_map = _clip_rows(
+        {
+            k: torch.zeros_like(p) if g is None else g.detach()
+            for (k, p), g in zip(params.items(), grads, strict=True)
+        },
+        cfg.online_clip,
+    )
     opt = rows["opt"]
     new_p, avg, avg_sq, step = adamw_step(
         source,
@@ -288,6 +294,8 @@ def _learn_batched(
         lr=cfg.online_lr,
         betas=cfg.online_betas,
         weight_decay=cfg.online_weight_decay,
+        anchor={k: v.detach() for k, v in model.named_parameters()},  # broadcast over the streams
+        anchor_strength=cfg.online_anchor,
     )
     k = rows.batch_size[0]
     updated = rows.clone(recurse=False)
@@ -336,6 +344,31 @@ def _forward_one(
         return forecast[0], next_state.squeeze(0)
 
     return one
+
+
+def _clip_rows(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """:func:`_clip` for ``k`` streams stacked along dim 0: each stream's gradient scaled by its
+    own norm, as ``_clip`` does for one stream."""
+    if max_norm <= 0:
+        return grads
+    sq = sum((g.double() ** 2).flatten(1).sum(1) for g in grads.values())  # [k]
+    factor = torch.clamp(max_norm / (torch.as_tensor(sq).sqrt() + 1e-12), max=1.0)  # [k]
+    return {k: g * factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+
+
+def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """A stream's gradient scaled to norm ``max_norm`` at most (0: unchanged).
+
+    A step that cannot run away (full_model, delayed targets): the clipped gradient bounds
+    the AdamW moments after a level shift's outlier losses, and the anchor
+    (``online_anchor``, :func:`models.optim.adamw_step`) bounds how far a stream's weights
+    can drift from the pretrained ones whatever the number of steps.
+    """
+    if max_norm <= 0:
+        return grads
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))  # type: ignore[arg-type]
+    factor = float(torch.clamp(max_norm / (norm + 1e-12), max=1.0))
+    return grads if factor == 1.0 else {k: g * factor for k, g in grads.items()}
 
 
 def _forward(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -16,11 +18,17 @@ def adamw_step(
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     eps: float = 1e-8,
+    anchor: dict[str, Tensor] | None = None,
+    anchor_strength: float = 0.0,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], Tensor]:
     """One AdamW update (Loshchilov & Hutter), returning new tensors; nothing is modified.
 
     ``step`` is the number of steps already taken: a scalar tensor, or ``[b]`` for ``b``
     streams whose tensors are stacked along a leading dimension (each its own bias correction).
+    ``anchor`` (weights ``p0``, broadcast over the streams) adds a decoupled pull
+    ``- lr * anchor_strength * (p - p0)``, weight decay toward ``p0`` instead of 0 (L2-SP, Li et
+    al. 2018): with ``|update| <= U`` per coordinate the distance ``|p - p0|`` can never pass
+    ``U / anchor_strength`` (when ``lr * anchor_strength < 1``), however many steps are taken.
     """
     beta1, beta2 = betas
     step = step + 1
@@ -43,6 +51,17 @@ def adamw_step(
         v = beta2 * exp_avg_sq[name] + (1 - beta2) * g * g
         denom = (v / c2).sqrt() + eps
         update = (m / c1) / denom
-        new_params[name] = p * (1 - lr * weight_decay) - lr * update
+        new_p = p * (1 - lr * weight_decay) - lr * update
+        if anchor is not None and anchor_strength > 0:
+            new_p = new_p - lr * anchor_strength * (p - anchor[name])
+        new_params[name] = new_p
         new_avg[name], new_avg_sq[name] = m, v
     return new_params, new_avg, new_avg_sq, step
+
+
+def adam_direction_bound(betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """The largest ``|m_hat / sqrt(v_hat)|`` of any coordinate at any step, whatever the gradients
+    (Cauchy-Schwarz on the two moving averages; needs ``beta1**2 < beta2``): 7.27 for the
+    default betas. With an anchor of strength ``a`` a weight stays within this ``/ a`` of ``p0``."""
+    beta1, beta2 = betas
+    return (1 - beta1) / math.sqrt((1 - beta2) * (1 - beta1**2 / beta2))

@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--rows", type=int, default=4000)
     d.add_argument("--channels", type=int, default=4, help="columns besides the date, the last is OT")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--regimes",
+        type=int,
+        default=0,
+        help="K > 0: abrupt switches among K recurring regimes (levels, seasonality, cross-channel mixing)",
+    )
     d.set_defaults(func=run_make_data)
 
 
@@ -137,7 +143,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_make_data(args: argparse.Namespace) -> int:
     from trainer.synthetic import write_synthetic_csv
 
-    path = write_synthetic_csv(args.out, rows=args.rows, channels=args.channels, seed=args.seed)
+    path = write_synthetic_csv(
+        args.out, rows=args.rows, channels=args.channels, seed=args.seed, regimes=args.regimes
+    )
     sys.stdout.write(f"wrote {args.rows} rows to {path}\n")
     return 0
 

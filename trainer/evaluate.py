@@ -23,10 +23,11 @@ from models.forecaster import ContinualForecaster
 from models.intervals import DEFAULT_LEVELS, check_levels, coverage, replay
 from models.online import Feedback, UpdateMode
 from trainer.data import LoadedData, load_dataset
-from trainer.methods import MethodSpec, checkpoint_for, parse_methods
+from trainer.methods import MethodSpec, checkpoint_for, parse_methods, with_experts
 from trainer.online_eval import (
     ReplayConfig,
     StreamResult,
+    combine_stream,
     count_steps,
     metrics,
     naive_forecasts,
@@ -34,7 +35,7 @@ from trainer.online_eval import (
     truths_of,
 )
 from trainer.report import write_outputs
-from trainer.train_config import TrainConfig
+from trainer.train_config import ONLINE_ONLY_MODEL_FIELDS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     feedback = Feedback(cfg.feedback)
     check_levels(cfg.interval_levels)
     specs = parse_methods(cfg.methods, UpdateMode(cfg.mode), Path(cfg.checkpoint) if cfg.checkpoint else None)
+    specs = with_experts(specs, UpdateMode(cfg.mode))
     data = load_dataset(
         train.data,
         train.features,
@@ -97,7 +99,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         feedback.value,
         ", ".join(s.name for s in specs),
     )
-    runs = [_run_method(spec, cfg, data, raw_test, feedback) for spec in specs]
+    runs: list[MethodRun] = []
+    for spec in specs:
+        if spec.experts:
+            by_name = {r.spec.name: r.result for r in runs}
+            result = combine_stream([by_name[e] for e in spec.experts], feedback)
+            log.info("%s: MSE %.4f", spec.name, metrics(result.forecasts, result.truths)["mse"])
+            runs.append(MethodRun(spec, result, None))
+        else:
+            runs.append(_run_method(spec, cfg, data, raw_test, feedback))
     report = {
         "config": cfg.to_dict(),
         "data": {
@@ -131,12 +141,12 @@ def _run_method(
         return MethodRun(spec, result, None)
     ckpt = checkpoint_for(spec, train, Path(cfg.runs_dir), train.device)
     _check_compatible(spec, ckpt.schema, schema)
-    online_lr = (
-        cfg.online_lr
-        if cfg.online_lr is not None
-        else (train.model.online_lr if spec.checkpoint is None else None)
-    )
-    model = with_online_lr(ckpt.model, online_lr)
+    # the flags' online settings apply to the models they describe (a cached checkpoint keeps
+    # the ones of its pretraining run); --online-lr applies to every model
+    online = {f: getattr(train.model, f) for f in ONLINE_ONLY_MODEL_FIELDS} if spec.checkpoint is None else {}
+    if cfg.online_lr is not None:
+        online["online_lr"] = cfg.online_lr
+    model = with_online_settings(ckpt.model, online)
     series = torch.as_tensor(ckpt.schema.scale(raw_test), dtype=torch.float32).to(train.device)
     replay = ReplayConfig(cfg.er_buffer, cfg.er_samples, train.seed) if spec.replay else None
     result = replay_stream(
@@ -157,9 +167,15 @@ def _run_method(
 
 def with_online_lr(model: ContinualForecaster, online_lr: float | None) -> ContinualForecaster:
     """The same weights under a config with another online learning rate (a new fingerprint)."""
-    if online_lr is None or online_lr == model.config.online_lr:
+    return with_online_settings(model, {} if online_lr is None else {"online_lr": online_lr})
+
+
+def with_online_settings(model: ContinualForecaster, online: dict[str, Any]) -> ContinualForecaster:
+    """The same weights under a config with other online-only settings (a new fingerprint)."""
+    changes = {k: v for k, v in online.items() if getattr(model.config, k) != v}
+    if not changes:
         return model
-    rebuilt = ContinualForecaster(model.config.replace(online_lr=online_lr))
+    rebuilt = ContinualForecaster(model.config.replace(**changes))
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.to(next(model.parameters()).device).eval()
     for p in rebuilt.parameters():
@@ -217,6 +233,8 @@ def _summary(run: MethodRun, levels: tuple[float, ...]) -> dict[str, Any]:
         learn_calls=r.learn_calls,
         updates_per_s=r.learn_calls / max(r.wall_s, 1e-9),
     )
+    if run.spec.experts:
+        row.update(experts=list(run.spec.experts))
     if run.checkpoint is not None:
         cfg = run.checkpoint.config
         row.update(

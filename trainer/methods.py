@@ -12,6 +12,9 @@ ogd                 tcn backbone, no memory                  full_model
 er                  tcn backbone, no memory                  full_model + experience replay
 fsnet               tcn + FSNet memory                       full_model
 fsnet_nomem         tcn + FSNet without associative memory   full_model
+combo_<mode>        per-stream combination of titans_none,   <mode> (its adapted expert)
+                    titans_<mode> and naive (Hedge weights
+                    learned from matured errors)
 PATH[@<mode>]       the checkpoint directory PATH            <mode> (default ``--mode``)
 =================== ======================================== ==============================
 
@@ -49,10 +52,11 @@ class MethodSpec:
     model: dict[str, Any] | None = None  # TrainConfig overrides; None: naive or a given checkpoint
     checkpoint: Path | None = None  # an explicit checkpoint directory
     replay: bool = False
+    experts: tuple[str, ...] = ()  # a combination: the methods whose forecasts it weighs
 
     @property
     def needs_model(self) -> bool:
-        return self.name != "naive"
+        return self.name != "naive" and not self.experts
 
 
 _TCN = {"backbone": "tcn", "memory": "none"}
@@ -72,6 +76,9 @@ def parse_method(token: str, default_mode: UpdateMode, checkpoint: Path | None) 
         return MethodSpec(token, mode, model, replay=replay)
     if token == "memcast":
         return MethodSpec(token, default_mode, None if checkpoint else {}, checkpoint=checkpoint)
+    if token.startswith("combo_") and token.removeprefix("combo_") in MODES:
+        mode = UpdateMode(token.removeprefix("combo_"))
+        return MethodSpec(token, mode, experts=combo_experts(mode))
     if token.startswith("titans_") and token.removeprefix("titans_") in MODES:
         return MethodSpec(token, UpdateMode(token.removeprefix("titans_")), {"memory": "titans"})
     path, _, mode_name = token.partition("@")
@@ -82,8 +89,24 @@ def parse_method(token: str, default_mode: UpdateMode, checkpoint: Path | None) 
         return MethodSpec(f"{Path(path).name}@{chosen.value}", chosen, None, checkpoint=Path(path))
     raise MethodError(
         f"unknown method {token!r}: use naive, memcast, ogd, er, fsnet, fsnet_nomem, "
-        f"titans_<{'|'.join(MODES)}> or a checkpoint directory [@mode]"
+        f"titans_<{'|'.join(MODES)}>, combo_<{'|'.join(MODES)}> or a checkpoint directory [@mode]"
     )
+
+
+def combo_experts(mode: UpdateMode) -> tuple[str, ...]:
+    """The frozen checkpoint, its copy adapted online with ``mode``, and the last value."""
+    adapted = f"titans_{mode.value}"
+    return ("titans_none", adapted, "naive") if mode is not UpdateMode.NONE else ("titans_none", "naive")
+
+
+def with_experts(specs: list[MethodSpec], default_mode: UpdateMode) -> list[MethodSpec]:
+    """``specs`` plus every combination's experts that are not listed, experts first (a
+    combination is computed from their forecasts, and the table shows it beside them)."""
+    names = {s.name for s in specs}
+    missing = [e for s in specs for e in s.experts if e not in names]
+    extra = [parse_method(e, default_mode, None) for e in dict.fromkeys(missing)]
+    plain = [s for s in specs if not s.experts]
+    return plain + extra + [s for s in specs if s.experts]
 
 
 def parse_methods(

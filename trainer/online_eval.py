@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models import combination
+from models.combination import CombinationConfig
 from models.forecaster import ContinualForecaster
 from models.online import Feedback, UpdateMode, init_stream_state, learn, observe, observe_many
 
@@ -131,6 +133,43 @@ def replay_stream(
     wall = time.perf_counter() - started
     result = torch.stack(forecasts).cpu().numpy()
     return StreamResult(result, truths_of(series, seq, pred, tuple(out_idx), steps), wall, learn_calls)
+
+
+@torch.no_grad()
+def combine_stream(
+    experts: list[StreamResult],
+    feedback: Feedback = Feedback.DELAYED,
+    cfg: CombinationConfig | None = None,
+) -> StreamResult:
+    """Replay the per-stream combination (``models.combination``) of experts' forecasts of one
+    test series. Delayed feedback: at step ``k`` it first learns from the value observed last
+    (row ``t - 1``, the first horizon value of step ``k - 1``), whose matured forecasts are
+    horizon step ``h`` of step ``k - 1 - h``, then combines step ``k``'s forecasts; nothing
+    later is used. Immediate feedback: after combining step ``k`` it learns from that step's
+    whole revealed horizon (the literature's protocol)."""
+    cfg = cfg or CombinationConfig()
+    first = experts[0]
+    started = time.perf_counter()
+    forecasts = torch.as_tensor(np.stack([r.forecasts for r in experts], axis=1), dtype=torch.float64)
+    truths = torch.as_tensor(first.truths, dtype=torch.float64)  # [T, h, c]
+    steps, pred_len, channels = truths.shape
+    state = combination.init_state(1, pred_len, len(experts), channels, dtype=torch.float64)
+    out = []
+    for k in range(steps):
+        if k > 0 and feedback is Feedback.DELAYED:
+            state = combination.observe(state, truths[None, k - 1, 0], cfg)
+        combined, state = combination.combine(state, forecasts[None, k])
+        out.append(combined[0])
+        if feedback is Feedback.IMMEDIATE:
+            losses = (forecasts[k] - truths[k]).pow(2).mean(dim=-1).T  # [h, e]
+            state = combination.update(state, losses[None], cfg)
+    own = time.perf_counter() - started
+    return StreamResult(
+        torch.stack(out).numpy().astype(first.forecasts.dtype),
+        first.truths,
+        own + sum(r.wall_s for r in experts),
+        sum(r.learn_calls for r in experts),
+    )
 
 
 class _Reservoir:

@@ -21,7 +21,13 @@ from models.config import ModelConfig
 # ModelConfig fields the data decides (set from the data schema, never by a flag)
 DATA_DERIVED_MODEL_FIELDS = ("channels", "targets")
 # what only online updates use: it does not change the pretrained weights
-ONLINE_ONLY_MODEL_FIELDS = ("online_lr", "online_weight_decay", "online_betas")
+ONLINE_ONLY_MODEL_FIELDS = (
+    "online_lr",
+    "online_weight_decay",
+    "online_betas",
+    "online_clip",
+    "online_anchor",
+)
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "features": ("S", "M", "MS"),
     "memory_pretraining": ("carried", "fresh"),

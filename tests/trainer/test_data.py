@@ -105,3 +105,25 @@ def test_synthetic_data_is_seeded_and_hourly(tmp_path: Path) -> None:
     day = np.corrcoef(ot[24:], ot[:-24])[0, 1]
     half = np.corrcoef(ot[12:], ot[:-12])[0, 1]
     assert day > half
+
+
+def test_make_data_regimes_switch_abruptly_among_recurring_regimes(tmp_path: Path) -> None:
+    from memcast.cli import main
+    from trainer.synthetic import regime_schedule
+
+    labels = regime_schedule(np.random.default_rng(0), 4000, 3)
+    starts = np.flatnonzero(np.diff(labels)) + 1
+    segments = np.split(labels, starts)
+    assert all(100 <= len(s) <= 400 for s in segments[:-1])
+    assert all(a[0] != b[0] for a, b in zip(segments, segments[1:], strict=False))  # every switch changes
+    assert all(sum(s[0] == r for s in segments) >= 3 for r in range(3))  # every regime recurs
+    csv = tmp_path / "regimes.csv"
+    assert main(["make-data", "--out", str(csv), "--rows", "1200", "--regimes", "3", "--seed", "4"]) == 0
+    frame = pd.read_csv(csv)
+    assert list(frame.columns) == ["date", "load_a", "load_b", "load_c", "OT"]
+    pd.testing.assert_frame_equal(
+        frame.drop(columns="date"),
+        synthetic_frame(1200, 4, seed=4, regimes=3).drop(columns="date"),
+        atol=1e-9,
+    )
+    assert not synthetic_frame(1200, 4, seed=4).equals(synthetic_frame(1200, 4, seed=4, regimes=3))

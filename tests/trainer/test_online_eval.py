@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from models.online import Feedback, UpdateMode
 from tests.trainer.conftest import PRED, SEQ, tiny_config
 from trainer import online_eval
 from trainer.evaluate import EvalConfig, evaluate, with_online_lr
-from trainer.online_eval import ReplayConfig, metrics, naive_forecasts, replay_stream
+from trainer.online_eval import ReplayConfig, StreamResult, metrics, naive_forecasts, replay_stream
 from trainer.pretrain import pretrain
 from trainer.report import FORECASTS_NPZ
 
@@ -129,8 +130,8 @@ def test_metrics_values_and_mape_guard() -> None:
 
 def test_online_lr_override_keeps_the_weights() -> None:
     model = _trained_looking_model()
-    faster = with_online_lr(model, 0.5)
-    assert faster.config.online_lr == 0.5 and model.config.online_lr == 1e-2
+    faster = with_online_lr(model, 0.05)  # lr * online_anchor must stay < 1
+    assert faster.config.online_lr == 0.05 and model.config.online_lr == 1e-2
     for (name, a), (_, b) in zip(model.state_dict().items(), faster.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert with_online_lr(model, None) is model
@@ -172,3 +173,44 @@ def test_evaluate_uses_no_value_after_the_forecast_origin_with_delayed_feedback(
         runs[label] = np.load(tmp_path / label / FORECASTS_NPZ)["forecast/memcast"]
     same = np.array_equal(runs["clean"], runs["dirty"])
     assert same == (feedback == "delayed")
+
+
+def _expert_results(steps: int = 30, seed: int = 0) -> list[StreamResult]:
+    g = np.random.default_rng(seed)
+    truths = g.normal(size=(steps, PRED, 1))
+    return [
+        StreamResult(truths + g.normal(0.0, s, size=truths.shape), truths, 0.0, 0) for s in (0.1, 0.5, 1.0)
+    ]
+
+
+@pytest.mark.parametrize("feedback", [Feedback.DELAYED, Feedback.IMMEDIATE])
+def test_combination_uses_no_value_after_the_forecast_origin(feedback: Feedback) -> None:
+    """Step k (origin t) may learn from rows < t only: poisoning every truth of a row >= t
+    (truth [j, i] is row t_j + i) leaves steps <= k unchanged with delayed feedback. The
+    control: immediate feedback reveals step k - 1's whole horizon, and the check catches it."""
+    k = 12
+    clean = _expert_results()
+    poisoned = [dataclasses.replace(r, truths=r.truths.copy()) for r in clean]
+    for r in poisoned:
+        for j in range(len(r.truths)):
+            for i in range(PRED):
+                if j + i >= k:
+                    r.truths[j, i] = 1e6
+    a = online_eval.combine_stream(clean, feedback).forecasts[: k + 1]
+    b = online_eval.combine_stream(poisoned, feedback).forecasts[: k + 1]
+    assert np.array_equal(a, b) == (feedback is Feedback.DELAYED)
+
+
+def test_evaluate_reports_a_combination_beside_its_experts(tiny_csv: Path, tmp_path: Path) -> None:
+    cfg = EvalConfig(
+        train=tiny_config(tiny_csv, tmp_path / "unused", epochs=1),
+        methods=("combo_full_model",),
+        max_steps=40,
+        out=str(tmp_path / "eval"),
+        runs_dir=str(tmp_path / "runs"),
+        plots=False,
+    )
+    methods = evaluate(cfg)["methods"]
+    assert list(methods) == ["titans_none", "titans_full_model", "naive", "combo_full_model"]
+    assert methods["combo_full_model"]["experts"] == ["titans_none", "titans_full_model", "naive"]
+    assert methods["combo_full_model"]["mse"] <= 1.5 * min(m["mse"] for m in methods.values())
