@@ -148,10 +148,6 @@ class Client:
     ) -> dict[str, Any]:
         return self._call("POST", "/v1/streams", _Requests.create(stream_id, model, mode, freq, history))
 
-    def create_many(self, streams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-        """Many streams in one request: each ``{"id", "model"?, "mode"?, "freq"?, "history"?}``."""
-        return self._call("POST", "/v1/streams", {"streams": [dict(s) for s in streams]})
-
     def observe(
         self, stream_id: str, timestamp: Timestamp, values: Values, *, mode: str | None = None
     ) -> dict[str, Any]:
@@ -223,9 +219,6 @@ class AsyncClient:
         return await self._call(
             "POST", "/v1/streams", _Requests.create(stream_id, model, mode, freq, history)
         )
-
-    async def create_many(self, streams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-        return await self._call("POST", "/v1/streams", {"streams": [dict(s) for s in streams]})
 
     async def observe(
         self, stream_id: str, timestamp: Timestamp, values: Values, *, mode: str | None = None

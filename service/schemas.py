@@ -157,12 +157,6 @@ class BulkObservations(_Strict):
     )
 
 
-class CreateStreams(_Strict):
-    """``POST /v1/streams`` with a list: many streams in one request."""
-
-    streams: list[CreateStream] = Field(min_length=1)
-
-
 class Interval(BaseModel):
     level: float = Field(description="nominal coverage, e.g. 0.95")
     lower: dict[str, float]
@@ -281,12 +275,6 @@ class BulkObservationsOut(BaseModel):
     errors: int
     observations: list[BulkItemOut] = Field(description="one per item, in request order")
     streams: list[BulkStreamOut] = Field(description="one per stream named, in order of first mention")
-
-
-class CreateStreamsOut(BaseModel):
-    created: int
-    errors: int
-    streams: list[BulkStreamOut]
 
 
 class ErrorDetail(BaseModel):
