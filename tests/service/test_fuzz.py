@@ -160,6 +160,8 @@ def test_fuzz_api_from_openapi_schema_no_5xx(client: Client) -> None:
         check_response(client.get(f"/v1/streams/{TARGET}/forecast"))
 
     fuzz()
+    counts = {code: statuses.count(code) for code in sorted(set(statuses))}
+    print(f"fuzz: {len(statuses)} generated requests, by status {counts}")  # shown with -s
     # the fuzzer did run requests, and reached both the model and the refusals
     assert len(statuses) >= min(EXAMPLES, 20)
     assert 200 in statuses and 422 in statuses, sorted(set(statuses))
