@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensordict import TensorDict
 
 from models import CMSConfig, ModelConfig, NeuralMemoryConfig, state_from_bytes, state_to_bytes
 from models.base import StorePolicy
 from models.cms import ContinuumMemory
 from models.config import ConfigError
-
-D = 16
-ATOL = 1e-9
+from tests.models.test_neural_memory import ATOL, D, assert_states_close, tokens
 
 
 def make_cms(frequencies: tuple[int, ...] = (1, 3, 5), seed: int = 0) -> ContinuumMemory:
@@ -25,16 +22,6 @@ def make_cms(frequencies: tuple[int, ...] = (1, 3, 5), seed: int = 0) -> Continu
     )
     torch.manual_seed(seed)
     return ContinuumMemory(config).double()
-
-
-def tokens(b: int, n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(b, n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_states_close(a: TensorDict, b: TensorDict, atol: float = ATOL) -> None:
-    assert set(a.keys(True, True)) == set(b.keys(True, True))
-    for key in a.keys(True, True):
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=f"state entry {key}")
 
 
 def test_levels_update_exactly_at_their_frequencies() -> None:

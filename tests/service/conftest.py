@@ -16,6 +16,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 
+from memcast.harness import RedisServer
 from models import ContinualForecaster, ModelConfig
 from models.checkpoint import DataSchema, save_checkpoint
 from service.app import create_app
@@ -136,3 +137,15 @@ def isolated_checkpoints(tmp_path: Path) -> Iterator[Path]:
     """A checkpoint directory of this test's own, which it may change."""
     make_checkpoint(tmp_path / "ckpt" / "small", seed=0)
     yield tmp_path / "ckpt"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own (it may be stopped, killed and started again) with
+    ``appendfsync always``: an acknowledged write is on disk."""
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

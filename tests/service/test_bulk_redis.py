@@ -15,7 +15,6 @@ from service.settings import Settings
 from tests.conftest import RedisServer
 from tests.service.conftest import SEQ_LEN, running, series, state_content
 from tests.service.test_bulk import bulk_items
-from tests.service.test_redis_outage import own_redis  # noqa: F401 - a fixture
 from tests.service.test_streams import forecast_matrix
 
 
@@ -24,7 +23,7 @@ def _settings(checkpoint_root: Path, url: str) -> Settings:
 
 
 async def test_post_bulk_observations_redis_down_503_nothing_written(
-    own_redis: RedisServer,  # noqa: F811
+    own_redis: RedisServer,
     checkpoint_root: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,17 +27,6 @@ TIMEOUT_S = 0.5
 # one store call: a timeout, one reconnect and a second timeout; a request makes at most a
 # read and a write, plus the model's time
 HANG_BOUND_S = 4 * TIMEOUT_S + 1.5
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own with ``appendfsync always``: an acknowledged write is on disk."""
-    server = RedisServer(tmp_path, persistent=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Client:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,17 +9,6 @@ import pytest
 from service.settings import Settings
 from tests.conftest import RedisServer
 from tests.service.conftest import SEQ_LEN, running, series, state_content
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own (it is stopped and started), persisting every write to disk."""
-    server = RedisServer(tmp_path, persistent=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_redis_down_503_then_recovers(own_redis: RedisServer, checkpoint_root: Path) -> None:
