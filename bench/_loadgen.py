@@ -152,30 +152,24 @@ async def create_streams(
 async def create_streams_bulk(
     client: Any, streams: Streams, upto: int, spec: dict[str, Any], mode: str, errors: list[str]
 ) -> tuple[int, float]:
-    """Create streams until there are ``upto`` with their whole history in bulk requests
-    (``POST /v1/observations`` with ``create``): each request carries whole histories of as many
-    streams as fit in ``bulk_create_items`` items, ``create_concurrency`` requests in flight."""
+    """Create streams until there are ``upto`` with their whole history in batch creations
+    (``POST /v1/streams:batchCreate``), ``bulk_create_streams`` streams per request,
+    ``create_concurrency`` requests in flight."""
     first = len(streams.ids)
     for i in range(first, upto):
         streams.add(f"bench-{i:05d}")
-    per_request = max(1, spec["bulk_create_items"] // streams.history)
+    per_request = max(1, spec["bulk_create_streams"])
     chunks = [list(range(k, min(k + per_request, upto))) for k in range(first, upto, per_request)]
     gate = asyncio.Semaphore(spec["create_concurrency"])
-    create = {"model": spec["model"], "mode": mode, "freq": "1"}
 
     async def post(chunk: list[int]) -> None:
-        items = [
-            {"stream_id": streams.ids[i], "timestamp": t, "values": streams.row(i, t)}
-            for i in chunk
-            for t in range(streams.history)
-        ]
-        body = {"observations": items, "create": create, "forecasts": "none"}
+        body = {"streams": [streams.history_body(i, spec["model"], mode) for i in chunk]}
         async with gate:
-            response = await client.post("/v1/observations", json=body)
+            response = await client.post("/v1/streams:batchCreate", json=body)
         if response.status_code != 200:
-            errors.append(f"bulk create: {response.status_code} {response.text[:200]}")
+            errors.append(f"batch create: {response.status_code} {response.text[:200]}")
             return
-        errors.extend(f"bulk create: {o}" for o in response.json()["observations"] if o["status"] == "error")
+        errors.extend(f"batch create: {s}" for s in response.json()["streams"] if s["code"] != 201)
 
     started = time.perf_counter()
     await asyncio.gather(*(post(chunk) for chunk in chunks))

@@ -92,8 +92,12 @@ def soak_lines(result: dict[str, Any], img: str) -> list[str]:
     lines = [
         f"{s['streams']} streams, {s['rate_obs_per_s']:g} observations/s in all (one per stream per "
         f"{s['streams'] / s['rate_obs_per_s']:g} s), for {s['minutes']:g} min; Redis "
-        f"({s['redis_conf']}) stopped with SIG{s['restart'].upper()} at {restart['stopped_at']:.0f} s, "
-        f"started again {s['outage_s']:g} s later, answering at {restart['ready_at']:.0f} s.",
+        + (
+            f"({s['redis_conf']}) stopped with SIG{s['restart'].upper()} at {restart['stopped_at']:.0f} s, "
+            f"started again {s['outage_s']:g} s later, answering at {restart['ready_at']:.0f} s."
+            if restart
+            else f"({s['redis_conf']}) not restarted.",
+        ),
         "",
     ]
     lines += table(

@@ -125,7 +125,7 @@ def run_store(store: str, args: argparse.Namespace, checkpoint: Path, data: Path
                 "timeout": args.request_timeout,
                 "http_client": args.http_client,
                 "bulk": args.bulk,
-                "bulk_create_items": args.bulk_create_items,
+                "bulk_create_streams": args.bulk_create_streams,
                 "deadline": time.time() + args.store_budget,
             }
             spec_path = work / f"client-{store}.spec.json"
@@ -240,7 +240,12 @@ def parser() -> argparse.ArgumentParser:
         help="observations per POST /v1/observations, one per stream (0: one per request, per stream); "
         "streams are then created in bulk too",
     )
-    p.add_argument("--bulk-create-items", type=int, default=1000, help="items per bulk creation request")
+    p.add_argument(
+        "--bulk-create-streams",
+        type=int,
+        default=250,
+        help="streams per batch creation request (with --bulk)",
+    )
     p.add_argument("--floor", type=Path, help="floor.json of the same checkpoint: adds ratios to the floor")
     p.add_argument("--out", type=Path, default=Path("runs/bench/load.json"))
     return p

@@ -184,7 +184,7 @@ def watch(
     next_sample = start
     while generator.poll() is None:
         now = time.time()
-        if not restart and now >= half:
+        if args.restart != "none" and not restart and now >= half:
             print(f"soak: restarting Redis ({args.restart}) at {now - start:.0f} s", flush=True)
             restart = restart_redis(redis, args.restart, args.outage_s)
         if now >= next_sample:
@@ -205,7 +205,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=100)
     p.add_argument("--rate", type=float, default=100.0, help="observations per second, all streams together")
     p.add_argument("--connections", type=int, default=16, help="HTTP connections of the generator")
-    p.add_argument("--restart", choices=["term", "kill"], default="term", help="how Redis is stopped")
+    p.add_argument(
+        "--restart",
+        choices=["term", "kill", "none"],
+        default="term",
+        help="how Redis is stopped (none: it is not)",
+    )
     p.add_argument("--outage-s", type=float, default=5.0, help="seconds Redis stays down")
     p.add_argument("--sample-s", type=float, default=10.0, help="memory sampling period")
     p.add_argument("--request-timeout", type=float, default=10.0)

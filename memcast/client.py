@@ -4,6 +4,7 @@
 
     with Client("http://127.0.0.1:8000", api_key="...") as mc:
         mc.create("meter-1", history=[(0, {"load": 1.0})])
+        mc.create_many([{"id": f"meter-{k}", "history": [(0, [1.0])]} for k in range(2, 500)])
         mc.observe("meter-1", 1, {"load": 1.2})
         result = mc.bulk([("meter-1", 2, [1.3]), ("meter-2", 0, [0.9])], create={"mode": "memory_only"})
         mc.forecast("meter-1")
@@ -99,6 +100,16 @@ class _Requests:
         body = {"observations": [_bulk_item(i) for i in items], "forecasts": forecasts, "mode": mode}
         return _drop_none({**body, "create": dict(create) if create is not None else None})
 
+    @staticmethod
+    def create_many(streams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        out = []
+        for spec in streams:
+            body = dict(spec)
+            if body.get("history") is not None:
+                body["history"] = [_observation(o) for o in body["history"]]
+            out.append(body)
+        return {"streams": out}
+
 
 def _answer(response: httpx.Response) -> Any:
     if response.status_code == 204:
@@ -147,6 +158,12 @@ class Client:
         history: Iterable[ObservationIn] | None = None,
     ) -> dict[str, Any]:
         return self._call("POST", "/v1/streams", _Requests.create(stream_id, model, mode, freq, history))
+
+    def create_many(self, streams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """Many streams in one request, each ``{"id", "model", "mode", "freq", "history"}`` as
+        :meth:`create` takes them (history rows as dicts or ``(timestamp, values)``); one result
+        per stream in ``result["streams"]`` (201 or its own error), in order."""
+        return self._call("POST", "/v1/streams:batchCreate", _Requests.create_many(streams))
 
     def observe(
         self, stream_id: str, timestamp: Timestamp, values: Values, *, mode: str | None = None
@@ -219,6 +236,9 @@ class AsyncClient:
         return await self._call(
             "POST", "/v1/streams", _Requests.create(stream_id, model, mode, freq, history)
         )
+
+    async def create_many(self, streams: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        return await self._call("POST", "/v1/streams:batchCreate", _Requests.create_many(streams))
 
     async def observe(
         self, stream_id: str, timestamp: Timestamp, values: Values, *, mode: str | None = None

@@ -48,6 +48,8 @@ def run_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        loop=settings.loop,
+        http=settings.http,
         access_log=settings.log_level == "debug",
     )
     return 0

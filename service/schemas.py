@@ -110,6 +110,16 @@ class CreateStream(_Strict):
         return value
 
 
+class CreateStreams(_Strict):
+    streams: list[dict[str, Any]] = Field(
+        min_length=1,
+        description=(
+            "stream specifications, each as the body of POST /v1/streams and validated on its own: a bad "
+            "one is that stream's error only"
+        ),
+    )
+
+
 class ResetStream(_Strict):
     model: str | None = Field(
         None, min_length=1, description="switch to this model (absent: keep the stream's)"
@@ -275,6 +285,20 @@ class BulkObservationsOut(BaseModel):
     errors: int
     observations: list[BulkItemOut] = Field(description="one per item, in request order")
     streams: list[BulkStreamOut] = Field(description="one per stream named, in order of first mention")
+
+
+class CreatedStreamOut(BaseModel):
+    index: int = Field(description="the specification's position in the request")
+    id: str | None = Field(description="the stream's id (generated when the specification gave none)")
+    code: int = Field(description="201, or the status code creating this stream alone would have had")
+    stream: StreamOut | None = None
+    error: ItemError | None = None
+
+
+class CreateStreamsOut(BaseModel):
+    created: int
+    errors: int
+    streams: list[CreatedStreamOut] = Field(description="one per specification, in request order")
 
 
 class ErrorDetail(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,6 +74,12 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="`debug`, `info`, `warning` or `error`")
     host: str = Field("127.0.0.1", description="bind address of `memcast serve`")
     port: int = Field(8000, description="port of `memcast serve`")
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="event loop of `memcast serve` (`auto`: uvloop when installed)"
+    )
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="HTTP parser of `memcast serve` (`auto`: httptools when installed)"
+    )
 
     @field_validator("log_level")
     @classmethod

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Path, Query, Response, status
 from service import schemas
 from service.api.deps import Authenticated, EngineDep
 from service.api.errors import ERROR_RESPONSES
+from service.creation import create_many
 
 router = APIRouter(
     prefix="/v1/streams", tags=["streams"], dependencies=[Authenticated], responses=ERROR_RESPONSES
@@ -29,6 +30,14 @@ async def create_stream(
     record = await engine.create(req)
     response.headers["Location"] = f"/v1/streams/{record.stream_id}"
     return engine.summary(record)
+
+
+@router.post(":batchCreate", response_model=schemas.CreateStreamsOut)
+async def create_streams(req: schemas.CreateStreams, engine: EngineDep) -> schemas.CreateStreamsOut:
+    """Create many streams, each with its history, in one request: each stream's history is
+    replayed in the same model calls as the others'. 200 with one result per stream (201 or
+    the error creating it alone would have had); a bad specification fails only its stream."""
+    return await create_many(engine, req)
 
 
 @router.get("", response_model=schemas.StreamsPage)

@@ -28,6 +28,9 @@ async def test_async_client_create_observe_bulk_forecast(settings: Settings) -> 
             assert [o["status"] for o in result["observations"]] == ["applied", "applied"]
             assert (await mc.forecast("a"))["steps"] == SEQ_LEN + 2
             assert (await mc.get("b"))["steps"] == 1
+            many = await mc.create_many([{"id": "c", "history": [(0, [1.0, 2.0])]}, {"id": "a"}])
+            assert [s["code"] for s in many["streams"]] == [201, 409]
+            assert (await mc.get("c"))["steps"] == 1
             with pytest.raises(MemcastError) as error:
                 await mc.observe("a", 0, [1.0, 2.0])
             assert (error.value.status, error.value.type) == (409, "out_of_order")
@@ -49,6 +52,7 @@ def test_sync_client_sends_what_the_async_one_does() -> None:
         mc.observe("a", 1, {"load_a": 1.0, "OT": 2.0})
         mc.observe_many("a", [{"timestamp": 2, "values": [1, 2]}, (3, [1, 2])], mode="none")
         mc.bulk([("a", 4, [1, 2]), {"stream_id": "b", "timestamp": 0, "values": [1, 2]}], forecasts="none")
+        mc.create_many([{"id": "c", "mode": "none", "history": [(0, [1.0, 2.0])]}])
     assert sent == [
         (
             "POST",
@@ -78,5 +82,10 @@ def test_sync_client_sends_what_the_async_one_does() -> None:
                 ],
                 "forecasts": "none",
             },
+        ),
+        (
+            "POST",
+            "/v1/streams:batchCreate",
+            {"streams": [{"id": "c", "mode": "none", "history": [{"timestamp": 0, "values": [1.0, 2.0]}]}]},
         ),
     ]
