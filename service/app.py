@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = make_store(settings)
         engine = Engine(registry, store, settings, metrics)
         app.state.registry, app.state.store, app.state.engine = registry, store, engine
+        # What is loaded now (torch, the models, the app) lives as long as the app. Frozen, the
+        # cyclic collector stops re-scanning it on each of the many collections that decoding
+        # records (tens of thousands of small objects per stream) triggers. Measured in process
+        # on Redis, 1,000 warm streams, bulk requests of 100: 191 -> 359 observations/s.
+        gc.collect()
+        gc.freeze()
         log.info(
             "memcast ready to serve %d model(s) with the %s store",
             len(registry),
@@ -61,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await sweeper
             engine.close()
             await store.aclose()
+            gc.unfreeze()  # an app made again in the same process (tests) frees this one
 
     app = FastAPI(
         title="memcast",
