@@ -11,6 +11,7 @@ in and the next one is returned. Nothing is assigned to ``self`` after ``__init_
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import ClassVar
 
@@ -31,6 +32,9 @@ class StorePolicy(StrEnum):
     WINDOW = "window"
     LAST = "last"
     NONE = "none"
+
+
+StatePath = tuple[str, ...]  # keys from a state down to one of its tensors
 
 
 class ModelCapabilityError(ValueError):
@@ -77,6 +81,38 @@ class StatefulModule(nn.Module, metaclass=ABCMeta):
         gradients of that stream's loss. The default keeps the state unchanged.
         """
         return state
+
+    def outcome_paths(self) -> tuple[StatePath, ...]:
+        """Paths into this module's state of the per-stream weights that learning from
+        outcomes (``memory_only`` with a realised target, ``models/online.py``) may step.
+
+        Only a stream's own state reads them, so the gradient of a sum of the streams' forecast
+        losses w.r.t. them is each stream's own gradient: B streams learn in one backward pass.
+        Empty (the default): the component learns nothing from outcomes.
+        """
+        return ()
+
+    def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
+        """The state with ``changes`` (``[b, *w]``, keyed by :meth:`outcome_paths`) added to
+        those weights, and to whatever else must move with them."""
+        return state
+
+
+def nested_outcome_paths(children: Mapping[str, StatefulModule]) -> tuple[StatePath, ...]:
+    """The outcome paths of a container whose state holds each child's under its name."""
+    return tuple((name, *path) for name, child in children.items() for path in child.outcome_paths())
+
+
+def nested_outcome_step(
+    children: Mapping[str, StatefulModule], state: TensorDict, changes: Mapping[StatePath, Tensor]
+) -> TensorDict:
+    """:meth:`StatefulModule.outcome_step` of such a container: each child steps its own part."""
+    out = state.clone(recurse=False)
+    for name, child in children.items():
+        own = {path[1:]: change for path, change in changes.items() if path[0] == name}
+        if own:
+            out[name] = child.outcome_step(state[name], own)
+    return out
 
 
 class Backbone(StatefulModule):

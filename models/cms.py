@@ -23,13 +23,22 @@ gates), the form whose per-stream state memcast serves.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import cast
 
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from models.base import MemoryUnit, StorePolicy, empty_state
+from models.base import (
+    MemoryUnit,
+    StatefulModule,
+    StatePath,
+    StorePolicy,
+    empty_state,
+    nested_outcome_paths,
+    nested_outcome_step,
+)
 from models.config import ModelConfig
 from models.neural_memory import NeuralMemory
 
@@ -68,3 +77,12 @@ class ContinuumMemory(MemoryUnit):
             out, next_state[name] = level(h, state[name], store)
             h = h + out  # [b, n, d]
         return h - x, next_state
+
+    def outcome_paths(self) -> tuple[StatePath, ...]:
+        return nested_outcome_paths(self._levels())
+
+    def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
+        return nested_outcome_step(self._levels(), state, changes)
+
+    def _levels(self) -> dict[str, StatefulModule]:
+        return {name: cast(NeuralMemory, level) for name, level in self.levels.items()}

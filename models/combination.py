@@ -37,12 +37,15 @@ Jensen); the last term bounds the delay: each round moves the weights by at most
 With ``normalise=True`` (the default) the same holds for the normalised losses ``l / s``
 while the scale is steady; it makes ``eta`` unit-free across data sets and horizons.
 
-Service hook (not wired yet): keep this state beside a stream's state (same leading stream
-dimension, so it saves with it); on each observed value call :func:`observe`, and serve
-``combine(state, stack([frozen, adapted, last value], dim=1))``. The frozen expert is what
-``titans_none`` serves: the shared weights and the initial component state (no stored
-tokens, no ``params``) on the stream's window; the evaluator's ``combo_<mode>`` replays
-exactly this (``trainer/online_eval.py``, ``combine_stream``).
+Where it runs: a stream state made with ``init_stream_state(..., combine=True)``
+(``models/online.py``) holds this state under ``"combo"`` (same leading stream dimension, so it
+is saved with the rest), and every :func:`models.online.observe` ends with :func:`step`: learn
+from the newly observed value, then combine the forecasts made after it, ``EXPERTS`` in that
+order: the frozen checkpoint (the shared weights and the initial component state on the
+stream's window, what ``titans_none`` serves), the stream's adapted forecast (its update mode)
+and the last value. The service serves the combination; the evaluator's ``combo_<mode>``
+replays the same :func:`step` on the experts' saved forecasts (``trainer/online_eval.py``,
+``combine_stream``), and a test checks that both give the same forecasts.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorDict
 from torch import Tensor
+
+EXPERTS = ("frozen", "adapted", "last_value")  # the experts a stream state's combination weighs
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,28 @@ def combine(state: TensorDict, forecasts: Tensor) -> tuple[Tensor, TensorDict]:
     out["past"] = torch.cat([forecasts.to(state["past"].dtype)[:, None], state["past"][:, :-1]], dim=1)
     out["made"] = state["made"] + 1
     return mix(state["log_weights"], forecasts), out
+
+
+def step(
+    state: TensorDict,
+    value: Tensor,
+    forecasts: Tensor,
+    cfg: CombinationConfig,
+    ready: Tensor | None = None,
+) -> tuple[Tensor, TensorDict]:
+    """One observation: learn from ``value [b, c]`` (the losses of the forecasts made for it),
+    then combine ``forecasts [b, e, h, c]``, made after it. Streams where ``ready [b]`` is false
+    keep their state (their forecasts are not pushed: a window not yet full forecasts nothing
+    worth scoring). Returns the combined forecast ``[b, h, c]`` and the next state."""
+    learned = observe(state, value, cfg)
+    combined, pushed = combine(learned, forecasts)
+    if ready is None or bool(ready.all()):
+        return combined, pushed
+    keep = ready.view(-1, *([1] * 4))
+    out = pushed.clone(recurse=False)
+    out["past"] = torch.where(keep, pushed["past"], state["past"])
+    out["made"] = torch.where(ready, pushed["made"], state["made"])
+    return combined, out
 
 
 def regret_bound(steps: int, experts: int, cfg: CombinationConfig, loss_bound: float, delay: int) -> float:

@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "neural_memory.variant": MEMORY_VARIANTS,
 }
 # fields added after checkpoints were written: at their default they do not enter the digest
-LATER_FIELDS = ("online_clip", "online_anchor")  # an older checkpoint reads their defaults
+LATER_FIELDS = ("online_clip", "online_anchor", "outcome_lr")  # an older checkpoint reads their defaults
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,10 @@ class ModelConfig:
     online_clip: float = 1.0  # max norm of a stream's gradient (0: no clipping)
     online_anchor: float = 10.0  # pull toward the pretrained weights: p <- p - lr anchor (p - p0)
     online_betas: tuple[float, float] = (0.9, 0.999)
+    # memory_only online update from outcomes: when a forecast's horizon has been observed, an
+    # SGD step of its loss on the stream's own memory weights only (gradient norm clipped to
+    # online_clip); 0: the memory learns only its associative loss on the inputs (the seed's)
+    outcome_lr: float = 0.03
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
@@ -116,6 +120,8 @@ class ModelConfig:
             raise ConfigError(
                 "online_lr must be > 0, online_clip >= 0 and online_lr * online_anchor in [0, 1)"
             )
+        if self.outcome_lr < 0:
+            raise ConfigError("outcome_lr must be >= 0 (0: memory_only learns nothing from outcomes)")
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
         # which components work together is declared by the components (models/registry.py)

@@ -9,11 +9,22 @@ untrained model forecasts the last value, the baseline every method must beat.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from models.base import Backbone, MemoryUnit, StatefulModule, StorePolicy, empty_state
+from models.base import (
+    Backbone,
+    MemoryUnit,
+    StatefulModule,
+    StatePath,
+    StorePolicy,
+    empty_state,
+    nested_outcome_paths,
+    nested_outcome_step,
+)
 from models.config import ModelConfig
 from models.registry import build_backbone, build_memory
 
@@ -90,6 +101,14 @@ class ContinualForecaster(nn.Module):
     def learns_from_gradients(self) -> bool:
         return any(c.learns_from_gradients for c in self.stateful_children().values())
 
+    def outcome_paths(self) -> tuple[StatePath, ...]:
+        """Paths into the component state of the per-stream memory weights that ``memory_only``
+        streams step from realised errors (:meth:`StatefulModule.outcome_paths`)."""
+        return nested_outcome_paths(self.stateful_children())
+
+    def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
+        return nested_outcome_step(self.stateful_children(), state, changes)
+
     def forward(  # type: ignore[override]
         self, window: Tensor, state: TensorDict, store: StorePolicy = StorePolicy.NONE
     ) -> tuple[Tensor, TensorDict]:
@@ -99,8 +118,12 @@ class ContinualForecaster(nn.Module):
         next_state = state.clone(recurse=False)
         next_state["backbone"] = backbone_state
         if self.memory is not None and self.fusion is not None:
-            retrieved, memory_state = self.memory(features, state["memory"], store)
-            features = self.fusion(features, retrieved)
+            # the fusion works token by token and the head reads the last token, so a memory
+            # that stores only the newest token (or none) needs to see only that one: the same
+            # forecast and state at a fraction of the retrieval cost
+            shown = features if store is StorePolicy.WINDOW else features[:, -1:]  # [b, n | 1, d]
+            retrieved, memory_state = self.memory(shown, state["memory"], store)
+            features = self.fusion(shown, retrieved)
             next_state["memory"] = memory_state
         out_idx = list(cfg.out_indices)
         b = window.shape[0]

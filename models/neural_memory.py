@@ -42,7 +42,7 @@ is a plain MLP memory: queries = keys, a per-head constant theta, no momentum, n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.func import grad
 
-from models.base import MemoryUnit, StorePolicy
+from models.base import MemoryUnit, StatePath, StorePolicy
 from models.config import ConfigError, ModelConfig, NeuralMemoryConfig
 
 Params = dict[str, Tensor]
@@ -245,6 +245,25 @@ class NeuralMemory(MemoryUnit):
         elif store is StorePolicy.LAST:
             state = self._store(x[:, -1:], state)
         return self._read(x, state["weights"]), state
+
+    def outcome_paths(self) -> tuple[StatePath, ...]:
+        """The stream's learned change of the memory weights (``weights``, what retrieval reads):
+        a forecast-loss step on it writes the realised error into the memory, not the backbone."""
+        return tuple(("weights", name) for name, _ in self.memory_model.named_parameters())
+
+    def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
+        """Add ``changes`` to the committed *and* the pending weights: a commit (the end of a
+        ``batch_size`` of tokens) copies pending onto committed, so a change made to the committed
+        weights alone would be undone by the next commit. Forgetting (eq 13) decays it like any
+        other learned change, back toward the pretrained memory."""
+        committed, pending = state["weights"].clone(recurse=False), state["pending"].clone(recurse=False)
+        for path, change in changes.items():
+            name = path[-1]
+            committed[name] = committed[name] + change
+            pending[name] = pending[name] + change
+        out = state.clone(recurse=False)
+        out["weights"], out["pending"] = committed, pending
+        return out
 
     def surprise(self, x: Tensor, state: TensorDict) -> Tensor:
         """Associative loss ``mean_e (M(k) - v)^2`` of each token under the committed weights,

@@ -7,7 +7,10 @@ A stream state (``TensorDict`` with leading stream dimension ``b``) holds:
 - ``count`` ``[b]``: observations seen;
 - ``model``: the forecaster's component state (memory weights, FSNet EMAs, ...);
 - ``params`` and ``opt`` (``full_model`` only): the stream's own copy of the weights and its
-  AdamW moments.
+  AdamW moments;
+- ``combo`` (streams made with ``combine=True``): the per-stream combination of the frozen
+  checkpoint, the adapted forecast and the last value (``models/combination.py``); the
+  forecast :func:`observe` returns is then the combination.
 
 The history is long enough to hold, besides the input window, the ``pred_len`` values of the
 oldest forecast whose horizon is now fully observed: with delayed feedback that pair is
@@ -19,7 +22,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from enum import StrEnum
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +30,12 @@ from tensordict import TensorDict
 from torch import Tensor
 from torch.func import functional_call
 
+from models import combination
 from models.base import StorePolicy
 from models.forecaster import ContinualForecaster
 from models.optim import adamw_step
+
+K = TypeVar("K")
 
 
 class UpdateMode(StrEnum):
@@ -49,19 +55,27 @@ def init_stream_state(
     mode: UpdateMode = UpdateMode.MEMORY_ONLY,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    combine: bool = False,
 ) -> TensorDict:
+    """A fresh state for ``batch`` streams; ``combine`` adds the per-stream combination, whose
+    forecast :func:`observe` then returns (the service's default, see ``models/combination.py``)."""
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
-    state = TensorDict(
-        {
-            "history": torch.zeros(batch, cfg.seq_len + cfg.pred_len, cfg.channels, dtype=dtype),
-            "count": torch.zeros(batch, dtype=torch.int64),
-            "model": model.init_state(batch, device=device, dtype=dtype),
-        },
-        batch_size=[batch],
-        device=device,
-    )
+    leaves = {
+        "history": torch.zeros(batch, cfg.seq_len + cfg.pred_len, cfg.channels, dtype=dtype),
+        "count": torch.zeros(batch, dtype=torch.int64),
+        "model": model.init_state(batch, device=device, dtype=dtype),
+    }
+    if combine:
+        experts = len(combination.EXPERTS)
+        leaves["combo"] = combination.init_state(batch, cfg.pred_len, experts, cfg.out_channels, dtype)
+    state = TensorDict(leaves, batch_size=[batch], device=device)
     return ensure_mode(model, state, mode)
+
+
+def combines(state: TensorDict) -> bool:
+    """The state serves the per-stream combination (it was made with ``combine=True``)."""
+    return "combo" in state.keys()
 
 
 def ensure_mode(model: ContinualForecaster, state: TensorDict, mode: UpdateMode) -> TensorDict:
@@ -106,9 +120,12 @@ def is_ready(model: ContinualForecaster, state: TensorDict) -> Tensor:
 
 @torch.no_grad()
 def predict(model: ContinualForecaster, state: TensorDict) -> Tensor:
-    """The forecast ``[b, pred_len, c_out]`` from the current window, learning nothing."""
+    """The forecast ``[b, pred_len, c_out]`` from the current window, learning nothing (the
+    combination of the experts' forecasts for a state that combines, pushing nothing)."""
     forecast, _ = _forward(model, state, window(model, state), StorePolicy.NONE)
-    return forecast
+    if not combines(state):
+        return forecast
+    return combination.mix(state["combo"]["log_weights"], _experts(model, state, forecast))
 
 
 @torch.no_grad()
@@ -123,7 +140,9 @@ def observe(
     """Apply one observation ``values [b, c]`` per stream; return the next state and forecast.
 
     Order: append the value; with delayed feedback learn from the forecast pair whose horizon
-    just completed; let the memory store the newest token; forecast the next horizon.
+    just completed; let the memory store the newest token; forecast the next horizon; for a
+    state that combines, let the combination learn from the value, then combine the experts'
+    forecasts of the next horizon (:func:`models.combination.step`), which is what is returned.
     """
     cfg = model.config
     history = torch.cat([state["history"][:, 1:], values.to(state["history"].dtype)[:, None]], dim=1)
@@ -136,13 +155,33 @@ def observe(
             past, target = history[:, : cfg.seq_len], history[:, cfg.seq_len :, list(cfg.out_indices)]
             state = learn(model, state, past, target, mode, mask=matured)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
-    if not (stores or need_forecast):
+    combined = combines(state)  # every forecast is an expert's: the combination scores them all
+    if not (stores or need_forecast or combined):
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
     forecast, stored = _forward(model, state, window(model, state), policy)
+    ready = is_ready(model, state)
     if stores:
-        state["model"] = _where(is_ready(model, state), stored["model"], state["model"])
+        state["model"] = _where(ready, stored["model"], state["model"])
+    if combined:
+        experts = _experts(model, state, forecast)
+        value = values[:, list(cfg.out_indices)].to(forecast.dtype)
+        forecast, state["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
     return state, forecast
+
+
+COMBINATION = combination.CombinationConfig()  # the combination's settings (per stream state)
+
+
+def _experts(model: ContinualForecaster, state: TensorDict, adapted: Tensor) -> Tensor:
+    """The forecasts the combination weighs, ``[b, e, pred_len, c_out]`` in the order of
+    ``combination.EXPERTS``: the frozen checkpoint (shared weights, initial component state),
+    ``adapted`` (the stream's own) and the last value."""
+    inputs = window(model, state)
+    b = inputs.shape[0]
+    frozen, _ = model(inputs, model.init_state(b, device=inputs.device, dtype=inputs.dtype), StorePolicy.NONE)
+    last = inputs[:, -1:, list(model.config.out_indices)].expand_as(adapted)  # [b, p, c_out]
+    return torch.stack([frozen, adapted, last], dim=1)
 
 
 def rollout(
@@ -194,12 +233,17 @@ def learn(
 ) -> TensorDict:
     """Learn from fully observed pairs: ``inputs [b, seq_len, c]`` -> ``targets [b, pred_len, c_out]``.
 
-    ``full_model`` takes an AdamW step on each stream's own weights; gradient-driven memories
-    (FSNet) update their state in both learning modes. Streams where ``mask`` is false are
-    left unchanged. Gradients are per stream, so streams are processed one by one.
+    ``full_model`` takes an AdamW step on each stream's own weights; ``memory_only`` takes an
+    SGD step on each stream's own memory weights (:func:`learn_outcome`); gradient-driven
+    memories (FSNet) update their state in both learning modes. Streams where ``mask`` is
+    false are left unchanged.
     """
-    if mode is UpdateMode.NONE or not (mode is UpdateMode.FULL_MODEL or model.learns_from_gradients):
+    if not learns_from_targets(model, mode):
         return state
+    if mode is UpdateMode.MEMORY_ONLY:
+        state = learn_outcome(model, state, inputs, targets, mask)
+        if not model.learns_from_gradients:
+            return state
     state = ensure_mode(model, state, mode)
     batched = model.vmaps_stream_weights and not model.learns_from_gradients  # FSNet adapts one by one
     if mode is UpdateMode.FULL_MODEL and state.batch_size[0] > 1 and batched:
@@ -217,6 +261,60 @@ def learn(
             row = _learn_one(model, row, inputs[i : i + 1], targets[i : i + 1], mode)
         rows.append(row)
     return TensorDict.cat(rows, dim=0)
+
+
+def learns_from_targets(model: ContinualForecaster, mode: UpdateMode) -> bool:
+    """Whether :func:`learn` changes a stream in ``mode``: ``full_model`` always, ``memory_only``
+    with a gradient-driven memory (FSNet) or with outcome learning (``outcome_lr > 0`` and
+    memory weights to step), ``none`` never."""
+    if mode is UpdateMode.NONE:
+        return False
+    outcomes = model.config.outcome_lr > 0 and bool(model.outcome_paths())
+    return mode is UpdateMode.FULL_MODEL or model.learns_from_gradients or outcomes
+
+
+def learn_outcome(
+    model: ContinualForecaster, state: TensorDict, inputs: Tensor, targets: Tensor, mask: Tensor | None = None
+) -> TensorDict:
+    """``memory_only`` learning from a realised error, without touching the backbone: an SGD
+    step of the matured pair's forecast loss on each stream's own memory weights only (the
+    paths :meth:`~models.forecaster.ContinualForecaster.outcome_paths` names), learning rate
+    ``outcome_lr``, each stream's gradient clipped to norm ``online_clip``.
+
+    Why: the associative loss the memory stores tokens with never sees a target, so under
+    delayed feedback memory_only never used a realised value; this step writes the realised
+    correction for that context into the memory, which retrieval reads for similar contexts.
+    Batched: a stream's forecast reads only its own memory weights, so the gradient of the sum
+    of the streams' losses w.r.t. the stacked weights is each stream's own gradient (one
+    forward and one backward pass for B streams). Streams where ``mask`` is false are unchanged.
+    """
+    cfg = model.config
+    paths = model.outcome_paths()
+    if cfg.outcome_lr <= 0 or not paths or (mask is not None and not bool(mask.any())):
+        return state
+    components = state["model"]
+    leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in paths}
+    graded = components.clone(recurse=False)  # a new tree over the same tensors
+    for path, leaf in leaves.items():
+        graded.set(path, leaf)
+    reading = state.clone(recurse=False)
+    reading["model"] = graded
+    with torch.enable_grad():
+        forecast, _ = _forward(model, reading, inputs, StorePolicy.NONE)  # [b, p, c_out]
+        losses = (forecast - targets).pow(2).flatten(1).mean(dim=1)  # [b] each stream's F.mse_loss
+        if mask is not None:
+            losses = torch.where(mask, losses, torch.zeros_like(losses))
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    clipped = _clip_rows(
+        {
+            p: torch.zeros_like(leaf) if g is None else g
+            for (p, leaf), g in zip(leaves.items(), grads, strict=True)
+        },
+        cfg.online_clip,
+    )
+    out = state.clone(recurse=False)
+    out["model"] = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
+    return out
 
 
 def _learn_one(
@@ -346,7 +444,7 @@ def _forward_one(
     return one
 
 
-def _clip_rows(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+def _clip_rows(grads: dict[K, Tensor], max_norm: float) -> dict[K, Tensor]:
     """:func:`_clip` for ``k`` streams stacked along dim 0: each stream's gradient scaled by its
     own norm, as ``_clip`` does for one stream."""
     if max_norm <= 0:

@@ -18,6 +18,7 @@ with ``config.memory == "none"`` the model is a plain causal transformer with an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import cast
 
 import torch
@@ -25,7 +26,16 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from models.base import Backbone, ModelCapabilityError, StorePolicy, empty_state
+from models.base import (
+    Backbone,
+    ModelCapabilityError,
+    StatefulModule,
+    StatePath,
+    StorePolicy,
+    empty_state,
+    nested_outcome_paths,
+    nested_outcome_step,
+)
 from models.config import ModelConfig
 from models.neural_memory import NeuralMemory
 
@@ -151,3 +161,14 @@ class TitansBackbone(Backbone):
     @property
     def stores_tokens(self) -> bool:
         return self.has_memory
+
+    def outcome_paths(self) -> tuple[StatePath, ...]:
+        return nested_outcome_paths(self._memories())
+
+    def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
+        return nested_outcome_step(self._memories(), state, changes)
+
+    def _memories(self) -> dict[str, StatefulModule]:
+        """Each layer's memory, keyed as its state is."""
+        layers = {name: cast(TitansBlock, block).memory for name, block in self.layers.items()}
+        return {name: memory for name, memory in layers.items() if memory is not None}

@@ -229,7 +229,7 @@ class BulkRequest:
         now = _now()
         record = StreamRecord(
             stream_id="",
-            state=await self.engine.fresh_state(model, UpdateMode(spec.mode)),
+            state=await self.engine.fresh_state(model, UpdateMode(spec.mode), spec.combine),
             model=model.name,
             fingerprint=model.fingerprint,
             mode=spec.mode,

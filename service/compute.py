@@ -15,7 +15,16 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from models.online import UpdateMode, ensure_mode, init_stream_state, is_ready, observe, observe_many
+from models import combination
+from models.online import (
+    UpdateMode,
+    combines,
+    ensure_mode,
+    init_stream_state,
+    is_ready,
+    observe,
+    observe_many,
+)
 from models.state_io import (
     FingerprintMismatchError,
     StateFormatError,
@@ -44,13 +53,18 @@ def compute(
     rows: list[list[float]],
     mode: UpdateMode,
     create_mode: UpdateMode | None = None,
+    combine: bool = True,
 ) -> Step:
     """Decode (or start, in ``create_mode``, default ``mode``: a bulk request may create a
-    stream in one mode and post to it in another) one stream's state, learn from ``rows`` in
-    order, encode."""
+    stream in one mode and post to it in another; ``combine``: the new stream serves the
+    per-stream combination) one stream's state, learn from ``rows`` in order, encode."""
     net = model.replica()
     with torch.no_grad():  # full_model learning enables grad itself, inside models.online.learn
-        state = init_stream_state(net, 1, create_mode or mode) if blob is None else decode(model, blob)
+        state = (
+            init_stream_state(net, 1, create_mode or mode, combine=combine)
+            if blob is None
+            else decode(model, blob)
+        )
         state = ensure_mode(net, state, mode)
         out = None
         if rows:
@@ -110,6 +124,7 @@ def compute_many(
     rows: list[list[list[float]]],
     mode: UpdateMode,
     fresh_mode: UpdateMode,
+    fresh_combine: bool = True,
 ) -> list[Step | ServiceError]:
     """Several streams, each with its own (non-empty) rows, in one ``observe`` call per time
     step over the streams that still have a row (``None``: a new stream, started in
@@ -121,7 +136,11 @@ def compute_many(
         decoded: dict[int, TensorDict] = {}
         for i, blob in enumerate(blobs):
             try:
-                state = init_stream_state(net, 1, fresh_mode) if blob is None else decode(model, blob)
+                state = (
+                    init_stream_state(net, 1, fresh_mode, combine=fresh_combine)
+                    if blob is None
+                    else decode(model, blob)
+                )
                 decoded[i] = ensure_mode(net, state, mode)
             except StateIncompatible as exc:
                 results[i] = exc
@@ -133,7 +152,7 @@ def compute_many(
             state = TensorDict.cat([decoded[i] for i in order], dim=0)  # [b]
         except (RuntimeError, KeyError, ValueError):  # states of different layouts: one call each
             for i in order:
-                results[i] = compute(model, blobs[i], rows[i], mode, fresh_mode)
+                results[i] = compute(model, blobs[i], rows[i], mode, fresh_mode, fresh_combine)
             return results  # type: ignore[return-value]
         lengths = [len(rows[i]) for i in order]
         c = len(rows[order[0]][0])
@@ -178,6 +197,19 @@ def _finish_many(
             continue
         forecast = tuple(tuple(row) for row in forecasts[j]) if ready[j] else None
         results[i] = Step(blobs[j], int(counts[j]), forecast)
+
+
+def combination_weights(blob: bytes) -> list[list[float]] | None:
+    """The weights ``[pred_len][expert]`` (experts in ``models.combination.EXPERTS`` order) of a
+    stream whose state combines; ``None`` for a stream that serves its adapted forecast."""
+    try:
+        state, _ = state_from_bytes(blob)
+    except StateFormatError as exc:
+        raise StateIncompatible(f"stored state is unreadable: {exc}") from exc
+    if not combines(state):
+        return None
+    weights: list[list[float]] = combination.weights(state["combo"])[0].double().tolist()
+    return weights
 
 
 def decode(model: LoadedModel, blob: bytes) -> TensorDict:

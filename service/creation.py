@@ -134,24 +134,24 @@ def _refuse_repeated_ids(specs: list[_Spec]) -> None:
 
 
 async def _compute(engine: Engine, specs: list[_Spec]) -> None:
-    """One model call per (model, mode) for the streams with history; the fresh state for
+    """One model call per (model, mode, combine) for the streams with history; the fresh state for
     those without. Then each stream's first record, as ``Engine.create`` makes it."""
-    groups: dict[tuple[str, UpdateMode], list[_Spec]] = {}
+    groups: dict[tuple[str, UpdateMode, bool], list[_Spec]] = {}
     for spec in specs:
         assert spec.req is not None and spec.model is not None and spec.plan is not None
-        mode = UpdateMode(spec.req.mode)
+        mode, combine = UpdateMode(spec.req.mode), spec.req.combine
         if spec.plan.rows:
-            groups.setdefault((spec.model.name, mode), []).append(spec)
+            groups.setdefault((spec.model.name, mode, combine), []).append(spec)
         else:
-            spec.step = Step(await engine.fresh_state(spec.model, mode), 0, None)
+            spec.step = Step(await engine.fresh_state(spec.model, mode, combine), 0, None)
     calls = []
-    for (_, mode), group in groups.items():
+    for (_, mode, combine), group in groups.items():
         model = group[0].model
         assert model is not None
         rows = [s.plan.rows for s in group if s.plan is not None]
         blobs: list[bytes | None] = [None] * len(group)
         engine.metrics.batch_streams.observe(len(group))
-        calls.append(engine.run_model(partial(compute_many, model, blobs, rows, mode, mode)))
+        calls.append(engine.run_model(partial(compute_many, model, blobs, rows, mode, mode, combine)))
     for group, results in zip(groups.values(), await asyncio.gather(*calls), strict=True):
         for spec, result in zip(group, results, strict=True):
             if isinstance(result, NonFiniteState):

@@ -19,12 +19,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from models.combination import EXPERTS
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
 from service import intervals, schemas
 from service.accuracy import Accuracy, Scored, Spec, advance, history_rows, report
 from service.batching import Batcher
-from service.compute import Step, compute, recent_values
+from service.compute import Step, combination_weights, compute, recent_values
 from service.errors import (
     InvalidObservation,
     NonFiniteState,
@@ -76,7 +77,7 @@ class Engine:
         self._batcher = Batcher(self._pool, settings.batch_slots, settings.batch_streams, metrics)
         self._locks = StreamLocks()
 
-        self._fresh: dict[tuple[str, str, UpdateMode], bytes] = {}
+        self._fresh: dict[tuple[str, str, UpdateMode, bool], bytes] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -89,11 +90,11 @@ class Engine:
         """Run model computation in the model thread pool."""
         return await self._batcher.in_pool(fn)
 
-    async def fresh_state(self, model: LoadedModel, mode: UpdateMode) -> bytes:
+    async def fresh_state(self, model: LoadedModel, mode: UpdateMode, combine: bool = True) -> bytes:
         """The state of a stream that has seen nothing (the same for every such stream)."""
-        key = (model.name, model.fingerprint, mode)
+        key = (model.name, model.fingerprint, mode, combine)
         if key not in self._fresh:
-            step = await self.run_model(lambda: compute(model, None, [], mode))
+            step = await self.run_model(lambda: compute(model, None, [], mode, combine=combine))
             self._fresh[key] = step.state
         return self._fresh[key]
 
@@ -123,7 +124,9 @@ class Engine:
             ) from exc
         mode = UpdateMode(req.mode)
         try:
-            step = await self._batcher.in_pool(lambda: compute(model, None, plan.rows, mode))
+            step = await self._batcher.in_pool(
+                lambda: compute(model, None, plan.rows, mode, combine=req.combine)
+            )
         except NonFiniteState as exc:
             raise NonFiniteState(field="history") from exc
         now = _now()
@@ -165,7 +168,8 @@ class Engine:
             if current.freq is not None and _usable_freq(current.freq, 1) is not None:
                 check_freq(current.freq, model.pred_len, field="model")
             mode = UpdateMode(req.mode or current.mode)
-            step = await self._batcher.in_pool(lambda: compute(model, None, [], mode))
+            combine = req.combine if req.combine is not None else _combines(current)
+            step = await self._batcher.in_pool(lambda: compute(model, None, [], mode, combine=combine))
             return current.replace(
                 state=step.state,
                 model=model.name,
@@ -362,8 +366,11 @@ class Engine:
 
     def summary(self, record: StreamRecord) -> schemas.StreamOut:
         model = self.registry.models.get(record.model)
+        weights = combination_weights(record.state)  # [pred_len][expert]
         return schemas.StreamOut(
             **self.status(record).model_dump(),
+            combine=weights is not None,
+            combination=_combination(weights) if weights is not None else None,
             freq=record.freq,
             state_bytes=len(record.state),
             version=record.version,
@@ -382,6 +389,25 @@ class Engine:
         except OverflowError:  # only a record written before horizons were checked
             stamps = [None] * len(record.forecast)
         return intervals.forecast(model.targets, record.forecast, stamps, record.intervals)
+
+
+def _combination(weights: list[list[float]]) -> schemas.Combination:
+    """The combination's weights as a response body: per horizon step, and their mean."""
+    steps = [
+        schemas.StepWeights(step=h + 1, weights=dict(zip(EXPERTS, row, strict=True)))
+        for h, row in enumerate(weights)
+    ]
+    mean = {e: sum(row[j] for row in weights) / len(weights) for j, e in enumerate(EXPERTS)}
+    return schemas.Combination(experts=list(EXPERTS), weights=mean, steps=steps)
+
+
+def _combines(record: StreamRecord) -> bool:
+    """Whether a stream serves the combination; a state this service cannot read (what a reset
+    is for) gets the creation default, True."""
+    try:
+        return combination_weights(record.state) is not None
+    except StateIncompatible:
+        return True
 
 
 def _usable_freq(freq: str | None, horizon: int) -> str | None:

@@ -76,6 +76,14 @@ class CreateStream(_Strict):
     # "" is refused (422) here and in ResetStream alike: absent means the default, empty is a mistake
     model: str | None = Field(None, min_length=1, description="a loaded model; the default model when absent")
     mode: Mode = "memory_only"
+    combine: bool = Field(
+        True,
+        description=(
+            "serve the per-stream combination of the frozen checkpoint, the stream's adapted model and the "
+            "last value (Hedge weights per horizon step, learned from matured errors); false: serve the "
+            "adapted model's forecast alone"
+        ),
+    )
     freq: str | None = Field(
         None,
         max_length=40,
@@ -125,6 +133,9 @@ class ResetStream(_Strict):
         None, min_length=1, description="switch to this model (absent: keep the stream's)"
     )
     mode: Mode | None = None
+    combine: bool | None = Field(
+        None, description="serve the per-stream combination (absent: keep the stream's setting)"
+    )
 
 
 class BulkItem(Observation):
@@ -139,6 +150,7 @@ class BulkCreate(_Strict):
 
     model: str | None = Field(None, min_length=1, description="a loaded model; the default when absent")
     mode: Mode = "memory_only"
+    combine: bool = Field(True, description="as in POST /v1/streams")
     freq: str | None = Field(
         None, max_length=40, description="as in POST /v1/streams; the model's when absent"
     )
@@ -220,7 +232,28 @@ class ForecastOut(StreamStatus):
     forecast: Forecast | None
 
 
+class StepWeights(BaseModel):
+    step: int = Field(description="horizon step, 1 = one step ahead")
+    weights: dict[str, float] = Field(description="per expert; they sum to 1")
+
+
+class Combination(BaseModel):
+    """The weights the stream's served forecast gives its experts, learned from their matured
+    errors (exponentiated weights with fixed share, per horizon step)."""
+
+    experts: list[str] = Field(
+        description=(
+            "frozen: the checkpoint as pretrained; adapted: the stream's own model (its mode); "
+            "last_value: the last observed value repeated"
+        )
+    )
+    weights: dict[str, float] = Field(description="per expert, the mean over horizon steps; they sum to 1")
+    steps: list[StepWeights] = Field(description="per horizon step")
+
+
 class StreamOut(StreamStatus):
+    combine: bool = Field(description="the served forecast is the combination below")
+    combination: Combination | None = Field(description="null when the stream serves its adapted model alone")
     freq: str | None
     state_bytes: int
     version: int

@@ -32,7 +32,16 @@ from tqdm import tqdm
 from models import combination
 from models.combination import CombinationConfig
 from models.forecaster import ContinualForecaster
-from models.online import Feedback, UpdateMode, init_stream_state, learn, observe, observe_many
+from models.online import (
+    COMBINATION,
+    Feedback,
+    UpdateMode,
+    init_stream_state,
+    learn,
+    learns_from_targets,
+    observe,
+    observe_many,
+)
 
 MAPE_EPS = 1e-5
 
@@ -93,19 +102,21 @@ def replay_stream(
     replay: ReplayConfig | None = None,
     progress: bool = False,
     desc: str = "online",
+    combine: bool = False,
 ) -> StreamResult:
-    """Run the online test of ``model`` on ``series [n, c]`` (model scale, model's device)."""
+    """Run the online test of ``model`` on ``series [n, c]`` (model scale, model's device);
+    ``combine``: the stream state combines, as the service's streams do by default."""
     cfg = model.config
     seq, pred, out_idx = cfg.seq_len, cfg.pred_len, list(cfg.out_indices)
     steps = count_steps(series.shape[0], seq, pred, max_steps)
     targets = series[:, out_idx]
-    can_learn = mode is UpdateMode.FULL_MODEL or (mode is not UpdateMode.NONE and model.learns_from_gradients)
+    can_learn = learns_from_targets(model, mode)
     buffer = _Reservoir(replay) if replay is not None and can_learn else None
     delayed = feedback is Feedback.DELAYED
     forecasts: list[Tensor] = []
     learn_calls = 0
     started = time.perf_counter()
-    state = init_stream_state(model, 1, mode, device=series.device)
+    state = init_stream_state(model, 1, mode, device=series.device, combine=combine)
     state, forecast = observe_many(model, state, series[None, :seq], mode, feedback)
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False, mininterval=0.5) as bar:
         for k in range(steps):
@@ -146,8 +157,10 @@ def combine_stream(
     (row ``t - 1``, the first horizon value of step ``k - 1``), whose matured forecasts are
     horizon step ``h`` of step ``k - 1 - h``, then combines step ``k``'s forecasts; nothing
     later is used. Immediate feedback: after combining step ``k`` it learns from that step's
-    whole revealed horizon (the literature's protocol)."""
-    cfg = cfg or CombinationConfig()
+    whole revealed horizon (the literature's protocol). The delayed replay is what a stream
+    state made with ``combine=True`` serves through ``models.online.observe`` (the same
+    :func:`models.combination.step`, the default config ``models.online.COMBINATION``)."""
+    cfg = cfg or COMBINATION
     first = experts[0]
     started = time.perf_counter()
     forecasts = torch.as_tensor(np.stack([r.forecasts for r in experts], axis=1), dtype=torch.float64)
@@ -156,9 +169,10 @@ def combine_stream(
     state = combination.init_state(1, pred_len, len(experts), channels, dtype=torch.float64)
     out = []
     for k in range(steps):
-        if k > 0 and feedback is Feedback.DELAYED:
-            state = combination.observe(state, truths[None, k - 1, 0], cfg)
-        combined, state = combination.combine(state, forecasts[None, k])
+        if k > 0 and feedback is Feedback.DELAYED:  # what the service's observe runs (models.online)
+            combined, state = combination.step(state, truths[None, k - 1, 0], forecasts[None, k], cfg)
+        else:
+            combined, state = combination.combine(state, forecasts[None, k])
         out.append(combined[0])
         if feedback is Feedback.IMMEDIATE:
             losses = (forecasts[k] - truths[k]).pow(2).mean(dim=-1).T  # [h, e]

@@ -27,6 +27,7 @@ ONLINE_ONLY_MODEL_FIELDS = (
     "online_betas",
     "online_clip",
     "online_anchor",
+    "outcome_lr",
 )
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "features": ("S", "M", "MS"),

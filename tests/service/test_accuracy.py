@@ -35,7 +35,10 @@ def evaluated(ckpt: Checkpoint, rows: list[dict[str, Any]]) -> tuple[np.ndarray,
     units, from the evaluator run on the series extended so every horizon is known."""
     raw = torch.tensor([r["values"] for r in rows], dtype=torch.float64)
     scaled = ckpt.schema.scale(raw).float()
-    run = replay_stream(ckpt.model, scaled, UpdateMode.MEMORY_ONLY, Feedback.DELAYED, max_steps=K)
+    # streams serve the combination by default: the evaluator replays the same step
+    run = replay_stream(
+        ckpt.model, scaled, UpdateMode.MEMORY_ONLY, Feedback.DELAYED, max_steps=K, combine=True
+    )
     naive = naive_forecasts(scaled, SEQ_LEN, PRED_LEN, ckpt.config.out_indices, K)
 
     def unscale(a: np.ndarray) -> np.ndarray:

@@ -50,12 +50,13 @@ def assert_same_stream(api: Api, a: Any, b: Any) -> None:
         torch.testing.assert_close(torch.tensor(a.forecast), torch.tensor(b.forecast), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("combine", [True, False], ids=["combined", "adapted"])
 @pytest.mark.parametrize("mode", ["memory_only", "full_model"])
-async def test_post_bulk_observations_equals_one_by_one(api: Api, mode: str) -> None:
+async def test_post_bulk_observations_equals_one_by_one(api: Api, mode: str, combine: bool) -> None:
     data = {f"s{k}": series(SEQ_LEN + 4 + k, scale=0.5 + k / 3) for k in range(5)}
     for sid in data:
-        await api.create(f"bulk-{sid}", data[sid][:3], mode=mode)
-        await api.create(f"one-{sid}", data[sid][:3], mode=mode)
+        await api.create(f"bulk-{sid}", data[sid][:3], mode=mode, combine=combine)
+        await api.create(f"one-{sid}", data[sid][:3], mode=mode, combine=combine)
     rest = {sid: rows[3:] for sid, rows in data.items()}
     for sid, rows in rest.items():
         for row in rows:

@@ -26,6 +26,8 @@ def specs() -> list[dict[str, Any]]:
         {"id": "full", "mode": "full_model", "history": series(SEQ_LEN + 2, scale=0.7)},
         {"id": "plain", "model": "plain", "freq": "2h", "history": series(SEQ_LEN + 1, start=5)},
         {"id": "levels", "interval_levels": [0.5, 0.9], "history": series(SEQ_LEN + 3, scale=1.5)},
+        {"id": "solo", "combine": False, "history": series(SEQ_LEN + 2, scale=1.2)},
+        {"id": "solo-empty", "combine": False},
     ]
 
 
@@ -39,7 +41,7 @@ async def test_batch_create_equals_one_by_one(api: Api) -> None:
         alone = {**spec, "id": f"alone-{spec['id']}"}
         reference = (await api.client.post("/v1/streams", json=alone)).json()
         assert out["stream"]["steps"] == reference["steps"] == len(spec.get("history", []))
-        for key in ("model", "mode", "freq", "ready", "needs", "last_timestamp", "version"):
+        for key in ("model", "mode", "freq", "ready", "needs", "last_timestamp", "version", "combine"):
             assert out["stream"][key] == reference[key], key
         batched, single = await api.record(spec["id"]), await api.record(alone["id"])
         assert_same_stream(api, batched, single)

@@ -26,12 +26,13 @@ from tests.service.conftest import (
 )
 
 
-def expected_forecast(checkpoint_dir: Path, rows: list[list[float]], mode: str):
-    """Call models.online directly on the scaled values and unscale: what the service must serve."""
+def expected_forecast(checkpoint_dir: Path, rows: list[list[float]], mode: str, combine: bool = True):
+    """Call models.online directly on the scaled values and unscale: what the service must serve
+    (by default the per-stream combination, as streams are created)."""
     ckpt = load_checkpoint(checkpoint_dir)
     raw = torch.tensor(rows, dtype=torch.float64)
     with torch.no_grad():
-        state = init_stream_state(ckpt.model, 1, UpdateMode(mode))
+        state = init_stream_state(ckpt.model, 1, UpdateMode(mode), combine=combine)
         state, forecast = observe_many(ckpt.model, state, ckpt.schema.scale(raw)[None], UpdateMode(mode))
     return state, ckpt.schema.unscale_targets(forecast[0].double())
 
