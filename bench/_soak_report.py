@@ -96,7 +96,7 @@ def soak_lines(result: dict[str, Any], img: str) -> list[str]:
             f"({s['redis_conf']}) stopped with SIG{s['restart'].upper()} at {restart['stopped_at']:.0f} s, "
             f"started again {s['outage_s']:g} s later, answering at {restart['ready_at']:.0f} s."
             if restart
-            else f"({s['redis_conf']}) not restarted.",
+            else f"({s['redis_conf']}) not restarted."
         ),
         "",
     ]

@@ -59,8 +59,8 @@ def test_serve_and_replay_match_online_evaluation(
     raw = read_frame(csv)[list(ckpt.schema.columns)].to_numpy(dtype=np.float64)
     start, end = split_borders(len(raw), SEQ_LEN, csv.name).test
     series = ckpt.schema.scale(torch.from_numpy(raw[start:end])).float()
-    evaluated = replay_stream(
-        ckpt.model, series, UpdateMode.MEMORY_ONLY, Feedback.DELAYED, max_steps=steps + 1
+    evaluated = replay_stream(  # combine: what a stream serves by default
+        ckpt.model, series, UpdateMode.MEMORY_ONLY, Feedback.DELAYED, max_steps=steps + 1, combine=True
     )
     naive = naive_forecasts(series, SEQ_LEN, ckpt.config.pred_len, ckpt.config.out_indices, steps + 1)
     assert summary["scored_values"] == streams * evaluated.forecasts.size
