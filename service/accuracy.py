@@ -81,14 +81,16 @@ class Scored:
 class Accuracy:
     pending: tuple[Pending, ...] = ()
     totals: tuple[tuple[float, ...], ...] = ()
-    window: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    window: tuple[tuple[list[float], ...], ...] = ()
     matured: tuple[Matured, ...] = ()
 
+    # The window's entries (p x window x 4 floats, most of a record) are the lists JSON gave
+    # or advance() made, shared, never copied one by one (nothing mutates them).
     def to_json(self) -> dict[str, Any]:
         return {
             "pending": [[p.origin, [list(r) for r in p.forecast], list(p.last)] for p in self.pending],
             "totals": [list(t) for t in self.totals],
-            "window": [[list(e) for e in w] for w in self.window],
+            "window": [list(w) for w in self.window],
             "matured": [[m.index, m.step, list(m.values)] for m in self.matured],
         }
 
@@ -98,10 +100,10 @@ class Accuracy:
             return cls()
         return cls(
             pending=tuple(
-                Pending(int(o), tuple(tuple(r) for r in f), tuple(last)) for o, f, last in data["pending"]
+                Pending(int(o), tuple(map(tuple, f)), tuple(last)) for o, f, last in data["pending"]
             ),
-            totals=tuple(tuple(t) for t in data["totals"]),
-            window=tuple(tuple(tuple(e) for e in w) for w in data["window"]),
+            totals=tuple(map(tuple, data["totals"])),
+            window=tuple(map(tuple, data["window"])),
             matured=tuple(Matured(int(i), int(s), tuple(v)) for i, s, v in data["matured"]),
         )
 
@@ -145,7 +147,7 @@ def advance(
         Accuracy(
             pending=tuple(pending),
             totals=tuple(tuple(t) for t in totals),
-            window=tuple(tuple(tuple(e) for e in w) for w in window),
+            window=tuple(map(tuple, window)),
             matured=tuple(matured[-spec.keep :]) if spec.keep else (),
         ),
         scored,
@@ -158,7 +160,7 @@ def _add(total: list[float], ring: list[Any], errors: list[float], naive: list[f
     ae_last, se_last = sum(abs(e) for e in naive), sum(e * e for e in naive)
     for k, v in enumerate((c, ae, se, ae_last, se_last)):
         total[k] += v
-    ring.append((ae / c, se / c, ae_last / c, se_last / c))
+    ring.append([ae / c, se / c, ae_last / c, se_last / c])
     del ring[:-size]
 
 

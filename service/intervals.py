@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from models.intervals import DEFAULT_LEVELS, IntervalState, bounds, check_levels, init_state, update
+from models.intervals import DEFAULT_LEVELS, IntervalState, check_levels, init_state, update
 from service import schemas
 
 
@@ -65,15 +65,26 @@ def learn(
 
 def bands(data: dict[str, Any] | None, forecast: Sequence[Sequence[float]]) -> list[Band]:
     """The intervals of ``forecast [p][c]`` at each level, ascending; an empty list before the
-    first matured error. A step with no interval yet has NaN bounds."""
+    first matured error. A step with no interval yet has NaN bounds.
+
+    ``models.intervals.bounds`` in plain floats (float64 either way, so the same numbers): it
+    runs for every stream of every response, where a few hundred products cost less than
+    building tensors for them."""
     if data is None or data.get("ratio") is None:
         return []
-    lv = torch.tensor(data["levels"], dtype=torch.float64)
-    f = torch.tensor(forecast, dtype=torch.float64)
-    state = _state(data, f.shape[0], f.shape[1], lv)
-    lower, upper = bounds(f[None], state)  # [1, p, c, l]
-    order = sorted(range(len(lv)), key=lambda i: float(lv[i]))
-    return [Band(float(lv[i]), lower[0, ..., i].tolist(), upper[0, ..., i].tolist()) for i in order]
+    levels: list[float] = data["levels"]
+    cells = [
+        [(f, r, s if n > 0 else math.nan) for f, r, s, n in zip(f_row, r_row, s_row, n_row, strict=True)]
+        for f_row, r_row, s_row, n_row in zip(
+            forecast, data["ratio"], data["scale"], data["count"], strict=True
+        )
+    ]
+    out = []
+    for i in sorted(range(len(levels)), key=lambda i: levels[i]):
+        lower = [[f - r[i] * s for f, r, s in row] for row in cells]
+        upper = [[f + r[i] * s for f, r, s in row] for row in cells]
+        out.append(Band(float(levels[i]), lower, upper))
+    return out
 
 
 def forecast(
@@ -86,10 +97,13 @@ def forecast(
     level in ``intervals``, the highest also as ``lower``/``upper`` (what the stream page draws)."""
     found = bands(data, values)
     rows = []
+    # model_construct: these are the service's own numbers, checked when they were learned;
+    # validating a few hundred of them again for every stream of every response costs more
+    # than the rest of the response
     for k, row in enumerate(values):
         ready = [b for b in found if not any(math.isnan(v) for v in b.lower[k])]
         levels = [
-            schemas.Interval(
+            schemas.Interval.model_construct(
                 level=b.level,
                 lower=dict(zip(targets, b.lower[k], strict=True)),
                 upper=dict(zip(targets, b.upper[k], strict=True)),
@@ -97,7 +111,7 @@ def forecast(
             for b in ready
         ]
         rows.append(
-            schemas.ForecastRow(
+            schemas.ForecastRow.model_construct(
                 step=k + 1,
                 timestamp=stamps[k],
                 values=dict(zip(targets, row, strict=True)),
@@ -106,7 +120,7 @@ def forecast(
                 intervals=levels,
             )
         )
-    return schemas.Forecast(columns=list(targets), levels=sorted(_levels(data)), rows=rows)
+    return schemas.Forecast.model_construct(columns=list(targets), levels=sorted(_levels(data)), rows=rows)
 
 
 def _levels(data: dict[str, Any] | None) -> list[float]:
