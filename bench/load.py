@@ -69,12 +69,16 @@ def start_redis(work: Path) -> tuple[RedisServer, str]:
 
 
 def start_server(
-    checkpoint: Path, log: Path, redis_url: str | None, workers_threads: int | None
+    checkpoint: Path,
+    log: Path,
+    redis_url: str | None,
+    workers_threads: int | None,
+    settings: dict[str, str] | None = None,
 ) -> tuple[ServeProcess, str, dict[str, Any]]:
     """``memcast serve`` on a free loopback port serving ``checkpoint``; its model name and the
-    thread and batching settings it runs with."""
+    thread and batching settings it runs with (``settings``: more MEMCAST_* variables)."""
     name = json.loads((checkpoint / "config.json").read_text())["name"]
-    extra = {"MEMCAST_LOG_LEVEL": "warning"}
+    extra = {"MEMCAST_LOG_LEVEL": "warning", **(settings or {})}
     if redis_url:
         extra["MEMCAST_REDIS_URL"] = redis_url
     if workers_threads:
@@ -84,6 +88,13 @@ def start_server(
     server.start(timeout=180)
     own = {k: v for k, v in server.env.items() if k.startswith(("MEMCAST_", "OMP_", "MKL_"))}
     return server, name, own
+
+
+def server_settings_from(pairs: list[str]) -> dict[str, str]:
+    bad = [kv for kv in pairs if "=" not in kv or not kv.startswith("MEMCAST_")]
+    if bad:
+        raise SystemExit(f"--server-env takes MEMCAST_NAME=VALUE, got {bad}")
+    return dict(kv.split("=", 1) for kv in pairs)
 
 
 def effective_settings(env: dict[str, str]) -> dict[str, Any]:
@@ -108,6 +119,7 @@ def run_store(store: str, args: argparse.Namespace, checkpoint: Path, data: Path
             work / "logs" / f"serve-{store}.log",
             redis.url if redis else None,
             args.workers_threads,
+            server_settings_from(args.server_env),
         )
         try:
             spec = {
@@ -233,6 +245,13 @@ def parser() -> argparse.ArgumentParser:
         help="posting client: a minimal keep-alive HTTP/1.1 client (default) or httpx",
     )
     p.add_argument("--workers-threads", type=int, help="MEMCAST_WORKERS_THREADS (default: the service's)")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="MEMCAST_X=VALUE",
+        help="a setting of the server (repeatable), e.g. MEMCAST_LOOP=asyncio MEMCAST_HTTP=h11",
+    )
     p.add_argument(
         "--bulk",
         type=int,
