@@ -179,3 +179,18 @@ def test_soak_restarts_redis_and_loses_no_acknowledged_observation(tmp_path: Pat
     assert 0 < soak["restart"]["stopped_at"] < soak["restart"]["ready_at"] < 15
     assert len(soak["memory"]) >= 5 and all(m["rss_bytes"] > 0 for m in soak["memory"])
     assert "acknowledged observations lost" in doc.read_text() and (doc.parent / "img" / "soak.png").is_file()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not on PATH")
+def test_rss_creates_warm_streams_and_reports_memory_per_phase(tmp_path: Path) -> None:
+    csv = write_synthetic_csv(tmp_path / "tiny.csv", rows=200, channels=2, seed=1)
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoints" / "tiny")
+    out = tmp_path / "rss.json"
+    run_script(
+        "rss.py",
+        *("--checkpoint-dir", str(checkpoint), "--data", str(csv), "--work", str(tmp_path / "work")),
+        *("--streams", "5", "--per-request", "2", "--history", str(SEQ_LEN + PRED_LEN), "--out", str(out)),
+    )
+    result = read(out)
+    assert [p["phase"] for p in result["phases"]] == ["started", "created", "observed"]
+    assert all(p["rss_mib"] > 0 for p in result["phases"]) and result["streams"] == 5
