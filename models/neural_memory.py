@@ -84,6 +84,41 @@ class MLPMemory(nn.Module):
                 x = F.gelu(x)
         return x
 
+    @staticmethod
+    def chunk_grads(params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Params:
+        """What :func:`_build_chunk_grads` computes for this memory, by the chain rule written
+        out: storing a token is the memory's hottest path, and torch.func's transforms cost
+        several times the few matmuls of a small MLP. Plain tensor operations, so pretraining
+        still backpropagates through it (second order included). Shapes as there:
+        ``params [s, *w]``, ``keys values [s, c, t, e]``, ``lr [s, c, t]`` -> ``[s, c, *w]``."""
+        depth = len(params)
+        weights = [params[f"w{i}"].unsqueeze(1) for i in range(depth)]  # [s, 1, i, o]
+        inputs, pre = [keys], []
+        x = keys
+        for i, w in enumerate(weights):
+            h = x @ w
+            if i < depth - 1:
+                pre.append(h)
+                x = F.gelu(h)
+                inputs.append(x)
+            else:
+                x = h
+        # d/dy of sum(lr * mean_e((y - v)^2)) / t
+        g = (x - values) * (2.0 * lr / (keys.shape[-1] * keys.shape[-2]))[..., None]
+        grads: Params = {}
+        for i in range(depth - 1, -1, -1):
+            grads[f"w{i}"] = inputs[i].transpose(-1, -2) @ g  # [s, c, i, o]
+            if i:
+                h = pre[i - 1]
+                cdf = 0.5 * (1.0 + torch.erf(h * _SQRT_HALF))
+                pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
+                g = (g @ weights[i].transpose(-1, -2)) * (cdf + h * pdf)  # exact GELU's derivative
+        return {f"w{i}": grads[f"w{i}"] for i in range(depth)}
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
 
 class AttentionMemory(nn.Module):
     """Initial weights of an attention memory: causal softmax attention among the tokens it is
@@ -191,7 +226,8 @@ class NeuralMemory(MemoryUnit):
         self.memory_model = MEMORY_MODEL_CLASSES[cfg.model](cfg.heads, cfg)
         # pure functions of the weights: nothing here refers back to this module's tensors
         self._memory_fn: MemoryFn = type(self.memory_model).memory_fn
-        self._chunk_grads = _build_chunk_grads(self._memory_fn)
+        written_out = getattr(type(self.memory_model), "chunk_grads", None)  # MLPMemory's
+        self._chunk_grads = written_out or _build_chunk_grads(self._memory_fn)
 
     def init_state(
         self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
