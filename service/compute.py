@@ -99,12 +99,7 @@ def compute_batch(
             scaled = model.schema.scale(torch.tensor([rows[i] for i in ok], dtype=torch.float64))  # [b, c]
             state, out = observe(net, state, scaled, mode)
             assert out is not None  # need_forecast defaults to True
-            ready = is_ready(net, state).tolist()
-            for j, i in enumerate(ok):
-                try:
-                    results[i] = _finish(model, state[j : j + 1], out, j, ready[j])
-                except NonFiniteState as exc:  # this stream's error; the others are fine
-                    results[i] = exc
+            _finish_many(model, state, out, ok, results)  # a stream turned non-finite: its own error
     return results  # type: ignore[return-value]
 
 
