@@ -173,7 +173,7 @@ class BulkRequest:
             if job.step is None:
                 continue
             try:
-                new, scored = self.engine._advance(job.current, job.plan, job.step, job.model)
+                new, scored = self.engine.next_record(job.current, job.plan, job.step, job.model)
                 writes.append((job, new, scored))
             except ServiceError as exc:
                 job.stream.error = exc
@@ -209,7 +209,7 @@ class BulkRequest:
         mode = UpdateMode(req.mode or record.mode)
         order = time_order(stream.indices, self.items)
         observations = [item for item in (self.items[i] for i in order) if item is not None]
-        window = max(engine.settings.dedup_window, engine.settings.max_batch)  # as Engine._plan
+        window = max(engine.settings.dedup_window, engine.settings.max_batch)  # as Engine.plan
         plan = plan_batch(model, observations, record.last_timestamp, record.recent, window, indices=order)
         plan = _reindex(plan, order)
         if not plan.rows:  # every item a duplicate (never so for a new stream)

@@ -112,7 +112,7 @@ def _check(engine: Engine, index: int, raw: dict[str, object]) -> _Spec:
                 f"stream {index}'s history has {len(req.history)} rows; the limit is {engine.settings.max_history}"
             )
         try:
-            spec.plan = engine._plan(model, req.history, None, (), prefix=f"{prefix}.history")
+            spec.plan = engine.plan(model, req.history, None, (), prefix=f"{prefix}.history")
         except OutOfOrder as exc:
             row = exc.details["index"]
             raise InvalidObservation(
@@ -185,7 +185,7 @@ def _first_record(engine: Engine, spec: _Spec) -> StreamRecord:
         updated_at=now,
         intervals=intervals.initial(spec.req.interval_levels),
     )
-    record, _ = engine._advance(record, spec.plan, spec.step, spec.model, f"streams.{spec.index}.history")
+    record, _ = engine.next_record(record, spec.plan, spec.step, spec.model, f"streams.{spec.index}.history")
     return record
 
 

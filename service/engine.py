@@ -116,7 +116,7 @@ class Engine:
         stream_id = req.id or uuid.uuid4().hex
         await self._refuse_existing(stream_id)
         try:
-            plan = self._plan(model, req.history, None, (), prefix="history")
+            plan = self.plan(model, req.history, None, (), prefix="history")
         except OutOfOrder as exc:  # no stream yet: the request itself is wrong
             index = exc.details["index"]
             raise InvalidObservation(
@@ -143,7 +143,7 @@ class Engine:
             intervals=intervals.initial(req.interval_levels),
         )
         # a creation serves one forecast and scores none
-        record, _ = self._advance(record, plan, step, model, "history")
+        record, _ = self.next_record(record, plan, step, model, "history")
         stored = await self.store.create(record)
         self.metrics.applied(mode.value, len(plan.rows), len(plan.statuses) - len(plan.rows), len(step.state))
         return stored
@@ -206,11 +206,11 @@ class Engine:
         async def change(current: StreamRecord) -> tuple[StreamRecord | None, Outcome]:
             model = self.compatible_model(current)
             mode = UpdateMode(batch.mode or current.mode)
-            plan = self._plan(model, items, current.last_timestamp, current.recent)
+            plan = self.plan(model, items, current.last_timestamp, current.recent)
             if not plan.rows:
                 return None, (plan, mode.value, Scored())
             step = await self._batcher.observe(model, current.state, plan.rows, mode)
-            record, scored = self._advance(current, plan, step, model)
+            record, scored = self.next_record(current, plan, step, model)
             return record, (plan, mode.value, scored)
 
         async with self._locks.hold(stream_id):
@@ -292,7 +292,7 @@ class Engine:
             )
         return model
 
-    def _plan(
+    def plan(
         self,
         model: LoadedModel,
         items: Sequence[schemas.Observation],
@@ -300,15 +300,18 @@ class Engine:
         recent: Sequence[tuple[Timestamp, str]],
         prefix: str = "observations",
     ) -> Plan:
+        """Which of ``items`` are new (in time order) and which are duplicates; every path
+        that applies observations (one stream, bulk, creation) plans with this."""
         # at least one request's worth, so a whole request re-posted is a duplicate in full
         window = max(self.settings.dedup_window, self.settings.max_batch)
         return plan_batch(model, items, last, recent, window, prefix)
 
-    def _advance(
+    def next_record(
         self, record: StreamRecord, plan: Plan, step: Step, model: LoadedModel, prefix: str = "observations"
     ) -> tuple[StreamRecord, Scored]:
-        """The next record and the errors it scored; first checks that its forecast can be
-        dated, so that serving it can never fail once it is written."""
+        """The next record after ``step`` (state, accuracy, intervals, duplicate window) and the
+        errors it scored, for every path that applies observations; first checks that its
+        forecast can be dated, so that serving it can never fail once it is written."""
         if step.forecast is not None:
             try:
                 future_timestamps(plan.last_timestamp, record.freq, len(step.forecast))
