@@ -9,8 +9,11 @@ best weights kept. How a model whose memory stores tokens sees the windows
   every epoch). The per-stream memory state is carried from window to window and each window
   stores its newest token only, through :func:`models.online.rollout`, the same computation
   :func:`models.online.observe` makes online. Backpropagation is truncated every ``tbptt``
-  windows (one optimizer step per segment, the state detached between segments).
-  Validation replays the validation windows the same way.
+  windows (one optimizer step per segment, the state detached between segments). An optimizer
+  step sees ``batch_size`` windows as in ``fresh``: ``batch_size // tbptt`` streams of ``tbptt``
+  windows (:func:`carried_streams`), so an epoch takes as many steps in both modes (with
+  ``batch_size`` streams it took ``tbptt`` times fewer, and 3 epochs left the model undertrained:
+  docs/results.md, issue 9). Validation replays the validation windows the same way.
 * ``fresh``: every window starts from a fresh memory that stores the whole window
   (``StorePolicy.WINDOW``), in shuffled batches. Models without such a memory always train so.
 
@@ -51,7 +54,15 @@ from trainer.data import LoadedData, WindowSet, load_dataset
 from trainer.distributed import Group, join
 from trainer.train_config import TrainConfig, TrainConfigError, file_identity
 
-__all__ = ["BatchHook", "TrainConfig", "carried_segments", "file_identity", "pretrain", "stream_starts"]
+__all__ = [
+    "BatchHook",
+    "TrainConfig",
+    "carried_segments",
+    "carried_streams",
+    "file_identity",
+    "pretrain",
+    "stream_starts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +158,18 @@ class _Run:
         self.amp_dtype = _amp_dtype(device) if cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.steps_per_epoch = math.ceil(len(self.train_starts) / cfg.batch_size)
-        train_windows = len(self.train_starts)
+        train_windows, streams = len(self.train_starts), None
         if self.carried:
-            starts, run = stream_starts(len(self.train_set), cfg.batch_size, 0, cfg.max_train_windows)
-            self.steps_per_epoch, train_windows = math.ceil(run / cfg.tbptt), run * len(starts)
+            starts, run = stream_starts(
+                len(self.train_set), carried_streams(cfg.batch_size, cfg.tbptt), 0, cfg.max_train_windows
+            )
+            streams = len(starts)
+            self.steps_per_epoch, train_windows = math.ceil(run / cfg.tbptt), run * streams
             if len(starts) < self.group.world:
                 raise TrainConfigError(
                     f"carried pretraining on {self.group.world} processes needs at least as many streams "
-                    f"(batch_size {cfg.batch_size}, {len(self.train_set)} train windows): {len(starts)}"
+                    f"(batch_size {cfg.batch_size} // tbptt {cfg.tbptt}, {len(self.train_set)} train "
+                    f"windows): {len(starts)}"
                 )
         self.best_weights = copy.deepcopy(model.state_dict())
         self.saved = False  # whether this run has written the checkpoint directory
@@ -164,6 +179,7 @@ class _Run:
             "splits": data.splits.to_dict(),
             "train_windows": train_windows,
             "memory_pretraining": "carried" if self.carried else "fresh",
+            "streams": streams,  # carried: batch rows
             "val_windows": len(self.val_set),
             "device": str(device),
             "processes": self.group.world,
@@ -297,11 +313,11 @@ class _Run:
         their share of the global batch's (0: none, forecast and target empty)."""
         cfg, model = self.cfg, self.model
         if self.carried:
-            n = len(self.train_set)
-            _, run = stream_starts(n, cfg.batch_size, 0, cfg.max_train_windows)
+            n, streams = len(self.train_set), carried_streams(cfg.batch_size, cfg.tbptt)
+            _, run = stream_starts(n, streams, 0, cfg.max_train_windows)
             # the runs' borders move every epoch, by less than one run
             offset = int(torch.randint(0, run, (1,), generator=self.generator))
-            starts, run = stream_starts(n, cfg.batch_size, offset, cfg.max_train_windows)
+            starts, run = stream_starts(n, streams, offset, cfg.max_train_windows)
             mine = self.group.shard(starts)  # never empty (checked in __init__)
             for forecast, y in carried_segments(
                 model, self.train_set, mine, run, cfg.tbptt, self.device, self._autocast
@@ -380,6 +396,12 @@ class _Run:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def carried_streams(batch_size: int, tbptt: int) -> int:
+    """Streams of carried pretraining: ``batch_size`` windows per optimizer step, ``tbptt`` of
+    them consecutive in each stream (at least one stream)."""
+    return max(1, batch_size // tbptt)
 
 
 def stream_starts(

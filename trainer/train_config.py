@@ -29,6 +29,9 @@ ONLINE_ONLY_MODEL_FIELDS = (
     "online_anchor",
     "outcome_lr",
 )
+# how carried pretraining lays out a batch (part of the digest: checkpoints cached when it was
+# batch_size streams of tbptt windows, before issue 9's fix, are not reused)
+CARRIED_LAYOUT = "streams = batch_size // tbptt"
 TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
     "features": ("S", "M", "MS"),
     "memory_pretraining": ("carried", "fresh"),
@@ -49,7 +52,7 @@ class TrainConfig:
     target: str | None = None  # target column (default OT if present, else the last column)
     # optimisation
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 32  # windows per optimizer step (carried: batch_size // tbptt streams)
     lr: float = 1e-3
     weight_decay: float = 1e-2
     seed: int = 0
@@ -134,6 +137,8 @@ class TrainConfig:
         keep = {k: v for k, v in self.to_dict().items() if k not in ("out", "name", "device", "progress")}
         keep["model"] = {k: v for k, v in keep["model"].items() if k not in ONLINE_ONLY_MODEL_FIELDS}
         blob = json.dumps(keep, sort_keys=True, default=str) + data_identity
+        if self.memory_pretraining == "carried":  # a cache of batch_size streams is not this run
+            blob += CARRIED_LAYOUT
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

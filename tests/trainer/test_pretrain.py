@@ -207,6 +207,29 @@ def test_memory_pretrained_as_served_forecasts_like_the_online_stream(carried_ch
     assert (fresh.view_as(trained) - trained).abs().amax() > 1e-3
 
 
+def test_carried_pretraining_takes_as_many_steps_per_epoch_as_fresh(tiny_csv: Path, tmp_path: Path) -> None:
+    """``batch_size`` counts the windows of an optimizer step in both modes: carried runs
+    ``batch_size // tbptt`` streams of ``tbptt`` windows. With ``batch_size`` streams it took
+    ``tbptt`` times fewer steps per epoch, and 3 epochs left ETTh1-M undertrained (issue 9)."""
+    changes = dict(memory="titans", epochs=1, batch_size=12, tbptt=3)
+    reports = {
+        mode: json.loads(
+            (
+                pretrain(tiny_config(tiny_csv, tmp_path / mode, memory_pretraining=mode, **changes))
+                / REPORT_FILE
+            ).read_text()
+        )
+        for mode in ("carried", "fresh")
+    }
+    carried, fresh = reports["carried"], reports["fresh"]
+    (c_epoch,), (f_epoch,) = carried["epochs"], fresh["epochs"]
+    # 101 train windows: fresh 9 steps; carried 4 runs of 19-25 windows (the random shift of
+    # the runs' borders leaves up to one run out), 7-9 steps of 3 windows (12 streams: 3 steps)
+    assert f_epoch["batches"] == 9
+    assert 7 <= c_epoch["batches"] <= f_epoch["batches"], c_epoch
+    assert carried["streams"] == 12 // 3 and fresh["streams"] is None
+
+
 def test_fresh_memory_per_window_stays_an_option(tiny_csv: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_csv, tmp_path / "fresh", memory="titans", epochs=1, memory_pretraining="fresh")
     report = json.loads((pretrain(cfg) / REPORT_FILE).read_text())
