@@ -86,14 +86,15 @@ def test_cumulative_loss_within_the_regret_bound_of_the_best_expert() -> None:
 
 def test_weights_recover_after_the_best_expert_changes() -> None:
     """Fixed share keeps a losing expert's weight from vanishing: after a regime switch the
-    new best expert takes over within tens of rounds (plain Hedge needs hundreds)."""
+    new best expert takes over within tens of rounds at the default eta (plain Hedge needs
+    hundreds)."""
     v1, f1 = _forecasts(400, best=0, seed=1)
     v2, f2 = _forecasts(400, best=1, seed=2)
     values, forecasts = torch.cat([v1[:, :400], v2], dim=1), torch.cat([f1, f2], dim=1)
 
     def weight_of_new_best(cfg: CombinationConfig) -> torch.Tensor:
         state = comb.init_state(1, H, E, C, dtype=torch.float64)
-        for t in range(400 + 40):
+        for t in range(400 + 80):
             state = comb.observe(state, values[:, t], cfg)
             _, state = comb.combine(state, forecasts[:, t])
         return comb.weights(state)[0, :, 1]  # [H]

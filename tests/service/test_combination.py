@@ -77,7 +77,7 @@ async def test_combination_state_survives_the_store_and_a_reset_keeps_the_settin
 async def test_combination_weights_move_toward_the_best_expert(api: Api) -> None:
     """On a random walk the last value is clearly best: its weight grows at every horizon step
     and, one step ahead, it outweighs the other two together."""
-    data = random_walk(SEQ_LEN + 80)
+    data = random_walk(SEQ_LEN + 240)  # enough rounds for the default eta to move the weights
     await api.create("walk", data[:SEQ_LEN])
     for row in data[SEQ_LEN:]:
         response = await api.post("walk", [row])
