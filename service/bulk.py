@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from models.online import UpdateMode
-from models.state_io import STATE_SCHEMA_VERSION
 from service import schemas
 from service.accuracy import Scored
 from service.compute import Step, compute_many
@@ -38,7 +37,7 @@ from service.errors import (
     StreamNotFound,
     status_for,
 )
-from service.observations import Plan, canonical, check_freq, plan_batch
+from service.observations import Plan, canonical, plan_batch
 from service.registry import LoadedModel
 from service.store import StreamRecord
 
@@ -221,23 +220,9 @@ class BulkRequest:
     async def _new_stream_template(self, spec: schemas.BulkCreate) -> tuple[StreamRecord, LoadedModel]:
         """A new stream's record (without its id): every new stream of one model and mode
         starts from the same state, computed once."""
-        from service.engine import _now, _usable_freq
-
-        model = self.engine.registry.get(spec.model)
-        freq = spec.freq if spec.freq is not None else _usable_freq(model.schema.freq, model.pred_len)
-        check_freq(freq, model.pred_len, field="create.freq")
-        now = _now()
-        record = StreamRecord(
-            stream_id="",
-            state=await self.engine.fresh_state(model, UpdateMode(spec.mode), spec.combine),
-            model=model.name,
-            fingerprint=model.fingerprint,
-            mode=spec.mode,
-            schema_version=STATE_SCHEMA_VERSION,
-            freq=freq,
-            created_at=now,
-            updated_at=now,
-        )
+        model, freq = self.engine.creation_target(spec, "create.")
+        state = await self.engine.fresh_state(model, UpdateMode(spec.mode), spec.combine)
+        record = self.engine.new_record("", model, spec.mode, freq, state)
         return record, model
 
     async def _compute(self, jobs: list[_Job]) -> None:

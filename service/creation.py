@@ -23,20 +23,18 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from models.online import UpdateMode
-from models.state_io import STATE_SCHEMA_VERSION
-from service import intervals, schemas
+from service import schemas
 from service.compute import Step, compute_many
 from service.errors import (
     InvalidObservation,
     NonFiniteState,
-    OutOfOrder,
     PayloadTooLarge,
     ServiceError,
     StreamExists,
     StreamNotFound,
     status_for,
 )
-from service.observations import Plan, check_freq
+from service.observations import Plan
 from service.registry import LoadedModel
 from service.store import StreamRecord
 
@@ -91,8 +89,6 @@ async def create_many(engine: Engine, req: schemas.CreateStreams) -> schemas.Cre
 
 def _check(engine: Engine, index: int, raw: dict[str, object]) -> _Spec:
     """Validate and plan one specification, as ``Engine.create`` does for one body."""
-    from service.engine import _usable_freq
-
     spec = _Spec(index)
     try:
         spec.req = req = schemas.CreateStream.model_validate(raw)
@@ -102,22 +98,10 @@ def _check(engine: Engine, index: int, raw: dict[str, object]) -> _Spec:
         spec.stream_id = given if isinstance(given, str) else None
         return spec
     spec.stream_id = req.id or uuid.uuid4().hex
-    prefix = f"streams.{index}"
+    prefix = f"streams.{index}."
     try:
-        spec.model = model = engine.registry.get(req.model)
-        spec.freq = req.freq if req.freq is not None else _usable_freq(model.schema.freq, model.pred_len)
-        check_freq(spec.freq, model.pred_len, field=f"{prefix}.freq")
-        if len(req.history) > engine.settings.max_history:
-            raise PayloadTooLarge(
-                f"stream {index}'s history has {len(req.history)} rows; the limit is {engine.settings.max_history}"
-            )
-        try:
-            spec.plan = engine.plan(model, req.history, None, (), prefix=f"{prefix}.history")
-        except OutOfOrder as exc:
-            row = exc.details["index"]
-            raise InvalidObservation(
-                f"history row {row} is not after the row before it", field=f"{prefix}.history.{row}.timestamp"
-            ) from exc
+        spec.model, spec.freq = engine.creation_target(req, prefix)
+        spec.plan = engine.plan_history(spec.model, req.history, prefix)
     except ServiceError as exc:
         spec.error = exc
     return spec
@@ -169,21 +153,9 @@ async def _compute(engine: Engine, specs: list[_Spec]) -> None:
 
 
 def _first_record(engine: Engine, spec: _Spec) -> StreamRecord:
-    from service.engine import _now
-
     assert spec.req is not None and spec.model is not None and spec.plan is not None and spec.step is not None
-    now = _now()
-    record = StreamRecord(
-        stream_id=spec.stream_id or "",
-        state=spec.step.state,
-        model=spec.model.name,
-        fingerprint=spec.model.fingerprint,
-        mode=spec.req.mode,
-        schema_version=STATE_SCHEMA_VERSION,
-        freq=spec.freq,
-        created_at=now,
-        updated_at=now,
-        intervals=intervals.initial(spec.req.interval_levels),
+    record = engine.new_record(
+        spec.stream_id or "", spec.model, spec.req.mode, spec.freq, spec.step.state, spec.req.interval_levels
     )
     record, _ = engine.next_record(record, spec.plan, spec.step, spec.model, f"streams.{spec.index}.history")
     return record

@@ -106,22 +106,10 @@ class Engine:
 
     # -- streams ----------------------------------------------------------------------------
     async def create(self, req: schemas.CreateStream) -> StreamRecord:
-        model = self.registry.get(req.model)
-        freq = req.freq if req.freq is not None else _usable_freq(model.schema.freq, model.pred_len)
-        check_freq(freq, model.pred_len)
-        if len(req.history) > self.settings.max_history:
-            raise PayloadTooLarge(
-                f"history has {len(req.history)} rows; the limit is {self.settings.max_history}"
-            )
+        model, freq = self.creation_target(req)
         stream_id = req.id or uuid.uuid4().hex
         await self._refuse_existing(stream_id)
-        try:
-            plan = self.plan(model, req.history, None, (), prefix="history")
-        except OutOfOrder as exc:  # no stream yet: the request itself is wrong
-            index = exc.details["index"]
-            raise InvalidObservation(
-                f"history row {index} is not after the row before it", field=f"history.{index}.timestamp"
-            ) from exc
+        plan = self.plan_history(model, req.history)
         mode = UpdateMode(req.mode)
         try:
             step = await self._batcher.in_pool(
@@ -129,24 +117,69 @@ class Engine:
             )
         except NonFiniteState as exc:
             raise NonFiniteState(field="history") from exc
-        now = _now()
-        record = StreamRecord(
-            stream_id=stream_id,
-            state=step.state,
-            model=model.name,
-            fingerprint=model.fingerprint,
-            mode=mode.value,
-            schema_version=STATE_SCHEMA_VERSION,
-            freq=freq,
-            created_at=now,
-            updated_at=now,
-            intervals=intervals.initial(req.interval_levels),
-        )
+        record = self.new_record(stream_id, model, mode.value, freq, step.state, req.interval_levels)
         # a creation serves one forecast and scores none
         record, _ = self.next_record(record, plan, step, model, "history")
         stored = await self.store.create(record)
         self.metrics.applied(mode.value, len(plan.rows), len(plan.statuses) - len(plan.rows), len(step.state))
         return stored
+
+    # what creating a stream checks and writes, shared by POST /v1/streams, batch creation
+    # (service.creation) and bulk observations that create streams (service.bulk); ``prefix``
+    # names where the specification sits in the request body ("": the body itself)
+    def creation_target(
+        self, req: schemas.CreateStream | schemas.BulkCreate, prefix: str = ""
+    ) -> tuple[LoadedModel, str | None]:
+        """The model and frequency a new stream gets; 404 for an unknown model, 422 for a
+        frequency its forecasts cannot be dated with, 413 for too long a history."""
+        model = self.registry.get(req.model)
+        freq = req.freq if req.freq is not None else _usable_freq(model.schema.freq, model.pred_len)
+        check_freq(freq, model.pred_len, field=f"{prefix}freq")
+        history = getattr(req, "history", [])
+        if len(history) > self.settings.max_history:
+            raise PayloadTooLarge(
+                f"{prefix}history has {len(history)} rows; the limit is {self.settings.max_history}"
+            )
+        return model, freq
+
+    def plan_history(
+        self, model: LoadedModel, history: Sequence[schemas.Observation], prefix: str = ""
+    ) -> Plan:
+        """A new stream's history planned; a row not after the one before it is the request's
+        own error (422 naming the row), not a conflict with a stream that does not exist yet."""
+        try:
+            return self.plan(model, history, None, (), prefix=f"{prefix}history")
+        except OutOfOrder as exc:
+            index = exc.details["index"]
+            raise InvalidObservation(
+                f"history row {index} is not after the row before it",
+                field=f"{prefix}history.{index}.timestamp",
+            ) from exc
+
+    @staticmethod
+    def new_record(
+        stream_id: str,
+        model: LoadedModel,
+        mode: str,
+        freq: str | None,
+        state: bytes,
+        interval_levels: Sequence[float] | None = None,
+    ) -> StreamRecord:
+        """A stream's record before anything is applied (``interval_levels`` None: the
+        defaults, stored as no intervals yet)."""
+        now = _now()
+        return StreamRecord(
+            stream_id=stream_id,
+            state=state,
+            model=model.name,
+            fingerprint=model.fingerprint,
+            mode=mode,
+            schema_version=STATE_SCHEMA_VERSION,
+            freq=freq,
+            created_at=now,
+            updated_at=now,
+            intervals=intervals.initial(interval_levels) if interval_levels is not None else None,
+        )
 
     async def _refuse_existing(self, stream_id: str) -> None:
         try:
