@@ -7,7 +7,7 @@ CHECKPOINTS ?= checkpoints
 PORT ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint typecheck check demo bench clean
+.PHONY: install test test-fast lint typecheck check demo bench results clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench.run_all --quick
+
+# docs/results.md: every accuracy table, full test splits (JOBS processes; about 1 h on 2 cores)
+results: install
+	$(BIN)/python -m bench.results --jobs $(or $(JOBS),2)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

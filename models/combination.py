@@ -62,9 +62,7 @@ EXPERTS = ("frozen", "adapted", "last_value")  # the experts a stream state's co
 
 @dataclass(frozen=True)
 class CombinationConfig:
-    eta: float = (
-        0.15  # learning rate of the exponentiated weights, per unit of normalised loss (docs/results.md)
-    )
+    eta: float = 0.15  # weights' learning rate per unit of normalised loss (docs/investigations.md)
     share: float = 1e-3  # fixed share alpha: the least weight an expert keeps is ~ alpha / e
     normalise: bool = True  # divide losses by their running mean (a unit-free eta)
     scale_decay: float = 0.99  # running mean of the loss scale: s <- decay s + (1 - decay) l

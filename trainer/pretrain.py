@@ -13,7 +13,7 @@ best weights kept. How a model whose memory stores tokens sees the windows
   step sees ``batch_size`` windows as in ``fresh``: ``batch_size // tbptt`` streams of ``tbptt``
   windows (:func:`carried_streams`), so an epoch takes as many steps in both modes (with
   ``batch_size`` streams it took ``tbptt`` times fewer, and 3 epochs left the model undertrained:
-  docs/results.md, issue 9). Validation replays the validation windows the same way.
+  docs/investigations.md, issue 9). Validation replays the validation windows the same way.
 * ``fresh``: every window starts from a fresh memory that stores the whole window
   (``StorePolicy.WINDOW``), in shuffled batches. Models without such a memory always train so.
 

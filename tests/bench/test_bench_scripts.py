@@ -194,3 +194,31 @@ def test_rss_creates_warm_streams_and_reports_memory_per_phase(tmp_path: Path) -
     result = read(out)
     assert [p["phase"] for p in result["phases"]] == ["started", "created", "observed"]
     assert all(p["rss_mib"] > 0 for p in result["phases"]) and result["streams"] == 5
+
+
+def test_results_writes_every_table_and_the_acceptance_from_job_files(tmp_path: Path) -> None:
+    """``python -m bench.results --quick`` runs every method group under both feedback modes
+    plus River on the generated regimes, and the page lists every row; ``--report-only``
+    rebuilds the same page from the job files alone."""
+    work, page = tmp_path / "work", tmp_path / "docs" / "results.md"
+    stdout = run_script("results", "--quick", "--jobs", "2", "--work", str(work), "--out", str(page))
+    assert "results: wrote" in stdout
+    jobs = sorted(p.stem for p in (work / "quick" / "jobs").glob("*.json"))
+    groups = ("served", "pure", "full", "ogd", "fsnet")
+    expected = {f"evaluate-regimes-{f}-{g}" for f in ("delayed", "immediate") for g in groups}
+    assert expected | {"river-regimes"} <= set(jobs)
+    text = page.read_text()
+    for row in ("frozen checkpoint", "combo_memory_only", "pure (`outcome_lr` 0)", "combo_full_model",
+                "`ogd`", "`fsnet`", "River SNARIMAX", "River Holt-Winters"):  # fmt: skip
+        assert text.count(row) >= 4, row  # two summaries and two detail tables
+    assert "## Delayed feedback" in text and "## Immediate feedback" in text
+    assert text.index("## Delayed feedback") < text.index("## Immediate feedback")
+    assert "generated recurring regimes: memory_only >= 15% under frozen" in text
+    served = json.loads((work / "quick" / "jobs" / "evaluate-regimes-delayed-served.json").read_text())
+    frozen = served["methods"]["titans_none"]["mse"]
+    assert f"{frozen:.4f} (+0.0%)" in text
+    assert (page.parent / "img" / "results_vs_frozen.png").stat().st_size > 0
+
+    page.unlink()
+    run_script("results", "--quick", "--report-only", "--work", str(work), "--out", str(page))
+    assert page.read_text() == text
