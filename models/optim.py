@@ -33,30 +33,37 @@ def adamw_step(
     beta1, beta2 = betas
     step = step + 1
     t = step.to(torch.float64)
-    correction1: float | Tensor
-    correction2: float | Tensor
+    names = list(params)
+    p = [params[n] for n in names]
+    g = [grads[n] for n in names]
+    # list-wise (torch._foreach_*) math: one dispatch per operation for all the tensors, not one
+    # per tensor; a model has tens of weight tensors, and this runs on every learned pair
+    m = torch._foreach_mul([exp_avg[n] for n in names], beta1)
+    torch._foreach_add_(m, g, alpha=1 - beta1)
+    v = torch._foreach_mul([exp_avg_sq[n] for n in names], beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
     if step.dim() == 0:
-        correction1, correction2 = float(1 - beta1**t), float(1 - beta2**t)
-    else:
-        correction1, correction2 = 1 - beta1**t, 1 - beta2**t  # [b]
-    new_params, new_avg, new_avg_sq = {}, {}, {}
-    for name, p in params.items():
-        c1: float | Tensor = correction1
-        c2: float | Tensor = correction2
-        if isinstance(correction1, Tensor) and isinstance(correction2, Tensor):  # [b] -> [b, 1, ...]
-            shape = (-1, *([1] * (p.dim() - 1)))
-            c1, c2 = correction1.to(p.dtype).view(shape), correction2.to(p.dtype).view(shape)
-        g = grads[name]
-        m = beta1 * exp_avg[name] + (1 - beta1) * g
-        v = beta2 * exp_avg_sq[name] + (1 - beta2) * g * g
-        denom = (v / c2).sqrt() + eps
-        update = (m / c1) / denom
-        new_p = p * (1 - lr * weight_decay) - lr * update
-        if anchor is not None and anchor_strength > 0:
-            new_p = new_p - lr * anchor_strength * (p - anchor[name])
-        new_params[name] = new_p
-        new_avg[name], new_avg_sq[name] = m, v
-    return new_params, new_avg, new_avg_sq, step
+        denom = torch._foreach_div(v, float(1 - beta2**t))
+        update = torch._foreach_div(m, float(1 - beta1**t))
+    else:  # [b] streams, each its own bias correction, as [b, 1, ...] per tensor
+        shapes = [(-1, *([1] * (x.dim() - 1))) for x in p]
+        c1, c2 = 1 - beta1**t, 1 - beta2**t
+        denom = torch._foreach_div(v, [c2.to(x.dtype).view(s) for x, s in zip(p, shapes, strict=True)])
+        update = torch._foreach_div(m, [c1.to(x.dtype).view(s) for x, s in zip(p, shapes, strict=True)])
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(update, denom)
+    new_p = torch._foreach_mul(p, 1 - lr * weight_decay)
+    torch._foreach_add_(new_p, update, alpha=-lr)
+    if anchor is not None and anchor_strength > 0:
+        pull = torch._foreach_sub(p, [anchor[n] for n in names])
+        torch._foreach_add_(new_p, pull, alpha=-lr * anchor_strength)
+    return (
+        dict(zip(names, new_p, strict=True)),
+        dict(zip(names, m, strict=True)),
+        dict(zip(names, v, strict=True)),
+        step,
+    )
 
 
 def adam_direction_bound(betas: tuple[float, float] = (0.9, 0.999)) -> float:

@@ -55,6 +55,49 @@ def test_adam_direction_never_passes_its_bound() -> None:
     assert 1.0 < worst <= adam_direction_bound()
 
 
+def _adamw_reference(params, grads, avg, avg_sq, step, lr, betas, wd, anchor, strength):  # type: ignore[no-untyped-def]
+    """AdamW written tensor by tensor, the textbook way: the oracle of the list-wise step."""
+    (b1, b2), t = betas, (step + 1).to(torch.float64)
+    out = ({}, {}, {})
+    for name, p in params.items():
+        shape = (-1, *([1] * (p.dim() - 1))) if step.dim() else ()
+        c1, c2 = (1 - b1**t).view(shape), (1 - b2**t).view(shape)
+        m = b1 * avg[name] + (1 - b1) * grads[name]
+        v = b2 * avg_sq[name] + (1 - b2) * grads[name] ** 2
+        new = p * (1 - lr * wd) - lr * (m / c1) / ((v / c2).sqrt() + 1e-8)
+        out[0][name] = new - lr * strength * (p - anchor[name])
+        out[1][name], out[2][name] = m, v
+    return out
+
+
+@pytest.mark.parametrize("streams", [0, 3])
+def test_listwise_adamw_equals_the_textbook_step(streams: int) -> None:
+    """One scalar step count, or one per stream ([b], each its own bias correction), with weight
+    decay and the anchor broadcast over the streams."""
+    g = torch.Generator().manual_seed(1)
+    lead = (streams,) if streams else ()
+    shapes = {"a": (4, 3), "b": (5,), "c": ()}
+    rand = lambda *s: torch.randn(s, generator=g, dtype=torch.float64)  # noqa: E731
+    params = {k: rand(*lead, *s) for k, s in shapes.items()}
+    anchor = {k: rand(*s) for k, s in shapes.items()}
+    avg, avg_sq = (
+        {k: rand(*lead, *s) for k, s in shapes.items()},
+        {k: rand(*lead, *s).abs() for k, s in shapes.items()},
+    )
+    step = torch.tensor([0, 4, 17]) if streams else torch.tensor(6)
+    for _ in range(3):
+        grads = {k: rand(*lead, *s) for k, s in shapes.items()}
+        want = _adamw_reference(params, grads, avg, avg_sq, step, 0.01, (0.9, 0.999), 0.1, anchor, 5.0)
+        got = adamw_step(
+            params, grads, avg, avg_sq, step, 0.01, (0.9, 0.999), 0.1, anchor=anchor, anchor_strength=5.0
+        )
+        for w, h in zip(want, got[:3], strict=True):
+            for k in shapes:
+                torch.testing.assert_close(h[k], w[k], rtol=1e-12, atol=1e-14)
+        params, avg, avg_sq, step = got
+    assert torch.equal(step, torch.tensor([3, 7, 20]) if streams else torch.tensor(9))
+
+
 @pytest.mark.parametrize("anchor", [50.0, 0.0])
 def test_anchored_weights_stay_within_the_bound_after_a_level_shift(anchor: float) -> None:
     """|p - p0| <= U / anchor per coordinate, however many steps; the control (no anchor,
