@@ -55,10 +55,24 @@ def test_adam_direction_never_passes_its_bound() -> None:
     assert 1.0 < worst <= adam_direction_bound()
 
 
-def _adamw_reference(params, grads, avg, avg_sq, step, lr, betas, wd, anchor, strength):  # type: ignore[no-untyped-def]
+Tensors = dict[str, torch.Tensor]
+
+
+def _adamw_reference(
+    params: Tensors,
+    grads: Tensors,
+    avg: Tensors,
+    avg_sq: Tensors,
+    step: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    wd: float,
+    anchor: Tensors,
+    strength: float,
+) -> tuple[Tensors, Tensors, Tensors]:
     """AdamW written tensor by tensor, the textbook way: the oracle of the list-wise step."""
     (b1, b2), t = betas, (step + 1).to(torch.float64)
-    out = ({}, {}, {})
+    out: tuple[Tensors, Tensors, Tensors] = ({}, {}, {})
     for name, p in params.items():
         shape = (-1, *([1] * (p.dim() - 1))) if step.dim() else ()
         c1, c2 = (1 - b1**t).view(shape), (1 - b2**t).view(shape)
