@@ -144,7 +144,8 @@ def floor_section(floor: dict[str, Any]) -> list[str]:
                 + [num(by_b[b]["obs_per_s"]) if b in by_b else "–" for b in batches]
                 + [kib(any_r["state_nbytes"]), kib(any_r["state_blob_bytes"]), num(any_r["codec_ms"], 2)]
             )
-        lines += [f"**{config}**: observations / s (wall clock)", ""]
+        weights = f", {sub[0]['parameters']:,} weights" if "parameters" in sub[0] else ""
+        lines += [f"**{config}**{weights}: observations / s (wall clock)", ""]
         lines += table(
             ["update mode"]
             + [f"B={b}" for b in batches]

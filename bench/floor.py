@@ -48,11 +48,15 @@ def default_config() -> ModelConfig:
 
 # other configurations at the benchmark's size (random weights: the speed of an update and the
 # size of a state do not depend on the weights' values)
-VARIANTS: dict[str, dict[str, str]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "fsnet": {"backbone": "tcn", "memory": "fsnet"},
     "fsnet_nomem": {"backbone": "tcn", "memory": "fsnet_nomem"},
     "titans_mal": {"backbone": "titans", "memory": "titans", "fusion": "layer"},
     "none": {"memory": "none"},
+    # the FSNet reference code's size (a tcn of width 64 and 11 dilated blocks, ~0.5M weights):
+    # the cost of one learning step against the weights it updates, the paper's setting
+    "fsnet_ref_size": {"backbone": "tcn", "memory": "fsnet", "d_model": 64, "n_layers": 11},
+    "ogd_ref_size": {"backbone": "tcn", "memory": "none", "d_model": 64, "n_layers": 11},
 }
 
 
@@ -80,7 +84,12 @@ def build_models(configs: list[str], checkpoint: Path | None) -> dict[str, Conti
         model = ContinualForecaster(config).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        models[f"{config.backbone}+{config.memory}"] = model
+        size = (
+            ""
+            if name not in ("fsnet_ref_size", "ogd_ref_size")
+            else f", d_model {config.d_model} x {config.n_layers}"
+        )
+        models[f"{config.backbone}+{config.memory}{size}"] = model
     return models
 
 
@@ -160,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"floor: total budget of {args.total_budget:.0f} s spent, skipping the rest")
                     break
                 row = {"config": name, **measure_cell(model, mode, batch, args.budget, args.max_steps)}
+                row["parameters"] = sum(p.numel() for p in model.parameters())
                 row.update(state_blob_bytes=codec["blob_bytes"], codec_ms=codec["codec_ms"])
                 rows.append(row)
                 print(

@@ -31,7 +31,7 @@ QUICK = {
                  "--river-val-steps", "150"],
 }  # fmt: skip
 FULL = {
-    "floor": ["--configs", "titans,fsnet,fsnet_nomem,titans_mal,none", "--batches", "1,8,64,256", "--budget", "3",
+    "floor": ["--configs", "titans,fsnet,fsnet_nomem,titans_mal,none,fsnet_ref_size,ogd_ref_size", "--batches", "1,8,64,256", "--budget", "3",
               "--max-steps", "200"],
     "load": ["--streams", "1,100,1000", "--concurrency", "1,16,64", "--cell-seconds", "20", "--cell-obs", "20000",
              "--store-budget", "3600"],
