@@ -9,7 +9,9 @@ from typing import Any
 from bench._format import num, table
 
 MEMCAST_LABELS = {
+    "titans_none": "memcast titans, frozen (none)",
     "titans_memory_only": "memcast titans, memory_only",
+    "combo_memory_only": "memcast combination (served default)",
     "titans_full_model": "memcast titans, full_model",
     "fsnet": "memcast fsnet (tcn + FSNet), full_model",
     "naive": "naive (last value)",
@@ -145,6 +147,7 @@ def headline_accuracy(acc: dict[str, Any]) -> list[str]:
                     h,
                     f,
                     f"{MEMCAST_LABELS.get(best['method'], best['method'])}: {best['mse']:.4f}",
+                    num(get.get("titans_none"), 4),
                     num(get.get("naive"), 4),
                     num(get.get("ogd"), 4),
                     f"{num(best_river['mse'], 4)} ({best_river['method'].removeprefix('river_')})"
@@ -152,12 +155,26 @@ def headline_accuracy(acc: dict[str, Any]) -> list[str]:
                     else "–",
                     _verdict(
                         best["mse"],
-                        [get.get("naive"), get.get("ogd"), best_river["mse"] if best_river else None],
+                        [
+                            get.get("titans_none"),
+                            get.get("naive"),
+                            get.get("ogd"),
+                            best_river["mse"] if best_river else None,
+                        ],
                     ),
                 ]
             )
     lines += table(
-        ["horizon", "feedback", "best memcast MSE", "naive", "OGD", "best River", "memcast vs best other"],
+        [
+            "horizon",
+            "feedback",
+            "best learning memcast MSE",
+            "frozen",
+            "naive",
+            "OGD",
+            "best River",
+            "vs best other",
+        ],
         body,
     )
     return lines

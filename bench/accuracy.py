@@ -5,7 +5,8 @@ Data: ETTh1 (``../shared/data/ETTh1.csv``, the FSNet/OneNet borders and scaler o
 ``trainer.data``) when present, else memcast's generated data set (the output says which).
 For every horizon and both feedback modes:
 
-- memcast (``titans_memory_only``, ``titans_full_model``, ``fsnet``), ``naive`` and ``ogd``
+- memcast (``titans_memory_only``, ``combo_memory_only``, ``titans_full_model``, ``fsnet``),
+  ``naive``, the frozen checkpoint (``titans_none``) and ``ogd``
   through ``trainer.evaluate.evaluate``, the code ``memcast evaluate --methods`` runs: each
   model is pretrained on the train split (early stopping on validation), then replays the
   test split one step at a time through ``models.online``;
@@ -45,8 +46,8 @@ from bench._common import SHARED_ETTH1, machine_info, now_iso, single_thread, wr
 from trainer.data import LoadedData, load_dataset
 from trainer.online_eval import count_steps, metrics, truths_of
 
-MEMCAST_METHODS = ("titans_memory_only", "titans_full_model", "fsnet")
-BASELINES = ("naive", "ogd")
+MEMCAST_METHODS = ("titans_memory_only", "combo_memory_only", "titans_full_model", "fsnet")
+BASELINES = ("naive", "titans_none", "ogd")  # titans_none: the same checkpoint, frozen
 # Last-value figures on ETTh1, online test split (../shared/data/README.md): (features, seq_len, h) -> MSE, MAE
 KNOWN_NAIVE = {("M", 60, 1): (0.363, 0.355), ("M", 60, 24): (2.796, 0.962), ("S", 48, 12): (0.0806, 0.203)}
 _SEASONS = {"h": 24, "H": 24, "15min": 96, "15T": 96, "30min": 48, "D": 7}
@@ -310,7 +311,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=60)
     p.add_argument("--horizons", default="1,24,48")
     p.add_argument("--feedback", default="delayed,immediate")
-    p.add_argument("--methods", default=",".join(BASELINES[:1] + MEMCAST_METHODS + BASELINES[1:]))
+    p.add_argument("--methods", default=",".join(BASELINES[:2] + MEMCAST_METHODS + BASELINES[2:]))
     p.add_argument("--max-steps", type=int, help="cap on online test steps (default: the whole test split)")
     p.add_argument("--epochs", type=int, help="pretraining epochs (default: the trainer's)")
     p.add_argument("--max-train-windows", type=int, help="pretraining windows (default: all)")

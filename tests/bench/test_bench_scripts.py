@@ -126,7 +126,8 @@ def test_accuracy_writes_every_method_horizon_and_feedback(outputs: dict[str, Pa
     acc = read(outputs["accuracy"])
     assert acc["data"]["etth1"] is False
     methods = {r["method"] for r in acc["rows"]}
-    assert methods >= {"naive", "titans_memory_only", "titans_full_model", "fsnet", "ogd", "river_snarimax"}
+    learners = {"titans_memory_only", "combo_memory_only", "titans_full_model", "fsnet", "ogd"}
+    assert methods >= {"naive", "titans_none", "river_snarimax", *learners}
     for h in (1, 4):
         for feedback in ("delayed", "immediate"):
             rows = [r for r in acc["rows"] if r["horizon"] == h and r["feedback"] == feedback]
