@@ -163,12 +163,20 @@ def run_job(job: Job, ctx: Context) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"job": job.name, "kind": job.kind, "setting": job.setting.key}
     if job.kind == "pretrain":
+        from models.checkpoint import REPORT_FILE
         from models.online import UpdateMode
         from trainer.methods import checkpoint_for, parse_method
 
         spec = parse_method(job.model, UpdateMode.NONE, None)
         ckpt = checkpoint_for(spec, train_config(job.setting, ctx), ctx.work / "models", ctx.device)
-        out.update(checkpoint=str(ckpt.path), parameters=sum(p.numel() for p in ckpt.model.parameters()))
+        report = json.loads((ckpt.path / REPORT_FILE).read_text())
+        out.update(
+            checkpoint=str(ckpt.path),
+            parameters=sum(p.numel() for p in ckpt.model.parameters()),
+            pretraining_s=report.get("wall_time_s"),  # the run that made it (maybe an earlier, cached one)
+            best_epoch=report.get("best_epoch"),
+            best_val_loss=report.get("best_val_loss"),
+        )
     elif job.kind == "river":
         from bench.accuracy import run_river
         from trainer.data import load_dataset
