@@ -35,6 +35,23 @@ def bulk_items(data: dict[str, list[dict[str, Any]]], seed: int = 0) -> list[dic
     return items
 
 
+def assert_close_json(a: Any, b: Any, rel: float = 1e-6) -> None:
+    """Equal structure and equal values, floats up to ``rel``: B streams in one model call
+    equal B single calls up to float rounding (a batched matmul may round differently)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=rel, abs=1e-9)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_close_json(a[key], b[key], rel)
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_close_json(x, y, rel)
+    else:
+        assert a == b
+
+
 def assert_same_stream(api: Api, a: Any, b: Any) -> None:
     assert (a.steps, a.last_timestamp, a.recent, a.mode) == (b.steps, b.last_timestamp, b.recent, b.mode)
     model = api.app.state.registry.get(a.model)

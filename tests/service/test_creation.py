@@ -12,7 +12,7 @@ import pytest
 
 from service.settings import Settings
 from tests.service.conftest import SEQ_LEN, Api, running, series
-from tests.service.test_bulk import assert_same_stream
+from tests.service.test_bulk import assert_close_json, assert_same_stream
 
 URL = "/v1/streams:batchCreate"
 
@@ -45,8 +45,8 @@ async def test_batch_create_equals_one_by_one(api: Api) -> None:
             assert out["stream"][key] == reference[key], key
         batched, single = await api.record(spec["id"]), await api.record(alone["id"])
         assert_same_stream(api, batched, single)
-        assert batched.intervals == single.intervals
-        assert batched.accuracy == single.accuracy
+        assert_close_json(batched.intervals, single.intervals)
+        assert_close_json(batched.accuracy, single.accuracy)
         assert (await api.client.get(f"/v1/streams/{spec['id']}")).json()["version"] == 1
 
 
