@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from models.combination import EXPERTS
 from models.online import UpdateMode
@@ -98,8 +98,9 @@ class Engine:
             self._fresh[key] = step.state
         return self._fresh[key]
 
-    async def observe_bulk(self, req: schemas.BulkObservations) -> schemas.BulkObservationsOut:
-        """Observations for many streams in one request (see :mod:`service.bulk`)."""
+    async def observe_bulk(self, req: schemas.BulkObservations) -> dict[str, Any]:
+        """Observations for many streams in one request (see :mod:`service.bulk`); the
+        response body (``schemas.BulkObservationsOut``) as JSON-ready dicts."""
         from service.bulk import BulkRequest
 
         return await BulkRequest(self, req).run()
@@ -383,12 +384,12 @@ class Engine:
         window = self.settings.accuracy_window
         return Spec(targets, std, model.pred_len, window, keep=model.seq_len + model.pred_len)
 
-    def _seq_len(self, record: StreamRecord) -> int | None:
+    def seq_len(self, record: StreamRecord) -> int | None:
         model = self.registry.models.get(record.model)
         return model.seq_len if model is not None else None
 
     def status(self, record: StreamRecord, mode: str | None = None) -> schemas.StreamStatus:
-        seq_len = self._seq_len(record)
+        seq_len = self.seq_len(record)
         needs = max(0, seq_len - record.steps) if seq_len is not None else 0
         return schemas.StreamStatus(
             stream_id=record.stream_id,
@@ -425,6 +426,18 @@ class Engine:
         except OverflowError:  # only a record written before horizons were checked
             stamps = [None] * len(record.forecast)
         return intervals.forecast(model.targets, record.forecast, stamps, record.intervals)
+
+    def forecast_body(self, record: StreamRecord) -> dict[str, Any] | None:
+        """:meth:`forecast_of` as the JSON-ready dict ``schemas.Forecast`` dumps to (bulk
+        responses, built without pydantic)."""
+        model = self.registry.models.get(record.model)
+        if record.forecast is None or model is None:
+            return None
+        try:
+            stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
+        except OverflowError:  # only a record written before horizons were checked
+            stamps = [None] * len(record.forecast)
+        return intervals.forecast_body(model.targets, record.forecast, stamps, record.intervals)
 
 
 def _combination(weights: list[list[float]]) -> schemas.Combination:

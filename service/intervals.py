@@ -123,6 +123,41 @@ def forecast(
     return schemas.Forecast.model_construct(columns=list(targets), levels=sorted(_levels(data)), rows=rows)
 
 
+def forecast_body(
+    targets: Sequence[str],
+    values: Sequence[Sequence[float]],
+    stamps: Sequence[schemas.TimestampOut | None],
+    data: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`forecast` as the JSON-ready dict ``schemas.Forecast`` dumps to, without
+    pydantic models (for bulk responses: one per stream, where building and serialising the
+    models cost more than the rest of the stream's work); ``tests/service/test_intervals.py``
+    holds the two equal."""
+    found = bands(data, values)
+    rows = []
+    for k, row in enumerate(values):
+        levels = [
+            {
+                "level": b.level,
+                "lower": dict(zip(targets, b.lower[k], strict=True)),
+                "upper": dict(zip(targets, b.upper[k], strict=True)),
+            }
+            for b in found
+            if not any(math.isnan(v) for v in b.lower[k])
+        ]
+        rows.append(
+            {
+                "step": k + 1,
+                "timestamp": stamps[k],
+                "values": dict(zip(targets, row, strict=True)),
+                "lower": levels[-1]["lower"] if levels else None,
+                "upper": levels[-1]["upper"] if levels else None,
+                "intervals": levels,
+            }
+        )
+    return {"columns": list(targets), "levels": sorted(_levels(data)), "rows": rows}
+
+
 def _levels(data: dict[str, Any] | None) -> list[float]:
     return list(data["levels"]) if data else [float(v) for v in DEFAULT_LEVELS]
 

@@ -117,3 +117,21 @@ async def test_exported_stream_imports_with_its_intervals(api: Api) -> None:
     a = (await api.client.get("/v1/streams/s/forecast")).json()["forecast"]
     b = (await api.client.get("/v1/streams/t/forecast")).json()["forecast"]
     assert a == b and a["rows"][0]["intervals"]
+
+
+async def test_forecast_body_equals_the_forecast_model(api: Api) -> None:
+    """Bulk responses build the forecast as dicts (``intervals.forecast_body``): the same JSON
+    as the ``schemas.Forecast`` the one-stream endpoints return, before and after bounds are
+    learned, with a step still without bounds."""
+    await served_forecasts(api, "s", series(N), interval_levels=[0.9, 0.5])
+    record = await api.record("s")
+    engine = api.app.state.engine
+    for data in (
+        None,
+        record.intervals,
+        {**record.intervals, "count": [[0.0, 0.0], *record.intervals["count"][1:]]},
+    ):
+        shown = record.replace(intervals=data)
+        model = engine.forecast_of(shown)
+        assert model is not None
+        assert engine.forecast_body(shown) == model.model_dump(mode="json")
