@@ -168,14 +168,13 @@ class BulkRequest:
                 jobs.append(job)
         await self._compute(jobs)
         writes: list[tuple[_Job, StreamRecord, Scored]] = []
-        for job in jobs:
-            if job.step is None:
-                continue
-            try:
-                new, scored = self.engine.next_record(job.current, job.plan, job.step, job.model)
-                writes.append((job, new, scored))
-            except ServiceError as exc:
-                job.stream.error = exc
+        stepped = [(job, job.step) for job in jobs if job.step is not None]
+        nexts = self.engine.next_records([(j.current, j.plan, step, j.model) for j, step in stepped])
+        for (job, _), following in zip(stepped, nexts, strict=True):
+            if isinstance(following, ServiceError):
+                job.stream.error = following
+            else:
+                writes.append((job, *following))
         outcomes = await store.write_many([(new, job.current.version) for job, new, _ in writes])
         lost: list[_Stream] = []
         for (job, _, scored), outcome in zip(writes, outcomes, strict=True):
