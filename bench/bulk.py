@@ -96,13 +96,24 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://memcast", timeout=600
             ) as client:
-                return await measure(args, app, client)
+                pid = server.process.pid if server is not None and server.process is not None else None
+                return await measure(args, app, client, pid)
     finally:
         if server is not None:
             server.stop()
 
 
-async def measure(args: argparse.Namespace, app: Any, client: Any) -> dict[str, Any]:
+def _cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (0 for none)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+async def measure(args: argparse.Namespace, app: Any, client: Any, server_pid: int | None) -> dict[str, Any]:
     store, engine = app.state.store, app.state.engine
     body = {"id": "seed", "history": [{"timestamp": t, "values": row(t)} for t in range(HISTORY)]}
     (await client.post("/v1/streams", json=body)).raise_for_status()
@@ -134,14 +145,28 @@ async def measure(args: argparse.Namespace, app: Any, client: Any) -> dict[str, 
     requests = [ids[(k * per_request) % len(ids) :][:per_request] for k in range(args.requests + 2)]
     stamps = dict.fromkeys(ids, t)
 
+    cpus: list[float] = []
+    collecting: list[float] = [0.0, 0.0]  # start of the running collection, seconds collecting
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting[0] = time.perf_counter()
+        else:
+            collecting[1] += time.perf_counter() - collecting[0]
+
+    gc.callbacks.append(on_gc)
+    if args.gc_threshold:
+        gc.set_threshold(*args.gc_threshold)
+
     async def one(streams: list[str]) -> float:
         items = []
         for s in streams:
             items.append({"stream_id": s, "timestamp": stamps[s], "values": row(stamps[s])})
             stamps[s] += 1
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         response = await client.post("/v1/observations", json={"observations": items})
         elapsed = time.perf_counter() - started
+        cpus.append(time.thread_time() - cpu)
         response.raise_for_status()
         assert response.json()["applied"] == len(streams), response.text[:500]
         return elapsed
@@ -150,6 +175,9 @@ async def measure(args: argparse.Namespace, app: Any, client: Any) -> dict[str, 
         await one(streams)
     gc.collect()
     model_s.clear()
+    cpus.clear()
+    collecting[1] = 0.0
+    redis_cpu = _cpu(server_pid)
     profiler = cProfile.Profile() if args.profile else None
     walls = []
     if profiler:
@@ -159,6 +187,8 @@ async def measure(args: argparse.Namespace, app: Any, client: Any) -> dict[str, 
     if profiler:
         profiler.disable()
         profiler.dump_stats(args.profile)
+    redis_cpu = _cpu(server_pid) - redis_cpu
+    gc.callbacks.remove(on_gc)
     wall, model = statistics.median(walls), statistics.median(model_s)
     return {
         "store": args.store,
@@ -170,6 +200,11 @@ async def measure(args: argparse.Namespace, app: Any, client: Any) -> dict[str, 
         "request_ms_median": round(wall * 1e3, 2),
         "model_ms_median": round(model * 1e3, 2),
         "service_ms_per_stream": round((wall - model) * 1e3 / per_request, 3),
+        # CPU time of the event-loop thread (the service's bookkeeping; the model runs in its
+        # own thread): unlike wall time, not inflated by other jobs on the machine
+        "loop_cpu_ms_per_stream": round(statistics.median(cpus) * 1e3 / per_request, 3),
+        "gc_ms_per_stream": round(collecting[1] * 1e3 / (per_request * len(walls)), 3),
+        "redis_cpu_ms_per_stream": round(redis_cpu * 1e3 / (per_request * len(walls)), 3),
         "obs_per_s_in_process": round(per_request / wall, 1),
     }
 
@@ -184,6 +219,12 @@ def main() -> None:
         "--warm", type=int, default=PRED_LEN + 48 + 2, help="single observations after the history"
     )
     p.add_argument("--profile", type=Path, help="write a cProfile of the timed requests (event-loop thread)")
+    p.add_argument(
+        "--gc-threshold",
+        type=int,
+        nargs=3,
+        help="gc.set_threshold for the timed requests (default: the app's)",
+    )
     p.add_argument("--out", type=Path, help="append the result as a JSON line")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
