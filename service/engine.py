@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from models.combination import EXPERTS
 from models.online import UpdateMode
@@ -31,6 +31,7 @@ from service.errors import (
     NonFiniteState,
     OutOfOrder,
     PayloadTooLarge,
+    ServiceError,
     StateIncompatible,
     StreamExists,
     StreamNotFound,
@@ -98,8 +99,9 @@ class Engine:
             self._fresh[key] = step.state
         return self._fresh[key]
 
-    async def observe_bulk(self, req: schemas.BulkObservations) -> schemas.BulkObservationsOut:
-        """Observations for many streams in one request (see :mod:`service.bulk`)."""
+    async def observe_bulk(self, req: schemas.BulkObservations) -> dict[str, Any]:
+        """Observations for many streams in one request (see :mod:`service.bulk`); the
+        response body (``schemas.BulkObservationsOut``) as JSON-ready dicts."""
         from service.bulk import BulkRequest
 
         return await BulkRequest(self, req).run()
@@ -345,37 +347,75 @@ class Engine:
         """The next record after ``step`` (state, accuracy, intervals, duplicate window) and the
         errors it scored, for every path that applies observations; first checks that its
         forecast can be dated, so that serving it can never fail once it is written."""
-        if step.forecast is not None:
+        (outcome,) = self.next_records([(record, plan, step, model)], prefix)
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
+
+    def next_records(
+        self, work: Sequence[tuple[StreamRecord, Plan, Step, LoadedModel]], prefix: str = "observations"
+    ) -> list[tuple[StreamRecord, Scored] | ServiceError]:
+        """:meth:`next_record` for several streams (a bulk request's), each outcome its own:
+        the record and its scored errors, or the stream's error. Accuracy is scored stream by
+        stream; the interval radii are learned for all streams of a model at once
+        (:func:`service.intervals.learn_many`, equal to learning them one by one)."""
+        outcomes: list[tuple[StreamRecord, Scored] | ServiceError | None] = [None] * len(work)
+        scored_by_model: dict[str, list[tuple[int, Accuracy, Scored]]] = {}
+        for k, (record, plan, step, model) in enumerate(work):
             try:
-                future_timestamps(plan.last_timestamp, record.freq, len(step.forecast))
-            except OverflowError as exc:
-                applied = [i for i, (_, status) in enumerate(plan.statuses) if status == "applied"]
-                index = applied[-1] if applied else len(plan.statuses) - 1
-                raise InvalidObservation(
-                    f"the forecast after {plan.last_timestamp} at freq {record.freq!r} would be dated past "
-                    "year 9999",
-                    field=f"{prefix}.{index}.timestamp",
-                ) from exc
-        scores, scored = advance(
-            Accuracy.from_json(record.accuracy),
-            self.accuracy_spec(model),
-            record.steps,
-            plan.rows,
-            step.forecast,
-        )
-        return record.replace(
-            state=step.state,
-            steps=step.steps,
-            last_timestamp=plan.last_timestamp,
-            last_values_hash=plan.last_values_hash,
-            recent=plan.recent,
-            forecast=step.forecast,
-            accuracy=scores.to_json(),
-            intervals=intervals.learn(
-                record.intervals, model.pred_len, len(model.targets), scored.abs_errors
-            ),
-            updated_at=_now(),
-        ), scored
+                self._check_dating(record, plan, step, prefix)
+            except InvalidObservation as exc:
+                outcomes[k] = exc
+                continue
+            scores, scored = advance(
+                Accuracy.from_json(record.accuracy),
+                self.accuracy_spec(model),
+                record.steps,
+                plan.rows,
+                step.forecast,
+            )
+            scored_by_model.setdefault(model.name, []).append((k, scores, scored))
+        for entries in scored_by_model.values():
+            model = work[entries[0][0]][3]
+            learned = intervals.learn_many(
+                [work[k][0].intervals for k, _, _ in entries],
+                model.pred_len,
+                len(model.targets),
+                [scored.abs_errors for _, _, scored in entries],
+            )
+            for (k, scores, scored), radii in zip(entries, learned, strict=True):
+                record, plan, step, _ = work[k]
+                outcomes[k] = (
+                    record.replace(
+                        state=step.state,
+                        steps=step.steps,
+                        last_timestamp=plan.last_timestamp,
+                        last_values_hash=plan.last_values_hash,
+                        recent=plan.recent,
+                        forecast=step.forecast,
+                        accuracy=scores.to_json(),
+                        intervals=radii,
+                        updated_at=_now(),
+                    ),
+                    scored,
+                )
+        return outcomes  # type: ignore[return-value]
+
+    @staticmethod
+    def _check_dating(record: StreamRecord, plan: Plan, step: Step, prefix: str) -> None:
+        """``InvalidObservation`` when the forecast after ``plan`` would be dated past 9999."""
+        if step.forecast is None:
+            return
+        try:
+            future_timestamps(plan.last_timestamp, record.freq, len(step.forecast))
+        except OverflowError as exc:
+            applied = [i for i, (_, status) in enumerate(plan.statuses) if status == "applied"]
+            index = applied[-1] if applied else len(plan.statuses) - 1
+            raise InvalidObservation(
+                f"the forecast after {plan.last_timestamp} at freq {record.freq!r} would be dated past "
+                "year 9999",
+                field=f"{prefix}.{index}.timestamp",
+            ) from exc
 
     def accuracy_spec(self, model: LoadedModel) -> Spec:
         targets = tuple(model.columns.index(t) for t in model.targets)
@@ -383,12 +423,12 @@ class Engine:
         window = self.settings.accuracy_window
         return Spec(targets, std, model.pred_len, window, keep=model.seq_len + model.pred_len)
 
-    def _seq_len(self, record: StreamRecord) -> int | None:
+    def seq_len(self, record: StreamRecord) -> int | None:
         model = self.registry.models.get(record.model)
         return model.seq_len if model is not None else None
 
     def status(self, record: StreamRecord, mode: str | None = None) -> schemas.StreamStatus:
-        seq_len = self._seq_len(record)
+        seq_len = self.seq_len(record)
         needs = max(0, seq_len - record.steps) if seq_len is not None else 0
         return schemas.StreamStatus(
             stream_id=record.stream_id,
@@ -425,6 +465,18 @@ class Engine:
         except OverflowError:  # only a record written before horizons were checked
             stamps = [None] * len(record.forecast)
         return intervals.forecast(model.targets, record.forecast, stamps, record.intervals)
+
+    def forecast_body(self, record: StreamRecord) -> dict[str, Any] | None:
+        """:meth:`forecast_of` as the JSON-ready dict ``schemas.Forecast`` dumps to (bulk
+        responses, built without pydantic)."""
+        model = self.registry.models.get(record.model)
+        if record.forecast is None or model is None:
+            return None
+        try:
+            stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
+        except OverflowError:  # only a record written before horizons were checked
+            stamps = [None] * len(record.forecast)
+        return intervals.forecast_body(model.targets, record.forecast, stamps, record.intervals)
 
 
 def _combination(weights: list[list[float]]) -> schemas.Combination:

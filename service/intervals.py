@@ -63,6 +63,65 @@ def learn(
     }
 
 
+def learn_many(
+    datas: Sequence[dict[str, Any] | None],
+    pred_len: int,
+    columns: int,
+    abs_errors: Sequence[Sequence[Sequence[Sequence[float]]]],
+) -> list[dict[str, Any]]:
+    """:func:`learn` for several streams of one model at once (a bulk request's): one
+    ``models.intervals.update`` per row position over every stream with the same levels,
+    instead of tensors built and updated stream by stream. ``update`` is elementwise over the
+    stream dimension and a row of NaN changes nothing, so a stream with fewer rows is padded
+    with NaN and every stream gets the numbers :func:`learn` gives it alone
+    (``tests/service/test_intervals.py`` holds them equal)."""
+    out: list[dict[str, Any] | None] = [None] * len(datas)
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for i, (data, errors) in enumerate(zip(datas, abs_errors, strict=True)):
+        levels = _levels(data)
+        if not any(not math.isnan(e) for row in errors for step in row for e in step):
+            out[i] = data if data is not None else initial(levels)
+        else:
+            groups.setdefault(tuple(levels), []).append(i)
+    for key, members in groups.items():
+        lv = torch.tensor(key, dtype=torch.float64)
+        fresh = init_state(1, pred_len, lv, columns)
+        fresh_ratio, fresh_count = fresh.ratio[0].tolist(), fresh.count[0].tolist()
+        nan_scale = [[math.nan] * columns for _ in range(pred_len)]
+        ratios, scales, counts = [], [], []
+        for i in members:
+            data = datas[i]
+            learned = data is not None and data.get("ratio") is not None
+            ratios.append(data["ratio"] if learned else fresh_ratio)  # type: ignore[index]
+            scales.append(data["scale"] if learned else nan_scale)  # type: ignore[index]
+            counts.append(data["count"] if learned else fresh_count)  # type: ignore[index]
+        count = torch.tensor(counts, dtype=torch.float64)
+        scale = torch.tensor(scales, dtype=torch.float64)
+        state = IntervalState(  # as _state: a cell without errors has a NaN scale
+            ratio=torch.tensor(ratios, dtype=torch.float64),
+            scale=torch.where(count > 0, scale, torch.full_like(scale, math.nan)),
+            count=count,
+        )
+        rows = max(len(abs_errors[i]) for i in members)
+        blank = [[math.nan] * columns for _ in range(pred_len)]
+        padded = [list(abs_errors[i]) + [blank] * (rows - len(abs_errors[i])) for i in members]
+        matured = torch.tensor(padded, dtype=torch.float64)  # [b, t, p, c]
+        for t in range(rows):
+            state = update(state, matured[:, t], lv)
+        seen = state.count > 0
+        ratio_out = state.ratio.tolist()
+        scale_out = torch.where(seen, state.scale, torch.zeros_like(state.scale)).tolist()
+        count_out = state.count.tolist()
+        for j, i in enumerate(members):
+            out[i] = {
+                "levels": list(key),
+                "ratio": ratio_out[j],
+                "scale": scale_out[j],
+                "count": count_out[j],
+            }
+    return out  # type: ignore[return-value]
+
+
 def bands(data: dict[str, Any] | None, forecast: Sequence[Sequence[float]]) -> list[Band]:
     """The intervals of ``forecast [p][c]`` at each level, ascending; an empty list before the
     first matured error. A step with no interval yet has NaN bounds.
@@ -121,6 +180,41 @@ def forecast(
             )
         )
     return schemas.Forecast.model_construct(columns=list(targets), levels=sorted(_levels(data)), rows=rows)
+
+
+def forecast_body(
+    targets: Sequence[str],
+    values: Sequence[Sequence[float]],
+    stamps: Sequence[schemas.TimestampOut | None],
+    data: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`forecast` as the JSON-ready dict ``schemas.Forecast`` dumps to, without
+    pydantic models (for bulk responses: one per stream, where building and serialising the
+    models cost more than the rest of the stream's work); ``tests/service/test_intervals.py``
+    holds the two equal."""
+    found = bands(data, values)
+    rows = []
+    for k, row in enumerate(values):
+        levels = [
+            {
+                "level": b.level,
+                "lower": dict(zip(targets, b.lower[k], strict=True)),
+                "upper": dict(zip(targets, b.upper[k], strict=True)),
+            }
+            for b in found
+            if not any(math.isnan(v) for v in b.lower[k])
+        ]
+        rows.append(
+            {
+                "step": k + 1,
+                "timestamp": stamps[k],
+                "values": dict(zip(targets, row, strict=True)),
+                "lower": levels[-1]["lower"] if levels else None,
+                "upper": levels[-1]["upper"] if levels else None,
+                "intervals": levels,
+            }
+        )
+    return {"columns": list(targets), "levels": sorted(_levels(data)), "rows": rows}
 
 
 def _levels(data: dict[str, Any] | None) -> list[float]:

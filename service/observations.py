@@ -123,8 +123,13 @@ def plan_batch(
     request) or the observation's own index ``i``."""
     rows: list[list[float]] = []
     statuses: list[tuple[Timestamp, str]] = []
-    recent_list = [(_stored(ts), digest) for ts, digest in recent]
-    seen = set(recent_list)
+    # Integer steps are stored as they are: only datetime windows need canonical forms. The
+    # set of remembered observations is built only when an item is not after the last one (a
+    # re-post or a conflict): a bulk request's items are usually all new, and building a set of
+    # the whole window for every stream of every request cost more than planning did.
+    canonical_already = isinstance(last_timestamp, int)
+    recent_list = list(recent) if canonical_already else [(_stored(ts), digest) for ts, digest in recent]
+    seen: set[tuple[Timestamp, str]] | None = None
     last_hash: str | None = recent_list[-1][1] if recent_list else None
     for j, obs in enumerate(observations):
         i = indices[j] if indices is not None else j
@@ -136,8 +141,9 @@ def plan_batch(
             statuses.append((ts, "applied"))
             last_timestamp, last_hash = ts, digest
             recent_list.append((ts, digest))
-            seen.add((ts, digest))
-        elif (ts, digest) in seen:
+            if seen is not None:
+                seen.add((ts, digest))
+        elif (ts, digest) in (seen := set(recent_list) if seen is None else seen):
             statuses.append((ts, "duplicate"))
         else:
             same = _stored(ts) == _stored(last_timestamp)

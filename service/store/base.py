@@ -81,7 +81,7 @@ class StreamRecord:
             if raw is None:
                 raise ValueError(f"stream record without its {f.name!r} field")
             values[f.name] = raw if f.name == "state" else orjson.loads(raw)
-        values["recent"] = tuple((ts, h) for ts, h in values["recent"])
+        values["recent"] = tuple(map(tuple, values["recent"]))  # [timestamp, hash] pairs
         if values["forecast"] is not None:
             values["forecast"] = tuple(tuple(row) for row in values["forecast"])
         return cls(**values)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from models import UpdateMode
+from service import schemas
 from service.compute import compute, compute_many, decode
 from service.registry import load_registry
 from service.settings import Settings
@@ -52,6 +53,12 @@ def assert_close_json(a: Any, b: Any, rel: float = 1e-6) -> None:
         assert a == b
 
 
+def assert_schema_body(body: dict[str, Any]) -> None:
+    """The bulk body is built as plain dicts (``service.bulk``): it must be what the documented
+    ``BulkObservationsOut`` dumps to, field for field."""
+    assert schemas.BulkObservationsOut.model_validate(body).model_dump(mode="json") == body
+
+
 def assert_same_stream(api: Api, a: Any, b: Any) -> None:
     assert (a.steps, a.last_timestamp, a.recent, a.mode) == (b.steps, b.last_timestamp, b.recent, b.mode)
     model = api.app.state.registry.get(a.model)
@@ -83,6 +90,7 @@ async def test_post_bulk_observations_equals_one_by_one(api: Api, mode: str, com
     response = await api.client.post("/v1/observations", json={"observations": items})
     assert response.status_code == 200, response.text
     body = response.json()
+    assert_schema_body(body)
     assert body["applied"] == len(items) and body["duplicates"] == body["errors"] == 0
     assert [o["status"] for o in body["observations"]] == ["applied"] * len(items)
     assert [(o["stream_id"], o["timestamp"]) for o in body["observations"]] == [
@@ -102,6 +110,7 @@ async def test_post_bulk_observations_equals_one_by_one(api: Api, mode: str, com
 
     again = await api.client.post("/v1/observations", json={"observations": items, "forecasts": "none"})
     assert again.json()["duplicates"] == len(items) and again.json()["applied"] == 0
+    assert_schema_body(again.json())
     assert all(s["forecast"] is None for s in again.json()["streams"])
     for sid in data:  # a re-posted request is learned from once
         assert (await api.record(f"bulk-{sid}")).version == 2
@@ -127,6 +136,7 @@ async def test_post_bulk_observations_one_bad_stream_applies_the_others(api: Api
     response = await api.client.post("/v1/observations", json={"observations": items})
     assert response.status_code == 200, response.text
     body = response.json()
+    assert_schema_body(body)
     statuses = [(o["status"], o["code"]) for o in body["observations"]]
     assert statuses == [
         ("applied", 200),

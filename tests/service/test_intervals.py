@@ -6,6 +6,7 @@ state survives the store and an export."""
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.intervals import replay
+from service import intervals
 from service.settings import Settings
 from service.store import StreamRecord
 from tests.service.conftest import PRED_LEN, SEQ_LEN, Api, running, series
@@ -117,3 +119,46 @@ async def test_exported_stream_imports_with_its_intervals(api: Api) -> None:
     a = (await api.client.get("/v1/streams/s/forecast")).json()["forecast"]
     b = (await api.client.get("/v1/streams/t/forecast")).json()["forecast"]
     assert a == b and a["rows"][0]["intervals"]
+
+
+async def test_forecast_body_equals_the_forecast_model(api: Api) -> None:
+    """Bulk responses build the forecast as dicts (``intervals.forecast_body``): the same JSON
+    as the ``schemas.Forecast`` the one-stream endpoints return, before and after bounds are
+    learned, with a step still without bounds."""
+    await served_forecasts(api, "s", series(N), interval_levels=[0.9, 0.5])
+    record = await api.record("s")
+    engine = api.app.state.engine
+    for data in (
+        None,
+        record.intervals,
+        {**record.intervals, "count": [[0.0, 0.0], *record.intervals["count"][1:]]},
+    ):
+        shown = record.replace(intervals=data)
+        model = engine.forecast_of(shown)
+        assert model is not None
+        assert engine.forecast_body(shown) == model.model_dump(mode="json")
+
+
+def test_learn_many_equals_learn_one_by_one() -> None:
+    """A bulk request learns every stream's radii in one batched update per row position: the
+    same numbers, to the bit, as learning each stream alone (fresh and learned states, other
+    levels, fewer rows, rows with no matured error, a stream with none at all)."""
+    rng = random.Random(0)
+    p, c = PRED_LEN, len(TARGETS)
+
+    def rows(n: int, matured: float) -> list[list[list[float]]]:
+        return [
+            [
+                [rng.expovariate(1.0) if rng.random() < matured else math.nan for _ in range(c)]
+                for _ in range(p)
+            ]
+            for _ in range(n)
+        ]
+
+    learned = intervals.initial([0.8, 0.95])
+    for _ in range(30):
+        learned = intervals.learn(learned, p, c, rows(1, 0.8))
+    datas = [None, intervals.initial([0.5]), learned, learned, intervals.initial([0.8, 0.95]), learned]
+    errors = [rows(3, 0.7), rows(1, 0.9), rows(2, 0.5), rows(1, 0.0), rows(4, 1.0), rows(0, 1.0)]
+    expected = [intervals.learn(d, p, c, e) for d, e in zip(datas, errors, strict=True)]
+    assert intervals.learn_many(datas, p, c, errors) == expected
