@@ -57,8 +57,8 @@ def init_state(
 def features(window: Tensor, forecast: Tensor) -> tuple[Tensor, Tensor]:
     """``window [b, n, c]`` (the forecast channels) and ``forecast [b, p, c]`` -> the features
     ``phi [b, c, n + 1 + p]`` and each channel's window standard deviation ``std [b, c]``."""
-    mean = window.mean(dim=1, keepdim=True)  # [b, 1, c]
-    std = (window.var(dim=1, keepdim=True, unbiased=False) + EPS).sqrt()
+    var, mean = torch.var_mean(window, dim=1, keepdim=True, correction=0)  # [b, 1, c]
+    std = (var + EPS).sqrt()
     x = ((window - mean) / std).transpose(1, 2)  # [b, c, n]
     f = ((forecast - mean) / std).transpose(1, 2)  # [b, c, p]
     ones = torch.ones_like(x[..., :1])
