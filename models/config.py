@@ -23,7 +23,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "neural_memory.variant": MEMORY_VARIANTS,
 }
 # fields added after checkpoints were written: at their default they do not enter the digest
-LATER_FIELDS = ("online_clip", "online_anchor", "outcome_lr")  # an older checkpoint reads their defaults
+# (an older checkpoint reads their defaults)
+LATER_FIELDS = ("online_clip", "online_anchor", "outcome_lr", "corrector_lr")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,10 @@ class ModelConfig:
     # SGD step of its loss on the stream's own memory weights only (gradient norm clipped to
     # online_clip); 0: the memory learns only its associative loss on the inputs (the seed's)
     outcome_lr: float = 0.03
+    # memory_only per-stream output corrector (models/corrector.py): normalised LMS step size of
+    # a linear map from the window and the forecast to the residual, learned from matured
+    # pairs; 0: no corrector (forecasts are the forecaster's own)
+    corrector_lr: float = 0.005
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
@@ -122,6 +127,8 @@ class ModelConfig:
             )
         if self.outcome_lr < 0:
             raise ConfigError("outcome_lr must be >= 0 (0: memory_only learns nothing from outcomes)")
+        if not 0 <= self.corrector_lr < 2:
+            raise ConfigError("corrector_lr must be in [0, 2) (normalised LMS; 0: no corrector)")
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:
             raise ConfigError("seq_len must be >= 2, pred_len and channels >= 1")
         # which components work together is declared by the components (models/registry.py)

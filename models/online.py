@@ -8,6 +8,9 @@ A stream state (``TensorDict`` with leading stream dimension ``b``) holds:
 - ``model``: the forecaster's component state (memory weights, FSNet EMAs, ...);
 - ``params`` and ``opt`` (``full_model`` only): the stream's own copy of the weights and its
   AdamW moments;
+- ``corrector`` (``memory_only`` streams, ``corrector_lr > 0``): the stream's output corrector
+  (``models/corrector.py``), a linear map learned from matured errors that corrects the
+  forecaster's output; the backbone and the memory's shared weights are untouched;
 - ``combo`` (streams made with ``combine=True``): the per-stream combination of the frozen
   checkpoint, the adapted forecast and the last value (``models/combination.py``); the
   forecast :func:`observe` returns is then the combination.
@@ -30,7 +33,7 @@ from tensordict import TensorDict
 from torch import Tensor
 from torch.func import functional_call
 
-from models import combination
+from models import combination, corrector
 from models.base import StorePolicy
 from models.forecaster import ContinualForecaster
 from models.optim import adamw_step
@@ -79,7 +82,15 @@ def combines(state: TensorDict) -> bool:
 
 
 def ensure_mode(model: ContinualForecaster, state: TensorDict, mode: UpdateMode) -> TensorDict:
-    """Give a state what ``mode`` needs: a ``full_model`` stream starts from the shared weights."""
+    """Give a state what ``mode`` needs: a ``memory_only`` stream its output corrector (no
+    correction yet; also for a state saved before there was one), a ``full_model`` stream its
+    own copy of the shared weights."""
+    if mode is UpdateMode.MEMORY_ONLY and corrects(model) and "corrector" not in state.keys():
+        cfg, history = model.config, state["history"]
+        state = state.clone(recurse=False)
+        state["corrector"] = corrector.init_state(
+            state.batch_size[0], cfg.seq_len, cfg.pred_len, history.dtype, history.device
+        )
     if mode is not UpdateMode.FULL_MODEL or "params" in state.keys():
         return state
     b = state.batch_size[0]
@@ -118,11 +129,26 @@ def is_ready(model: ContinualForecaster, state: TensorDict) -> Tensor:
     return state["count"] >= model.config.seq_len
 
 
+def corrects(model: ContinualForecaster) -> bool:
+    """``memory_only`` streams of this model carry an output corrector (``corrector_lr > 0``)."""
+    return model.config.corrector_lr > 0
+
+
+def _corrected(model: ContinualForecaster, state: TensorDict, inputs: Tensor, forecast: Tensor) -> Tensor:
+    """``forecast`` from ``inputs [b, seq_len, c]`` through the stream's output corrector, when
+    its state has one (unchanged otherwise)."""
+    if "corrector" not in state.keys():
+        return forecast
+    return corrector.correct(state["corrector"], inputs[:, :, list(model.config.out_indices)], forecast)
+
+
 @torch.no_grad()
 def predict(model: ContinualForecaster, state: TensorDict) -> Tensor:
     """The forecast ``[b, pred_len, c_out]`` from the current window, learning nothing (the
     combination of the experts' forecasts for a state that combines, pushing nothing)."""
-    forecast, _ = _forward(model, state, window(model, state), StorePolicy.NONE)
+    inputs = window(model, state)
+    forecast, _ = _forward(model, state, inputs, StorePolicy.NONE)
+    forecast = _corrected(model, state, inputs, forecast)
     if not combines(state):
         return forecast
     return combination.mix(state["combo"]["log_weights"], _experts(model, state, forecast))
@@ -140,7 +166,8 @@ def observe(
     """Apply one observation ``values [b, c]`` per stream; return the next state and forecast.
 
     Order: append the value; with delayed feedback learn from the forecast pair whose horizon
-    just completed; let the memory store the newest token; forecast the next horizon; for a
+    just completed; let the memory store the newest token; forecast the next horizon (through
+    the stream's output corrector, when it has one); for a
     state that combines, let the combination learn from the value, then combine the experts'
     forecasts of the next horizon (:func:`models.combination.step`), which is what is returned.
     """
@@ -159,7 +186,9 @@ def observe(
     if not (stores or need_forecast or combined):
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
-    forecast, stored = _forward(model, state, window(model, state), policy)
+    inputs = window(model, state)
+    forecast, stored = _forward(model, state, inputs, policy)
+    forecast = _corrected(model, state, inputs, forecast)
     ready = is_ready(model, state)
     if stores:
         state["model"] = _where(ready, stored["model"], state["model"])
@@ -234,14 +263,17 @@ def learn(
     """Learn from fully observed pairs: ``inputs [b, seq_len, c]`` -> ``targets [b, pred_len, c_out]``.
 
     ``full_model`` takes an AdamW step on each stream's own weights; ``memory_only`` takes an
-    SGD step on each stream's own memory weights (:func:`learn_outcome`); gradient-driven
-    memories (FSNet) update their state in both learning modes. Streams where ``mask`` is
-    false are left unchanged.
+    SGD step on each stream's own memory weights (:func:`learn_outcome`) and a normalised LMS
+    step of its output corrector (``models/corrector.py``) on the forecast the memory made of
+    the pair before that step; gradient-driven memories (FSNet) update their state in both
+    learning modes. Streams where ``mask`` is false are left unchanged.
     """
     if not learns_from_targets(model, mode):
         return state
     if mode is UpdateMode.MEMORY_ONLY:
-        state = learn_outcome(model, state, inputs, targets, mask)
+        state = ensure_mode(model, state, mode)
+        state, raw = _outcome_step(model, state, inputs, targets, mask)
+        state = _learn_corrector(model, state, inputs, targets, mask, raw)
         if not model.learns_from_gradients:
             return state
     state = ensure_mode(model, state, mode)
@@ -265,12 +297,13 @@ def learn(
 
 def learns_from_targets(model: ContinualForecaster, mode: UpdateMode) -> bool:
     """Whether :func:`learn` changes a stream in ``mode``: ``full_model`` always, ``memory_only``
-    with a gradient-driven memory (FSNet) or with outcome learning (``outcome_lr > 0`` and
-    memory weights to step), ``none`` never."""
+    with a gradient-driven memory (FSNet), with outcome learning (``outcome_lr > 0`` and
+    memory weights to step) or with an output corrector (``corrector_lr > 0``), ``none`` never."""
     if mode is UpdateMode.NONE:
         return False
     outcomes = model.config.outcome_lr > 0 and bool(model.outcome_paths())
-    return mode is UpdateMode.FULL_MODEL or model.learns_from_gradients or outcomes
+    corrects_outputs = mode is UpdateMode.MEMORY_ONLY and corrects(model)
+    return mode is UpdateMode.FULL_MODEL or model.learns_from_gradients or outcomes or corrects_outputs
 
 
 def learn_outcome(
@@ -288,10 +321,18 @@ def learn_outcome(
     of the streams' losses w.r.t. the stacked weights is each stream's own gradient (one
     forward and one backward pass for B streams). Streams where ``mask`` is false are unchanged.
     """
+    return _outcome_step(model, state, inputs, targets, mask)[0]
+
+
+def _outcome_step(
+    model: ContinualForecaster, state: TensorDict, inputs: Tensor, targets: Tensor, mask: Tensor | None
+) -> tuple[TensorDict, Tensor | None]:
+    """:func:`learn_outcome`, also returning the forecast ``[b, pred_len, c_out]`` of ``inputs``
+    its step was taken on (before the step, uncorrected; None when it took none)."""
     cfg = model.config
     paths = model.outcome_paths()
     if cfg.outcome_lr <= 0 or not paths or (mask is not None and not bool(mask.any())):
-        return state
+        return state, None
     components = state["model"]
     leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in paths}
     graded = components.clone(recurse=False)  # a new tree over the same tensors
@@ -314,6 +355,34 @@ def learn_outcome(
     )
     out = state.clone(recurse=False)
     out["model"] = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
+    return out, forecast.detach()
+
+
+def _learn_corrector(
+    model: ContinualForecaster,
+    state: TensorDict,
+    inputs: Tensor,
+    targets: Tensor,
+    mask: Tensor | None,
+    raw: Tensor | None,
+) -> TensorDict:
+    """One normalised LMS step of each stream's output corrector on the matured pair ``inputs``
+    -> ``targets``; ``raw`` is the forecaster's (uncorrected) forecast of ``inputs``, computed
+    here (no gradient) when the outcome step did not make one. Why the forecast before the
+    outcome step: it is the memory the corrector's last forecasts were read from."""
+    if "corrector" not in state.keys() or (mask is not None and not bool(mask.any())):
+        return state
+    if raw is None:
+        raw, _ = _forward(model, state, inputs, StorePolicy.NONE)
+    out = state.clone(recurse=False)
+    out["corrector"] = corrector.update(
+        state["corrector"],
+        inputs[:, :, list(model.config.out_indices)],
+        raw,
+        targets,
+        model.config.corrector_lr,
+        mask,
+    )
     return out
 
 

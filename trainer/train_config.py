@@ -28,6 +28,7 @@ ONLINE_ONLY_MODEL_FIELDS = (
     "online_clip",
     "online_anchor",
     "outcome_lr",
+    "corrector_lr",
 )
 # how carried pretraining lays out a batch (part of the digest: checkpoints cached when it was
 # batch_size streams of tbptt windows, before issue 9's fix, are not reused)

@@ -144,18 +144,21 @@ def test_updating_one_stream_leaves_another_unchanged(combo, mode):
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
 def test_learning_modes_change_the_forecast_and_none_does_not_learn(combo):
-    model = make_model(*combo)
+    """Without the output corrector (``corrector_lr=0``) memory_only learns only where there
+    is a memory; with it (the default) every memory_only stream learns from matured pairs."""
     values = series(1, T)
-    forecasts = {}
-    for mode in MODES:
-        _, forecasts[mode] = observe_many(model, init_stream_state(model, 1, mode), values, mode)
-    assert torch.isfinite(forecasts[UpdateMode.NONE]).all()
-    learns = combo[1] != "none" or combo[0] == "titans" and combo[1] == "titans"
-    assert not torch.allclose(forecasts[UpdateMode.FULL_MODEL], forecasts[UpdateMode.NONE])
-    if learns:
-        assert not torch.allclose(forecasts[UpdateMode.MEMORY_ONLY], forecasts[UpdateMode.NONE])
-    else:
-        assert torch.equal(forecasts[UpdateMode.MEMORY_ONLY], forecasts[UpdateMode.NONE])
+    for corrector_lr in (0.0, 0.5):
+        model = make_model(*combo, corrector_lr=corrector_lr)
+        forecasts = {}
+        for mode in MODES:
+            _, forecasts[mode] = observe_many(model, init_stream_state(model, 1, mode), values, mode)
+        assert torch.isfinite(forecasts[UpdateMode.NONE]).all()
+        learns = corrector_lr > 0 or combo[1] != "none" or combo[0] == "titans" and combo[1] == "titans"
+        assert not torch.allclose(forecasts[UpdateMode.FULL_MODEL], forecasts[UpdateMode.NONE])
+        if learns:
+            assert not torch.allclose(forecasts[UpdateMode.MEMORY_ONLY], forecasts[UpdateMode.NONE])
+        else:
+            assert torch.equal(forecasts[UpdateMode.MEMORY_ONLY], forecasts[UpdateMode.NONE])
 
 
 def test_state_round_trip_is_bit_exact_and_pickle_free():

@@ -24,9 +24,10 @@ def _warm(model: ContinualForecaster, b: int) -> object:
 
 
 def _outcome_keys(model: ContinualForecaster) -> set[str]:
-    """Flattened state keys an outcome step may change: the memory weights and their pending copy."""
+    """Flattened state keys learning from an outcome may change: the memory weights and their
+    pending copy, and the output corrector (``models/corrector.py``)."""
     keys = {".".join(("model", *path)) for path in model.outcome_paths()}
-    return keys | {k.replace(".weights.", ".pending.") for k in keys}
+    return keys | {k.replace(".weights.", ".pending.") for k in keys} | {"corrector.weights"}
 
 
 def test_the_registry_has_memories_that_learn_from_outcomes() -> None:
@@ -78,7 +79,7 @@ def test_outcome_learning_batched_equals_looped(combo: tuple[str, str, str]) -> 
         row = state[i : i + 1]  # type: ignore[index]
         looped = learn_outcome(model, row, inputs[i : i + 1], targets[i : i + 1]) if mask[i] else row
         assert_states_close(batched[i : i + 1], looped, atol=1e-10)
-    key = sorted(_outcome_keys(model))[0]
+    key = sorted(_outcome_keys(model) - {"corrector.weights"})[0]
     assert not torch.equal(flat(batched)[key], flat(state)[key])  # type: ignore[arg-type]  # it learned
 
 
@@ -99,14 +100,14 @@ def test_each_matured_pair_is_learned_from_once(monkeypatch: pytest.MonkeyPatch)
     value just arrived, never before it arrived and never again."""
     model = make_model("lstm", "titans", "add")
     learned: list[tuple[int, torch.Tensor]] = []  # (observations seen, targets learned from)
-    real = online.learn_outcome
+    real = online._outcome_step
 
     def spy(model_, state, inputs, targets, mask=None):  # type: ignore[no-untyped-def]
         learned.append((int(state["count"][0]), targets.clone()))
         assert mask is not None and bool(mask.all())
         return real(model_, state, inputs, targets, mask)
 
-    monkeypatch.setattr(online, "learn_outcome", spy)
+    monkeypatch.setattr(online, "_outcome_step", spy)
     values = series(1, T)
     state = init_stream_state(model, 1, UpdateMode.MEMORY_ONLY)
     for t in range(T):
@@ -117,11 +118,12 @@ def test_each_matured_pair_is_learned_from_once(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_pure_memory_only_never_uses_a_target() -> None:
-    """``outcome_lr=0`` is the seed's memory_only: immediate and delayed feedback give the
-    same forecasts (no target is ever learned from); with outcome learning they differ."""
+    """``outcome_lr=0`` and ``corrector_lr=0`` is the seed's memory_only: immediate and delayed
+    feedback give the same forecasts (no target is ever learned from); with outcome learning
+    they differ."""
 
     def forecasts(outcome_lr: float, feedback: Feedback) -> torch.Tensor:
-        model = make_model("lstm", "titans", "add", outcome_lr=outcome_lr)
+        model = make_model("lstm", "titans", "add", outcome_lr=outcome_lr, corrector_lr=0.0)
         values = series(1, T + 6)
         state = init_stream_state(model, 1, UpdateMode.MEMORY_ONLY)
         out = []

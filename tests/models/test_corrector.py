@@ -1,0 +1,165 @@
+"""The memory_only output corrector (``models/corrector.py``): it lives in the stream state and
+survives a bytes round trip, B streams in one call equal B single calls, each matured pair is
+learned from once, delayed feedback never uses a value not yet observed, it lowers the error it
+learns from, and ``corrector_lr=0`` is memory_only without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import UpdateMode, corrector, init_stream_state, observe, observe_many, online
+from models.online import ensure_mode, learns_from_targets
+from models.state_io import model_fingerprint, state_from_bytes, state_to_bytes
+from tests.models.test_forecaster import PRED, SEQ, T, assert_states_close, make_model, series
+
+MEMORY_ONLY = UpdateMode.MEMORY_ONLY
+
+
+def test_memory_only_states_carry_a_corrector_and_other_modes_do_not() -> None:
+    model = make_model("lstm", "titans", "add")
+    state = init_stream_state(model, 2, MEMORY_ONLY)
+    assert state["corrector"]["weights"].shape == (2, SEQ + 1 + PRED, PRED)
+    assert not bool(state["corrector"]["weights"].any())  # no correction until a pair matured
+    assert "corrector" not in init_stream_state(model, 2, UpdateMode.NONE).keys()
+    off = make_model("lstm", "titans", "add", corrector_lr=0.0)
+    assert "corrector" not in init_stream_state(off, 2, MEMORY_ONLY).keys()
+
+
+def test_a_state_saved_without_a_corrector_gets_one() -> None:
+    """A stream made before the corrector (or in mode none) starts one with no correction."""
+    model = make_model("lstm", "titans", "add")
+    old = init_stream_state(model, 1, UpdateMode.NONE)
+    state = ensure_mode(model, old, MEMORY_ONLY)
+    assert "corrector" in state.keys() and "corrector" not in old.keys()
+    state, forecast = observe_many(model, state, series(1, T), MEMORY_ONLY)
+    assert torch.isfinite(forecast).all()
+
+
+def test_corrector_lr_zero_is_memory_only_without_it() -> None:
+    """With ``corrector_lr=0`` the forecasts are those of the forecaster's memory alone; with
+    it, the corrector changes them once pairs have matured."""
+    values = series(1, T + 6)
+
+    def run(**overrides: float) -> torch.Tensor:
+        model = make_model("lstm", "titans", "add", **overrides)
+        state = init_stream_state(model, 1, MEMORY_ONLY)
+        out = []
+        for t in range(values.shape[1]):
+            state, forecast = observe(model, state, values[:, t], MEMORY_ONLY)
+            assert forecast is not None
+            out.append(forecast)
+        return torch.stack(out)
+
+    without = run(corrector_lr=0.0)
+    with_corrector = run(corrector_lr=0.5)
+    matured = SEQ + PRED  # the first forecast after the first matured pair
+    torch.testing.assert_close(with_corrector[: matured - 1], without[: matured - 1], rtol=0, atol=0)
+    assert not torch.allclose(with_corrector[matured:], without[matured:])
+    assert not learns_from_targets(
+        make_model("lstm", "titans", "add", corrector_lr=0.0, outcome_lr=0.0), MEMORY_ONLY
+    )
+    assert learns_from_targets(make_model("lstm", "titans", "add", outcome_lr=0.0), MEMORY_ONLY)
+
+
+@pytest.mark.parametrize("outcome_lr", [0.0, 0.03])
+def test_batched_streams_equal_single_streams(outcome_lr: float) -> None:
+    """Corrector and memory together (``outcome_lr`` 0: the corrector computes its own forecast
+    of the matured window; 0.03: it reuses the outcome step's), streams of different lengths."""
+    model = make_model("lstm", "titans", "add", corrector_lr=0.5, outcome_lr=outcome_lr)
+    values = series(3, T + 4) * torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)[:, None, None]
+    state, forecast = observe_many(model, init_stream_state(model, 3, MEMORY_ONLY), values, MEMORY_ONLY)
+    assert bool(state["corrector"]["weights"].any())
+    for i in range(3):
+        single, f_i = observe_many(
+            model, init_stream_state(model, 1, MEMORY_ONLY), values[i : i + 1], MEMORY_ONLY
+        )
+        torch.testing.assert_close(forecast[i : i + 1], f_i, atol=1e-10, rtol=0)
+        assert_states_close(state[i : i + 1], single, atol=1e-10)
+
+
+def test_masked_streams_keep_their_corrector() -> None:
+    model = make_model("lstm", "titans", "add", corrector_lr=0.5)
+    state = init_stream_state(model, 2, MEMORY_ONLY)
+    state, _ = observe_many(model, state, series(2, T), MEMORY_ONLY)
+    inputs, targets = series(2, SEQ, seed=5), series(2, PRED, seed=6) + 1.0
+    mask = torch.tensor([True, False])
+    after = online.learn(model, state, inputs, targets, MEMORY_ONLY, mask=mask)
+    w0, w1 = state["corrector"]["weights"], after["corrector"]["weights"]
+    assert not torch.equal(w1[0], w0[0])
+    assert torch.equal(w1[1], w0[1])
+
+
+def test_each_matured_pair_is_learned_from_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delayed feedback: the corrector learns once per completed horizon, from the pair whose
+    last value just arrived, with the window that forecast it; never before, never again."""
+    model = make_model("lstm", "titans", "add")
+    learned: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    real = corrector.update
+    counts: list[int] = []
+
+    def spy(state, window, forecast, target, lr, mask=None):  # type: ignore[no-untyped-def]
+        learned.append((counts[-1], window.clone(), target.clone()))
+        return real(state, window, forecast, target, lr, mask)
+
+    monkeypatch.setattr(corrector, "update", spy)
+    values = series(1, T)
+    state = init_stream_state(model, 1, MEMORY_ONLY)
+    for t in range(T):
+        counts.append(t + 1)
+        state, _ = observe(model, state, values[:, t], MEMORY_ONLY)
+    assert [count for count, _, _ in learned] == list(range(SEQ + PRED, T + 1))
+    for count, window, target in learned:
+        torch.testing.assert_close(target, values[:, count - PRED : count], rtol=0, atol=0)
+        torch.testing.assert_close(window, values[:, count - PRED - SEQ : count - PRED], rtol=0, atol=0)
+
+
+def test_delayed_feedback_never_uses_a_value_not_yet_observed() -> None:
+    """Changing the values from step ``t`` on leaves every forecast made before step ``t``
+    unchanged, corrector included (a forecast made after value ``t - 1`` cannot depend on ``t``)."""
+    model = make_model("lstm", "titans", "add", corrector_lr=0.5)
+    values = series(1, T + 8)
+    cut = SEQ + PRED + 3
+    changed = values.clone()
+    changed[:, cut:] += 5.0
+
+    def forecasts(v: torch.Tensor) -> list[torch.Tensor]:
+        state = init_stream_state(model, 1, MEMORY_ONLY)
+        out = []
+        for t in range(v.shape[1]):
+            state, forecast = observe(model, state, v[:, t], MEMORY_ONLY)
+            assert forecast is not None
+            out.append(forecast)
+        return out
+
+    a, b = forecasts(values), forecasts(changed)
+    for t in range(cut):
+        torch.testing.assert_close(a[t], b[t], rtol=0, atol=0)
+    assert not torch.allclose(a[cut], b[cut])
+
+
+def test_corrector_lowers_the_error_it_learns_from() -> None:
+    """A stream whose forecasts are off by a steady offset: after some matured pairs the
+    corrected forecast of a pair is closer to its target than the forecaster's own."""
+    torch.manual_seed(0)
+    state = corrector.init_state(1, SEQ, PRED, dtype=torch.float64)
+    window = torch.randn(1, SEQ, 2, dtype=torch.float64)
+    forecast = torch.randn(1, PRED, 2, dtype=torch.float64)
+    target = forecast + 0.7
+    before = (corrector.correct(state, window, forecast) - target).pow(2).mean()
+    for _ in range(20):
+        state = corrector.update(state, window, forecast, target, lr=0.5)
+    after = (corrector.correct(state, window, forecast) - target).pow(2).mean()
+    assert float(after) < 0.01 * float(before)
+
+
+def test_state_round_trip_keeps_the_corrector() -> None:
+    model = make_model("lstm", "titans", "add", corrector_lr=0.5)
+    fp = model_fingerprint(model, model.config.digest())
+    values = series(1, T + 4)
+    state, _ = observe_many(model, init_stream_state(model, 1, MEMORY_ONLY), values[:, :T], MEMORY_ONLY)
+    loaded, _ = state_from_bytes(state_to_bytes(state, fp), fp)
+    assert torch.equal(loaded["corrector"]["weights"], state["corrector"]["weights"])
+    _, direct = observe_many(model, state, values[:, T:], MEMORY_ONLY)
+    _, resumed = observe_many(model, loaded, values[:, T:], MEMORY_ONLY)
+    torch.testing.assert_close(direct, resumed, rtol=0, atol=0)
