@@ -77,11 +77,14 @@ def test_immediate_feedback_learns_each_pair_after_its_forecast() -> None:
     frozen = replay_stream(model, series, UpdateMode.NONE, Feedback.IMMEDIATE)
     online = replay_stream(model, series, UpdateMode.FULL_MODEL, Feedback.IMMEDIATE)
     delayed = replay_stream(model, series, UpdateMode.FULL_MODEL, Feedback.DELAYED)
-    np.testing.assert_array_equal(online.forecasts[0], frozen.forecasts[0])  # nothing learned yet
-    assert not np.array_equal(online.forecasts[1], frozen.forecasts[1])  # pair 0 learned before step 1
+    # a stream's own copy of the weights (functional_call) may round differently from the shared
+    # module by an ulp: "the same" is up to that, "learned" is far beyond it
+    same = {"rtol": 1e-6, "atol": 1e-7}
+    np.testing.assert_allclose(online.forecasts[0], frozen.forecasts[0], **same)  # nothing learned yet
+    assert np.abs(online.forecasts[1] - frozen.forecasts[1]).max() > 1e-5  # pair 0 learned before step 1
     # delayed feedback learns pair 0 only once its horizon is observed: before step PRED
-    np.testing.assert_array_equal(delayed.forecasts[:PRED], frozen.forecasts[:PRED])
-    assert not np.array_equal(delayed.forecasts[PRED], frozen.forecasts[PRED])
+    np.testing.assert_allclose(delayed.forecasts[:PRED], frozen.forecasts[:PRED], **same)
+    assert np.abs(delayed.forecasts[PRED] - frozen.forecasts[PRED]).max() > 1e-5
     assert online.learn_calls == online.steps
     np.testing.assert_array_equal(online.truths, frozen.truths)
 
