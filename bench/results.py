@@ -12,8 +12,9 @@ What runs (one pretraining protocol for every model: 3 epochs, batch 32, lr 1e-3
   and immediate (the literature's protocol, for published tables);
 - method groups, each one ``trainer.evaluate.evaluate`` call (the code ``memcast evaluate``
   runs): the served default (naive, titans_none, titans_memory_only, combo_memory_only);
-  pure memory_only (``outcome_lr`` 0, the seed's); full_model and its combination (the models'
-  own online defaults); ogd and fsnet at the reference papers' online lr 1e-3;
+  memory_only without its output corrector (``corrector_lr`` 0), and pure (no outcome step
+  either: the seed's); full_model and its combination (the models' own online defaults); ogd
+  and fsnet at the reference papers' online lr 1e-3;
 - River's SNARIMAX and Holt-Winters (``bench.accuracy.run_river``, settings picked on the
   validation split), once per setting: River learns value by value, so both feedback modes are
   the same run.
@@ -73,7 +74,10 @@ class Group:
 
 GROUPS = (
     Group("served", ("naive", "titans_none", "titans_memory_only", "combo_memory_only"), cost=3),
-    Group("pure", ("titans_memory_only",), {"outcome_lr": 0.0}, rename={"titans_memory_only": "memory_only_pure"}),
+    Group("pure", ("titans_memory_only",), {"outcome_lr": 0.0, "corrector_lr": 0.0},
+          rename={"titans_memory_only": "memory_only_pure"}),
+    Group("no_corrector", ("titans_memory_only",), {"corrector_lr": 0.0},
+          rename={"titans_memory_only": "memory_only_no_corrector"}),
     Group("full", ("titans_full_model", "combo_full_model"), cost=10),
     Group("ogd", ("ogd",), online_lr=REFERENCE_ONLINE_LR, cost=3),
     Group("fsnet", ("fsnet",), online_lr=REFERENCE_ONLINE_LR, cost=6),
