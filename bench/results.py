@@ -4,10 +4,13 @@
     python -m bench.results --quick --out /tmp/r.md  # a small generated set, a few steps: the smoke test
     python -m bench.results --report-only            # rebuild the page from runs/results/full/*.json
 
-What runs (one pretraining protocol for every model: 3 epochs, batch 32, lr 1e-3, seed 0):
+What runs (one pretraining protocol for every model: 3 epochs, batch 32, lr 1e-3, seed 0,
+except where a setting names its own):
 
-- settings: ETTh1-S 48 -> 12 (the seed's table), ETTh1-M 60 -> 1 / 24 / 48 (FSNet/OneNet's
-  table), and memcast's generated data with recurring regimes (``memcast make-data --regimes 3``);
+- settings: ETTh1-S 48 -> 12 and ETTh1-M 60 -> 1 / 24 / 48 (FSNet/OneNet's table), ETTh1-S
+  48 -> 12 under the seed's protocol (2 epochs, batch 8, lr 1e-4, every model's online lr 1e-3:
+  table 1 as the seed and the FSNet bug-fix study ran it), and memcast's generated data with
+  recurring regimes (``memcast make-data --regimes 3``);
 - both feedback modes: delayed (a target is learned from once observed, the service's regime)
   and immediate (the literature's protocol, for published tables);
 - method groups, each one ``trainer.evaluate.evaluate`` call (the code ``memcast evaluate``
@@ -43,6 +46,7 @@ from bench._common import ROOT, SHARED_ETTH1, machine_info, now_iso, write_json
 
 PROTOCOL = {"epochs": 3, "batch_size": 32, "lr": 1e-3, "seed": 0}
 QUICK_PROTOCOL = {"epochs": 1, "batch_size": 16, "lr": 1e-3, "seed": 0, "max_train_windows": 64}
+SEED_PROTOCOL = (("epochs", 2), ("batch_size", 8), ("lr", 1e-4))  # table 1 of the seed and of FSNet's study
 REFERENCE_ONLINE_LR = 1e-3  # FSNet's and OGD's online learning rate in their papers
 FEEDBACKS = ("delayed", "immediate")
 
@@ -58,6 +62,8 @@ class Setting:
     seq_len: int
     pred_len: int
     target: str | None = None
+    protocol: tuple[tuple[str, Any], ...] = ()  # pretraining settings that replace PROTOCOL's
+    online_lr: float | None = None  # every model's online lr (a group's own wins)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,12 @@ def settings(etth1: Path | None, quick: bool) -> list[Setting]:
         d = str(etth1)
         found.append(Setting("etth1_s12", "ETTh1-S 48 -> 12", d, "S", 48, 12, target="OT"))
         found += [Setting(f"etth1_m{h}", f"ETTh1-M 60 -> {h}", d, "M", 60, h) for h in (1, 24, 48)]
+        found.append(
+            Setting(
+                "etth1_s12_seed", "ETTh1-S 48 -> 12, the seed's protocol", d, "S", 48, 12, target="OT",
+                protocol=SEED_PROTOCOL, online_lr=REFERENCE_ONLINE_LR,
+            )
+        )  # fmt: skip
     return found + [regimes]
 
 
@@ -144,7 +156,7 @@ def data_path(setting: Setting, ctx: Context) -> str:
 def train_config(setting: Setting, ctx: Context, online: dict[str, float] | None = None) -> Any:
     from trainer.train_config import TrainConfig
 
-    protocol = QUICK_PROTOCOL if ctx.quick else PROTOCOL
+    protocol = (QUICK_PROTOCOL if ctx.quick else PROTOCOL) | dict(setting.protocol)
     return TrainConfig.build(
         data=data_path(setting, ctx),
         features=setting.features,
@@ -200,7 +212,7 @@ def run_job(job: Job, ctx: Context) -> dict[str, Any]:
                 train=train_config(job.setting, ctx, group.online),
                 methods=group.methods,
                 feedback=job.feedback,
-                online_lr=group.online_lr,
+                online_lr=group.online_lr if group.online_lr is not None else job.setting.online_lr,
                 max_steps=ctx.max_steps,
                 out=str(ctx.results / "eval" / job.name),
                 runs_dir=str(ctx.work / "models"),
@@ -336,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
             "max_steps": max_steps,
             "settings": [s.__dict__ for s in found],
         }
+        if args.resume and meta_file.is_file():  # the jobs kept from earlier runs: say which
+            earlier = json.loads(meta_file.read_text())
+            meta["earlier"] = [
+                *earlier.get("earlier", []),
+                {k: earlier[k] for k in ("date", "command", "wall_s")},
+            ]
+            meta["earlier"][-1]["commit"] = earlier["machine"]["commit"]
         write_json(meta_file, meta)
     if not meta_file.is_file():
         raise SystemExit(f"{meta_file} is missing: run without --report-only first")
