@@ -457,18 +457,26 @@ class Engine:
         )
 
     def forecast_of(self, record: StreamRecord) -> schemas.Forecast | None:
-        model = self.registry.models.get(record.model)
-        if record.forecast is None or model is None:
+        parts = self._forecast_parts(record)
+        if parts is None:
             return None
-        try:
-            stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
-        except OverflowError:  # only a record written before horizons were checked
-            stamps = [None] * len(record.forecast)
-        return intervals.forecast(model.targets, record.forecast, stamps, record.intervals)
+        targets, forecast, stamps = parts
+        return intervals.forecast(targets, forecast, stamps, record.intervals)
 
     def forecast_body(self, record: StreamRecord) -> dict[str, Any] | None:
         """:meth:`forecast_of` as the JSON-ready dict ``schemas.Forecast`` dumps to (bulk
         responses, built without pydantic)."""
+        parts = self._forecast_parts(record)
+        if parts is None:
+            return None
+        targets, forecast, stamps = parts
+        return intervals.forecast_body(targets, forecast, stamps, record.intervals)
+
+    def _forecast_parts(
+        self, record: StreamRecord
+    ) -> tuple[Sequence[str], Sequence[Sequence[float]], list[Timestamp | None]] | None:
+        """The target names, the stored forecast and its timestamps; None without a forecast
+        or with a model this replica does not serve."""
         model = self.registry.models.get(record.model)
         if record.forecast is None or model is None:
             return None
@@ -476,7 +484,7 @@ class Engine:
             stamps = future_timestamps(record.last_timestamp, record.freq, len(record.forecast))
         except OverflowError:  # only a record written before horizons were checked
             stamps = [None] * len(record.forecast)
-        return intervals.forecast_body(model.targets, record.forecast, stamps, record.intervals)
+        return model.targets, record.forecast, stamps
 
 
 def _combination(weights: list[list[float]]) -> schemas.Combination:
