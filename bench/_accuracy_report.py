@@ -128,7 +128,9 @@ def headline_accuracy(acc: dict[str, Any]) -> list[str]:
         "### Accuracy: the best memcast configuration against the alternatives",
         "",
         f"Online test MSE on {where}, {acc['data']['features']} features, seq_len {acc['data']['seq_len']}"
-        f"{capped} ({', '.join(f'{n:,}' for n in steps)} forecasts per method); details in *Accuracy* below.",
+        f"{capped} ({', '.join(f'{n:,}' for n in steps)} forecasts per method); details in *Accuracy* below. "
+        "The full test splits, both feedback modes and every learning mode beside its frozen checkpoint "
+        "are in [results.md](results.md) (`python -m bench.results`).",
         "",
     ]
     body = []
