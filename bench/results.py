@@ -245,7 +245,7 @@ def run_all(found: list[Setting], ctx: Context, jobs: int, resume: bool) -> None
     for s in found:
         data_path(s, ctx)
     first, evals = plan(found)
-    done = {j.name for j in first + evals if resume and job_file(j, ctx).is_file()}
+    done = {j.name for j in first + evals if resume and kept(j, ctx)}
     ready = {s.key for s in found if all(f"pretrain-{s.key}-{m}" in done for m in MODELS)}
     pending_pretrain = {s.key: {f"pretrain-{s.key}-{m}" for m in MODELS} - done for s in found}
     queue = [j for j in first if j.name not in done]
@@ -288,6 +288,15 @@ def run_all(found: list[Setting], ctx: Context, jobs: int, resume: bool) -> None
         raise SystemExit(
             "results: jobs failed or never ran:\n  " + "\n  ".join(failures + [j.name for j in waiting])
         )
+
+
+def kept(job: Job, ctx: Context) -> bool:
+    """A job ``--resume`` skips: its result file exists and, for a pretraining, its checkpoint
+    too (else two evaluations would pretrain the same model at once)."""
+    path = job_file(job, ctx)
+    if not path.is_file():
+        return False
+    return job.kind != "pretrain" or Path(json.loads(path.read_text())["checkpoint"]).is_dir()
 
 
 def job_file(job: Job, ctx: Context) -> Path:

@@ -223,3 +223,14 @@ def test_results_writes_every_table_and_the_acceptance_from_job_files(tmp_path: 
     page.unlink()
     run_script("results", "--quick", "--report-only", "--work", str(work), "--out", str(page))
     assert page.read_text() == text
+
+    # --resume reruns only what is missing: one evaluation, and the pretrainings whose
+    # checkpoints are gone (before any evaluation needs them)
+    jobs_dir = work / "quick" / "jobs"
+    kept = (jobs_dir / "evaluate-regimes-delayed-served.json").stat().st_mtime_ns
+    (jobs_dir / "evaluate-regimes-delayed-ogd.json").unlink()
+    shutil.rmtree(work / "models")
+    stdout = run_script("results", "--quick", "--resume", "--work", str(work), "--out", str(page))
+    assert "[4/4" in stdout and "evaluate-regimes-delayed-ogd" in stdout
+    assert (jobs_dir / "evaluate-regimes-delayed-served.json").stat().st_mtime_ns == kept
+    assert "It kept the jobs of `python -m bench.results --quick --jobs 2" in page.read_text()
