@@ -21,8 +21,8 @@ LABELS = {
     "combo_memory_only": "**`combo_memory_only` (served default)**",
     "titans_full_model": "`titans_full_model`",
     "combo_full_model": "`combo_full_model`",
-    "ogd": "`ogd` (tcn, online lr 1e-3)",
-    "fsnet": "`fsnet` (tcn + FSNet, online lr 1e-3)",
+    "ogd": "`ogd` (tcn, as published: online lr 1e-3)",
+    "fsnet": "`fsnet` (tcn + FSNet, as published: online lr 1e-3)",
     "river_snarimax": "River SNARIMAX",
     "river_holtwinters": "River Holt-Winters",
 }
@@ -286,8 +286,9 @@ def write_report(meta: dict[str, Any], jobs: list[dict[str, Any]], out: Path) ->
         + ". MSE and MAE on the scaled values (standard scaler fitted on train), over every forecast "
         "value. Interval coverage: the service's conformal intervals learned from the errors as they "
         "mature. steps/s: online steps per second of one process, with the other jobs running beside it. "
-        "ogd and fsnet learn at the reference papers' online lr "
-        f"{meta['reference_online_lr']:g}; the titans rows at the models' own defaults. River learns "
+        "ogd and fsnet learn as their papers do (online lr "
+        f"{meta['reference_online_lr']:g}, no gradient clipping, no anchor); the titans rows at the models' "
+        "own defaults (full_model: clipped, anchored AdamW). River learns "
         "value by value, so one run serves both feedback modes. Earlier studies (the memory fix, the "
         "combination's learning rate, pretraining layouts) are in [investigations.md](investigations.md).",
         "",
