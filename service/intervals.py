@@ -43,38 +43,19 @@ def cleared(data: dict[str, Any] | None) -> dict[str, Any]:
     return initial(_levels(data))
 
 
-def learn(
-    data: dict[str, Any] | None, pred_len: int, columns: int, abs_errors: Sequence[Sequence[Sequence[float]]]
-) -> dict[str, Any]:
-    """Learn from the matured ``|e|`` of each applied observation, ``[rows][p][c]`` (NaN: none)."""
-    levels = _levels(data)
-    if not any(not math.isnan(e) for row in abs_errors for step in row for e in step):
-        return data if data is not None else initial(levels)
-    lv = torch.tensor(levels, dtype=torch.float64)
-    state = _state(data, pred_len, columns, lv)
-    for row in abs_errors:
-        state = update(state, torch.tensor(row, dtype=torch.float64)[None], lv)
-    seen = state.count[0] > 0
-    return {
-        "levels": levels,
-        "ratio": state.ratio[0].tolist(),
-        "scale": torch.where(seen, state.scale[0], torch.zeros_like(state.scale[0])).tolist(),
-        "count": state.count[0].tolist(),
-    }
-
-
 def learn_many(
     datas: Sequence[dict[str, Any] | None],
     pred_len: int,
     columns: int,
     abs_errors: Sequence[Sequence[Sequence[Sequence[float]]]],
 ) -> list[dict[str, Any]]:
-    """:func:`learn` for several streams of one model at once (a bulk request's): one
-    ``models.intervals.update`` per row position over every stream with the same levels,
-    instead of tensors built and updated stream by stream. ``update`` is elementwise over the
-    stream dimension and a row of NaN changes nothing, so a stream with fewer rows is padded
-    with NaN and every stream gets the numbers :func:`learn` gives it alone
-    (``tests/service/test_intervals.py`` holds them equal)."""
+    """Learn each stream's radii from the matured ``|e|`` of its applied observations,
+    ``abs_errors[i] [rows][p][c]`` (NaN: none), for all the streams of one model at once (one
+    stream, or a bulk request's): one ``models.intervals.update`` per row position over every
+    stream with the same levels. ``update`` is elementwise over the stream dimension and a row
+    of NaN changes nothing, so a stream with fewer rows is padded with NaN and every stream gets
+    the numbers it would get alone (``tests/service/test_intervals.py`` holds them equal to
+    learning stream by stream)."""
     out: list[dict[str, Any] | None] = [None] * len(datas)
     groups: dict[tuple[float, ...], list[int]] = {}
     for i, (data, errors) in enumerate(zip(datas, abs_errors, strict=True)):
@@ -97,7 +78,7 @@ def learn_many(
             counts.append(data["count"] if learned else fresh_count)  # type: ignore[index]
         count = torch.tensor(counts, dtype=torch.float64)
         scale = torch.tensor(scales, dtype=torch.float64)
-        state = IntervalState(  # as _state: a cell without errors has a NaN scale
+        state = IntervalState(  # a cell without errors has a NaN scale
             ratio=torch.tensor(ratios, dtype=torch.float64),
             scale=torch.where(count > 0, scale, torch.full_like(scale, math.nan)),
             count=count,
@@ -219,15 +200,3 @@ def forecast_body(
 
 def _levels(data: dict[str, Any] | None) -> list[float]:
     return list(data["levels"]) if data else [float(v) for v in DEFAULT_LEVELS]
-
-
-def _state(data: dict[str, Any] | None, pred_len: int, columns: int, levels: torch.Tensor) -> IntervalState:
-    if data is None or data.get("ratio") is None:
-        return init_state(1, pred_len, levels, columns)
-    count = torch.tensor(data["count"], dtype=torch.float64)[None]
-    scale = torch.tensor(data["scale"], dtype=torch.float64)[None]
-    return IntervalState(
-        ratio=torch.tensor(data["ratio"], dtype=torch.float64)[None],
-        scale=torch.where(count > 0, scale, torch.full_like(scale, math.nan)),
-        count=count,
-    )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models.checkpoint import Checkpoint, load_checkpoint
-from models.intervals import replay
+from models.intervals import DEFAULT_LEVELS, IntervalState, init_state, replay, update
 from service import intervals
 from service.settings import Settings
 from service.store import StreamRecord
@@ -139,6 +139,35 @@ async def test_forecast_body_equals_the_forecast_model(api: Api) -> None:
         assert engine.forecast_body(shown) == model.model_dump(mode="json")
 
 
+def _learn_alone(
+    data: dict[str, Any] | None, pred_len: int, columns: int, abs_errors: list[list[list[float]]]
+) -> dict[str, Any]:
+    """The radii learned for one stream alone, row by row: the oracle of ``learn_many``."""
+    levels = list(data["levels"]) if data else [float(v) for v in DEFAULT_LEVELS]
+    if not any(not math.isnan(e) for row in abs_errors for step in row for e in step):
+        return data if data is not None else intervals.initial(levels)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    if data is None or data.get("ratio") is None:
+        state = init_state(1, pred_len, lv, columns)
+    else:
+        count = torch.tensor(data["count"], dtype=torch.float64)[None]
+        scale = torch.tensor(data["scale"], dtype=torch.float64)[None]
+        state = IntervalState(
+            ratio=torch.tensor(data["ratio"], dtype=torch.float64)[None],
+            scale=torch.where(count > 0, scale, torch.full_like(scale, math.nan)),
+            count=count,
+        )
+    for row in abs_errors:
+        state = update(state, torch.tensor(row, dtype=torch.float64)[None], lv)
+    seen = state.count[0] > 0
+    return {
+        "levels": levels,
+        "ratio": state.ratio[0].tolist(),
+        "scale": torch.where(seen, state.scale[0], torch.zeros_like(state.scale[0])).tolist(),
+        "count": state.count[0].tolist(),
+    }
+
+
 def test_learn_many_equals_learn_one_by_one() -> None:
     """A bulk request learns every stream's radii in one batched update per row position: the
     same numbers, to the bit, as learning each stream alone (fresh and learned states, other
@@ -157,8 +186,8 @@ def test_learn_many_equals_learn_one_by_one() -> None:
 
     learned = intervals.initial([0.8, 0.95])
     for _ in range(30):
-        learned = intervals.learn(learned, p, c, rows(1, 0.8))
+        learned = _learn_alone(learned, p, c, rows(1, 0.8))
     datas = [None, intervals.initial([0.5]), learned, learned, intervals.initial([0.8, 0.95]), learned]
     errors = [rows(3, 0.7), rows(1, 0.9), rows(2, 0.5), rows(1, 0.0), rows(4, 1.0), rows(0, 1.0)]
-    expected = [intervals.learn(d, p, c, e) for d, e in zip(datas, errors, strict=True)]
+    expected = [_learn_alone(d, p, c, e) for d, e in zip(datas, errors, strict=True)]
     assert intervals.learn_many(datas, p, c, errors) == expected
