@@ -10,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tensordict import TensorDict
-from torch import nn
+from torch import Tensor, nn
 
 STATE_SCHEMA_VERSION = "2"  # 2: memory weights are the learned change from the pretrained ones
 _RESERVED = ("memcast.schema", "memcast.fingerprint", "memcast.batch", "memcast.empty")
@@ -66,8 +68,16 @@ def state_to_bytes(state: TensorDict, fingerprint: str, metadata: dict[str, str]
 def states_to_bytes(
     state: TensorDict, fingerprint: str, metadata: dict[str, str] | None = None
 ) -> list[bytes]:
-    """One blob per stream of a ``[b]`` state, each what :func:`state_to_bytes` makes of
-    ``state[i : i + 1]``; the keys, metadata and empty paths are worked out once for all."""
+    """One blob per stream of a ``[b]`` state, each byte for byte what :func:`state_to_bytes`
+    makes of ``state[i : i + 1]``.
+
+    Why not one ``safetensors`` save per stream: the streams of a batch share keys, shapes,
+    dtypes and metadata, so they share the header too. The first stream is saved by safetensors
+    (the reference layout); every other blob is that header plus the stream's row of one
+    ``[b, bytes]`` matrix of all tensors' bytes, in the header's order. Measured on the
+    benchmark's memory_only state (30 KB), 100 streams: 0.46 ms per stream before, a few
+    hundredths after. A layout the shortcut does not reproduce falls back to one save per stream.
+    """
     extra = dict(metadata or {})
     if any(k in _RESERVED for k in extra):
         raise ValueError(f"metadata keys {_RESERVED} are reserved")
@@ -79,10 +89,96 @@ def states_to_bytes(
         "memcast.empty": json.dumps(_empty_paths(state)),
         **extra,
     }
-    return [
-        st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta)
-        for i in range(state.batch_size[0])
-    ]
+    b = state.batch_size[0]
+    if b == 0:
+        return []
+    first = st_save({k: v[0:1].clone() for k, v in flat.items()}, metadata=meta)
+    header_end, layout = _layout(first)
+    rows = _rows(flat, [key for key, _, _ in layout], b)  # [b, data bytes]
+    if rows is None or first[header_end:] != rows[0].tobytes():
+        return [st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta) for i in range(b)]
+    prefix = first[:header_end]
+    return [first, *(prefix + rows[i].tobytes() for i in range(1, b))]
+
+
+def states_from_bytes(blobs: Sequence[bytes], fingerprint: str | None = None) -> TensorDict:
+    """Decode the blobs of several streams into one ``[b]`` state, as :func:`state_from_bytes`
+    per blob and ``TensorDict.cat`` would. The blobs must share one header (the same model,
+    mode and layout: what :func:`states_to_bytes` writes for streams of one batch);
+    ``StateFormatError`` if they do not, or if the first is unreadable (decode those one by
+    one). Why: one header parse and one copy for the whole batch instead of one safetensors
+    load and one TensorDict per stream."""
+    if not blobs:
+        raise StateFormatError("no state blobs to decode")
+    meta = read_metadata(blobs[0])
+    if fingerprint is not None and meta["memcast.fingerprint"] != fingerprint:
+        raise FingerprintMismatchError(meta["memcast.fingerprint"], fingerprint)
+    if meta.get("memcast.batch") != "1":
+        raise StateFormatError("states_from_bytes decodes single-stream blobs")
+    header_end, layout = _layout(blobs[0])
+    prefix = blobs[0][:header_end]
+    size = len(blobs[0]) - header_end
+    if any(len(blob) - header_end != size or not blob.startswith(prefix) for blob in blobs):
+        raise StateFormatError("state blobs of different layouts")
+    b = len(blobs)
+    data = torch.frombuffer(bytearray(b"".join(blob[header_end:] for blob in blobs)), dtype=torch.uint8)
+    data = data.reshape(b, size) if size else torch.zeros(b, 0, dtype=torch.uint8)
+    flat: dict[str, Tensor] = {}
+    for key, dtype, (shape, start, end) in layout:
+        if shape[:1] != [1]:
+            raise StateFormatError(f"tensor {key!r} of shape {shape} is not one stream's")
+        raw = data[:, start:end].contiguous()
+        flat[key] = (raw.view(dtype) if raw.shape[1] else raw.to(dtype)).reshape(b, *shape[1:])
+    try:
+        state = TensorDict(flat, batch_size=[b]).unflatten_keys(".")
+        for path in json.loads(meta["memcast.empty"]):
+            state[tuple(path)] = TensorDict({}, batch_size=[b])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise StateFormatError(f"unreadable state: {exc}") from exc
+    return state
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _layout(blob: bytes) -> tuple[int, list[tuple[str, torch.dtype, tuple[list[int], int, int]]]]:
+    """Where a blob's tensor data starts, and its tensors ``(key, dtype, (shape, start, end))``
+    in the order of their bytes (offsets relative to the data)."""
+    if len(blob) < 8:
+        raise StateFormatError("state blob is truncated")
+    (size,) = struct.unpack("<Q", blob[:8])
+    try:
+        header = json.loads(blob[8 : 8 + size])
+        layout = [
+            (key, _DTYPES[info["dtype"]], (list(info["shape"]), *info["data_offsets"]))
+            for key, info in header.items()
+            if key != "__metadata__"
+        ]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise StateFormatError(f"unreadable state header: {exc}") from exc
+    layout.sort(key=lambda entry: entry[2][1])
+    return 8 + size, layout
+
+
+def _rows(flat: dict[str, Tensor], order: list[str], b: int) -> np.ndarray | None:
+    """``[b, bytes]``: each stream's tensors' bytes, in ``order``; None if a tensor cannot be
+    viewed as bytes."""
+    if sorted(order) != sorted(flat):
+        return None
+    parts = [flat[key].reshape(b, -1) for key in order]
+    as_bytes = [p.view(torch.uint8) if p.shape[1] else p.to(torch.uint8) for p in parts]
+    return torch.cat(as_bytes, dim=1).numpy() if as_bytes else np.zeros((b, 0), dtype=np.uint8)
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

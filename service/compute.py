@@ -9,6 +9,7 @@ Axis legend: ``b`` streams, ``t`` observations, ``c`` channels, ``p`` horizon.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from models import combination
+from models.forecaster import ContinualForecaster
 from models.online import (
     UpdateMode,
     combines,
@@ -30,6 +32,7 @@ from models.state_io import (
     StateFormatError,
     state_from_bytes,
     state_to_bytes,
+    states_from_bytes,
     states_to_bytes,
 )
 from service.errors import NonFiniteState, ServiceError, StateIncompatible
@@ -81,8 +84,11 @@ def compute_batch(
     net = model.replica()
     results: list[Step | ServiceError | None] = [None] * len(blobs)
     with torch.no_grad():
-        states, ok = [], []
-        for i, blob in enumerate(blobs):
+        shared = decode_shared(model, blobs)
+        states, ok = (
+            ([ensure_mode(net, shared, mode)], list(range(len(blobs)))) if shared is not None else ([], [])
+        )
+        for i, blob in enumerate(blobs if shared is None else []):
             try:
                 states.append(ensure_mode(net, decode(model, blob), mode))
                 ok.append(i)
@@ -90,7 +96,7 @@ def compute_batch(
                 results[i] = exc
         if ok:
             try:
-                state = TensorDict.cat(states, dim=0)  # [b]
+                state = states[0] if len(states) == 1 else TensorDict.cat(states, dim=0)  # [b]
             except (RuntimeError, KeyError, ValueError):
                 # states of different layouts (e.g. one has its own weights): one call each
                 for i in ok:
@@ -128,8 +134,9 @@ def compute_many(
     net = model.replica()
     results: list[Step | ServiceError | None] = [None] * len(blobs)
     with torch.no_grad():
+        fast = _start_many(model, net, blobs, rows, mode, fresh_mode, fresh_combine)
         decoded: dict[int, TensorDict] = {}
-        for i, blob in enumerate(blobs):
+        for i, blob in enumerate(blobs if fast is None else []):
             try:
                 state = (
                     init_stream_state(net, 1, fresh_mode, combine=fresh_combine)
@@ -139,16 +146,19 @@ def compute_many(
                 decoded[i] = ensure_mode(net, state, mode)
             except StateIncompatible as exc:
                 results[i] = exc
-        # longest first, so that the streams with a row at step t are a prefix [:k]
-        order = sorted(decoded, key=lambda i: -len(rows[i]))
-        if not order:
-            return results  # type: ignore[return-value]
-        try:
-            state = TensorDict.cat([decoded[i] for i in order], dim=0)  # [b]
-        except (RuntimeError, KeyError, ValueError):  # states of different layouts: one call each
-            for i in order:
-                results[i] = compute(model, blobs[i], rows[i], mode, fresh_mode, fresh_combine)
-            return results  # type: ignore[return-value]
+        if fast is not None:
+            order, state = fast
+        else:
+            # longest first, so that the streams with a row at step t are a prefix [:k]
+            order = sorted(decoded, key=lambda i: -len(rows[i]))
+            if not order:
+                return results  # type: ignore[return-value]
+            try:
+                state = TensorDict.cat([decoded[i] for i in order], dim=0)  # [b]
+            except (RuntimeError, KeyError, ValueError):  # states of different layouts: one call each
+                for i in order:
+                    results[i] = compute(model, blobs[i], rows[i], mode, fresh_mode, fresh_combine)
+                return results  # type: ignore[return-value]
         lengths = [len(rows[i]) for i in order]
         c = len(rows[order[0]][0])
         values = torch.zeros(len(order), lengths[0], c, dtype=torch.float64)  # [b, t, c]
@@ -205,6 +215,55 @@ def combination_weights(blob: bytes) -> list[list[float]] | None:
         return None
     weights: list[list[float]] = combination.weights(state["combo"])[0].double().tolist()
     return weights
+
+
+def decode_shared(model: LoadedModel, blobs: Sequence[bytes]) -> TensorDict | None:
+    """The ``[b]`` state of streams whose blobs share one layout (the usual batch: one model,
+    one mode), decoded in one go (``models.state_io.states_from_bytes``); ``None`` when they do
+    not, or when one is unreadable or another model's: the caller then decodes them one by one,
+    so that each such stream gets its own error."""
+    if not blobs:
+        return None
+    try:
+        return states_from_bytes(blobs, model.fingerprint)
+    except (StateFormatError, FingerprintMismatchError):
+        return None
+
+
+def _start_many(
+    model: LoadedModel,
+    net: ContinualForecaster,
+    blobs: list[bytes | None],
+    rows: list[list[list[float]]],
+    mode: UpdateMode,
+    fresh_mode: UpdateMode,
+    fresh_combine: bool,
+) -> tuple[list[int], TensorDict] | None:
+    """:func:`compute_many`'s ``(order, [b] state)`` when every stored blob shares one layout
+    and the new streams' states can join them: decoded in one go, then gathered longest first;
+    ``None`` otherwise (the caller decodes one by one)."""
+    stored = [i for i, blob in enumerate(blobs) if blob is not None]
+    fresh = [i for i, blob in enumerate(blobs) if blob is None]
+    parts = []
+    if stored:
+        shared = decode_shared(model, [blobs[i] for i in stored])  # type: ignore[misc]
+        if shared is None:
+            return None
+        parts.append(ensure_mode(net, shared, mode))
+    if fresh:
+        parts.append(
+            ensure_mode(net, init_stream_state(net, len(fresh), fresh_mode, combine=fresh_combine), mode)
+        )
+    try:
+        state = TensorDict.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    except (RuntimeError, KeyError, ValueError):  # different layouts (e.g. a new stream in another mode)
+        return None
+    position = {i: j for j, i in enumerate(stored + fresh)}
+    # longest first, so that the streams with a row at step t are a prefix [:k]
+    order = sorted(range(len(blobs)), key=lambda i: -len(rows[i]))
+    if order != stored + fresh:
+        state = state[torch.tensor([position[i] for i in order])]
+    return order, state
 
 
 def decode(model: LoadedModel, blob: bytes) -> TensorDict:
