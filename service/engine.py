@@ -42,6 +42,7 @@ from service.registry import LoadedModel, ModelRegistry
 from service.settings import Settings
 from service.store import StateStore, StreamRecord, Timestamp, update_stream
 from service.store.base import Change
+from service.store.recent import RecentWindow
 
 T = TypeVar("T")
 
@@ -150,7 +151,7 @@ class Engine:
         """A new stream's history planned; a row not after the one before it is the request's
         own error (422 naming the row), not a conflict with a stream that does not exist yet."""
         try:
-            return self.plan(model, history, None, (), prefix=f"{prefix}history")
+            return self.plan(model, history, None, RecentWindow(), prefix=f"{prefix}history")
         except OutOfOrder as exc:
             index = exc.details["index"]
             raise InvalidObservation(
@@ -214,7 +215,7 @@ class Engine:
                 steps=0,
                 last_timestamp=None,
                 last_values_hash=None,
-                recent=(),
+                recent=RecentWindow(),
                 forecast=None,
                 accuracy=None,
                 intervals=intervals.cleared(current.intervals),
@@ -332,7 +333,7 @@ class Engine:
         model: LoadedModel,
         items: Sequence[schemas.Observation],
         last: Timestamp | None,
-        recent: Sequence[tuple[Timestamp, str]],
+        recent: RecentWindow,
         prefix: str = "observations",
     ) -> Plan:
         """Which of ``items`` are new (in time order) and which are duplicates; every path

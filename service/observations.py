@@ -30,6 +30,7 @@ from service.freq import parse as parse_freq
 from service.registry import LoadedModel
 from service.schemas import Observation
 from service.store import Timestamp
+from service.store.recent import RecentWindow
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -42,7 +43,7 @@ class Plan:
     statuses: list[tuple[Timestamp, str]]  # (timestamp, "applied" | "duplicate") per observation
     last_timestamp: Timestamp | None
     last_values_hash: str | None
-    recent: tuple[tuple[Timestamp, str], ...]
+    recent: RecentWindow
 
 
 def canonical(timestamp: int | datetime) -> Timestamp:
@@ -112,7 +113,7 @@ def plan_batch(
     model: LoadedModel,
     observations: Sequence[Observation],
     last_timestamp: Timestamp | None,
-    recent: Sequence[tuple[Timestamp, str]],
+    recent: RecentWindow,
     window: int,
     prefix: str = "observations",
     indices: Sequence[int] | None = None,
@@ -123,14 +124,13 @@ def plan_batch(
     request) or the observation's own index ``i``."""
     rows: list[list[float]] = []
     statuses: list[tuple[Timestamp, str]] = []
-    # Integer steps are stored as they are: only datetime windows need canonical forms. The
-    # set of remembered observations is built only when an item is not after the last one (a
-    # re-post or a conflict): a bulk request's items are usually all new, and building a set of
-    # the whole window for every stream of every request cost more than planning did.
-    canonical_already = isinstance(last_timestamp, int)
-    recent_list = list(recent) if canonical_already else [(_stored(ts), digest) for ts, digest in recent]
+    # The window is only appended to while items are after the last applied one (nearly
+    # always): its pairs are read, and put in canonical form (records written before
+    # timestamps were normalised to UTC may hold other offsets), only when an item is not.
+    added: list[tuple[Timestamp, str]] = []
     seen: set[tuple[Timestamp, str]] | None = None
-    last_hash: str | None = recent_list[-1][1] if recent_list else None
+    latest = recent.last()
+    last_hash: str | None = latest[1] if latest else None
     for j, obs in enumerate(observations):
         i = indices[j] if indices is not None else j
         ts = canonical(obs.timestamp)
@@ -140,10 +140,10 @@ def plan_batch(
             rows.append(row)
             statuses.append((ts, "applied"))
             last_timestamp, last_hash = ts, digest
-            recent_list.append((ts, digest))
+            added.append((ts, digest))
             if seen is not None:
                 seen.add((ts, digest))
-        elif (ts, digest) in (seen := set(recent_list) if seen is None else seen):
+        elif (ts, digest) in (seen := _remembered(recent, added) if seen is None else seen):
             statuses.append((ts, "duplicate"))
         else:
             same = _stored(ts) == _stored(last_timestamp)
@@ -157,7 +157,15 @@ def plan_batch(
                 index=i,
                 last_timestamp=last_timestamp,
             )
-    return Plan(rows, statuses, last_timestamp, last_hash, tuple(recent_list[-window:]))
+    return Plan(rows, statuses, last_timestamp, last_hash, recent.extended(added, window))
+
+
+def _remembered(recent: RecentWindow, added: list[tuple[Timestamp, str]]) -> set[tuple[Timestamp, str]]:
+    """The pairs a re-post is checked against, in canonical form, as a set."""
+    pairs = recent.pairs
+    if pairs and not isinstance(pairs[-1][0], int):
+        pairs = tuple((_stored(ts), digest) for ts, digest in pairs)
+    return {*pairs, *added}
 
 
 def _after(ts: Timestamp, last: Timestamp, field: str) -> bool:

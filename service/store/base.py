@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from service.errors import StoreContention, StreamNotFound
+from service.store.recent import RecentWindow
 
 Timestamp = int | str  # an integer step or an ISO 8601 datetime, as the stream's client sent it
 
@@ -47,8 +48,9 @@ class StreamRecord:
     last_timestamp: Timestamp | None = None
     last_values_hash: str | None = None
     # (timestamp, values hash) of the latest applied observations, oldest first: duplicates
-    # of any of them are acknowledged without being learned from again
-    recent: tuple[tuple[Timestamp, str], ...] = ()
+    # of any of them are acknowledged without being learned from again (a sequence of pairs
+    # given here is held as a RecentWindow: see service/store/recent.py)
+    recent: RecentWindow = RecentWindow()
     freq: str | None = None
     forecast: tuple[tuple[float, ...], ...] | None = None  # in the stream's units
     accuracy: dict[str, Any] | None = None  # service.accuracy.Accuracy as JSON; None: nothing scored yet
@@ -60,6 +62,10 @@ class StreamRecord:
     version: int = 0
     incarnation: str = ""  # random per creation, set by the store: see the module docstring
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.recent, RecentWindow):
+            object.__setattr__(self, "recent", RecentWindow(self.recent))
+
     def replace(self, **changes: Any) -> StreamRecord:
         return dataclasses.replace(self, **changes)
 
@@ -68,7 +74,12 @@ class StreamRecord:
         fields: dict[str, bytes | str] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            fields[f.name] = value if f.name == "state" else orjson.dumps(value).decode()
+            if f.name == "state":
+                fields[f.name] = value
+            elif f.name == "recent":
+                fields[f.name] = value.to_json().decode()
+            else:
+                fields[f.name] = orjson.dumps(value).decode()
         return fields
 
     @classmethod
@@ -80,8 +91,12 @@ class StreamRecord:
                 continue  # a field newer than the stored record (incarnation, accuracy): its default
             if raw is None:
                 raise ValueError(f"stream record without its {f.name!r} field")
-            values[f.name] = raw if f.name == "state" else orjson.loads(raw)
-        values["recent"] = tuple(map(tuple, values["recent"]))  # [timestamp, hash] pairs
+            if f.name == "state":
+                values[f.name] = raw
+            elif f.name == "recent":
+                values[f.name] = RecentWindow.from_json(raw)  # decoded when read
+            else:
+                values[f.name] = orjson.loads(raw)
         if values["forecast"] is not None:
             values["forecast"] = tuple(tuple(row) for row in values["forecast"])
         return cls(**values)
