@@ -22,10 +22,13 @@ Axis legend: ``p`` horizon steps, ``c`` target columns.
 
 from __future__ import annotations
 
+import binascii
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from service import schemas
 
@@ -75,22 +78,95 @@ class Scored:
     abs_errors: list[list[list[float]]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, eq=False)
+class Ring:
+    """The recent window: per horizon step, the latest ``size`` scored values as ``[mean |e|,
+    mean e^2, mean |e_last|, mean e_last^2]`` (over the target columns), in a ring.
+
+    Why a float64 array, stored base64 in the record's JSON: the window is most of a record
+    (48 x 4 floats per step), and as JSON lists it was decoded into thousands of Python objects
+    and encoded back on every write. Only sums over a window are ever read, so slot order does
+    not matter: ``inserted[h]`` values were written to step ``h`` in all, the next goes to slot
+    ``inserted[h] % size``, and unwritten slots hold zeros.
+    """
+
+    data: np.ndarray  # [p, size, 4] float64; read-only when decoded from a record
+    inserted: tuple[int, ...]  # [p] values ever written per step
+
+    @property
+    def size(self) -> int:
+        return int(self.data.shape[1])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ring):
+            return NotImplemented
+        return self.inserted == other.inserted and np.array_equal(self.data, other.data)
+
+    __hash__ = None  # type: ignore[assignment]  # an array: not hashable
+
+    def filled(self) -> list[int]:
+        return [min(n, self.size) for n in self.inserted]
+
+    def oldest_first(self, h: int) -> np.ndarray:
+        """Step ``h``'s values ``[filled, 4]``, oldest first."""
+        n, size = self.inserted[h], self.size
+        kept = min(n, size)
+        return self.data[h, (n - kept + np.arange(kept)) % size]
+
+    def resized(self, pred_len: int, size: int) -> Ring:
+        """This ring with room for ``size`` values per step (the setting changed): the latest kept."""
+        if self.data.shape[:2] == (pred_len, size):
+            return self
+        data = np.zeros((pred_len, size, 4))
+        inserted = []
+        for h in range(min(pred_len, self.data.shape[0])):
+            latest = self.oldest_first(h)[-size:]
+            data[h, : len(latest)] = latest
+            inserted.append(len(latest))
+        return Ring(data, tuple(inserted + [0] * (pred_len - len(inserted))))
+
+    @classmethod
+    def empty(cls, pred_len: int, size: int) -> Ring:
+        return cls(np.zeros((pred_len, size, 4)), (0,) * pred_len)
+
+    def to_json(self) -> dict[str, Any]:
+        data = np.ascontiguousarray(self.data, dtype="<f8")
+        return {
+            "size": self.size,
+            "inserted": list(self.inserted),
+            "f8": binascii.b2a_base64(data.tobytes(), newline=False).decode(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ring:
+        inserted = tuple(int(n) for n in data["inserted"])
+        values = np.frombuffer(binascii.a2b_base64(data["f8"]), dtype="<f8")
+        return cls(values.reshape(len(inserted), int(data["size"]), 4), inserted)
+
+    @classmethod
+    def from_lists(cls, window: Sequence[Sequence[Sequence[float]]]) -> Ring:
+        """A window as records written before the ring held it: lists, oldest first."""
+        size = max((len(w) for w in window), default=1) or 1
+        data = np.zeros((len(window), size, 4))
+        for h, entries in enumerate(window):
+            if entries:
+                data[h, : len(entries)] = entries
+        return cls(data, tuple(len(w) for w in window))
+
+
 # totals[step]: [values scored, sum |e|, sum e^2, sum |e_last|, sum e_last^2]
-# window[step]: [[mean |e|, mean e^2, mean |e_last|, mean e_last^2] per scored value, oldest first]
 @dataclass(frozen=True)
 class Accuracy:
     pending: tuple[Pending, ...] = ()
     totals: tuple[tuple[float, ...], ...] = ()
-    window: tuple[tuple[list[float], ...], ...] = ()
+    window: Ring | None = None  # None: nothing scored yet
     matured: tuple[Matured, ...] = ()
 
-    # The window's entries (p x window x 4 floats, most of a record) are the lists JSON gave
-    # or advance() made, shared, never copied one by one (nothing mutates them).
     def to_json(self) -> dict[str, Any]:
         return {
             "pending": [[p.origin, [list(r) for r in p.forecast], list(p.last)] for p in self.pending],
             "totals": [list(t) for t in self.totals],
-            "window": [list(w) for w in self.window],
+            "ring": self.window.to_json() if self.window is not None else None,
             "matured": [[m.index, m.step, list(m.values)] for m in self.matured],
         }
 
@@ -98,12 +174,14 @@ class Accuracy:
     def from_json(cls, data: dict[str, Any] | None) -> Accuracy:
         if not data:
             return cls()
+        ring = data.get("ring")
+        old = data.get("window")  # a record written before the ring
         return cls(
             pending=tuple(
                 Pending(int(o), tuple(map(tuple, f)), tuple(last)) for o, f, last in data["pending"]
             ),
             totals=tuple(map(tuple, data["totals"])),
-            window=tuple(map(tuple, data["window"])),
+            window=Ring.from_json(ring) if ring else Ring.from_lists(old) if old else None,
             matured=tuple(Matured(int(i), int(s), tuple(v)) for i, s, v in data["matured"]),
         )
 
@@ -119,18 +197,26 @@ def advance(
     then keep ``forecast`` (served after the last row) pending."""
     p = spec.pred_len
     totals = [list(t) for t in acc.totals] or [[0.0] * 5 for _ in range(p)]
-    window = [list(w) for w in acc.window] or [[] for _ in range(p)]
+    ring = (acc.window or Ring.empty(p, spec.window)).resized(p, spec.window)
+    data, inserted = ring.data.copy(), list(ring.inserted)
     pending, matured, scored = list(acc.pending), list(acc.matured), Scored()
     for i, row in enumerate(rows):
         s = steps_before + i + 1
         actual = [float(row[j]) for j in spec.targets]
+        c = len(actual)
         closest: Matured | None = None
-        row_errors = [[math.nan] * len(actual) for _ in range(p)]
+        row_errors = [[math.nan] * c for _ in range(p)]
         for entry in pending:
             h = s - entry.origin  # 1 <= h <= p: entries past their horizon were dropped
             errors = [f - a for f, a in zip(entry.forecast[h - 1], actual, strict=True)]
             naive = [f - a for f, a in zip(entry.last, actual, strict=True)]
-            _add(totals[h - 1], window[h - 1], errors, naive, spec.window)
+            ae, se = sum(abs(e) for e in errors), sum(e * e for e in errors)
+            ae_last, se_last = sum(abs(e) for e in naive), sum(e * e for e in naive)
+            total = totals[h - 1]
+            for k, v in enumerate((c, ae, se, ae_last, se_last)):
+                total[k] += v
+            data[h - 1, inserted[h - 1] % spec.window] = (ae / c, se / c, ae_last / c, se_last / c)
+            inserted[h - 1] += 1
             row_errors[h - 1] = [abs(e) for e in errors]
             scored.errors.extend(abs(e) / sd for e, sd in zip(errors, spec.std, strict=True))
             scored.last_value_errors.extend(abs(e) / sd for e, sd in zip(naive, spec.std, strict=True))
@@ -147,21 +233,11 @@ def advance(
         Accuracy(
             pending=tuple(pending),
             totals=tuple(tuple(t) for t in totals),
-            window=tuple(map(tuple, window)),
+            window=Ring(data, tuple(inserted)),
             matured=tuple(matured[-spec.keep :]) if spec.keep else (),
         ),
         scored,
     )
-
-
-def _add(total: list[float], ring: list[Any], errors: list[float], naive: list[float], size: int) -> None:
-    c = len(errors)
-    ae, se = sum(abs(e) for e in errors), sum(e * e for e in errors)
-    ae_last, se_last = sum(abs(e) for e in naive), sum(e * e for e in naive)
-    for k, v in enumerate((c, ae, se, ae_last, se_last)):
-        total[k] += v
-    ring.append([ae / c, se / c, ae_last / c, se_last / c])
-    del ring[:-size]
 
 
 @dataclass(frozen=True)
@@ -198,12 +274,12 @@ def since_creation(acc: Accuracy) -> tuple[Summary, list[Summary]]:
 
 def recent(acc: Accuracy, columns: int) -> tuple[Summary, list[Summary]]:
     """The same over the window (``columns`` target values per ring entry)."""
-    per_step = [
-        _summary(len(w) * columns, [sum(e[k] for e in w) * columns for k in range(4)]) for w in acc.window
-    ]
-    n = sum(len(w) for w in acc.window) * columns
-    pooled = [sum(e[k] for w in acc.window for e in w) * columns for k in range(4)]
-    return _summary(n, pooled), per_step
+    if acc.window is None:
+        return _summary(0, ()), []
+    sums = acc.window.data.sum(axis=1) * columns  # [p, 4]: unwritten slots are zeros
+    counts = [n * columns for n in acc.window.filled()]
+    per_step = [_summary(n, sums[h].tolist()) for h, n in enumerate(counts)]
+    return _summary(sum(counts), sums.sum(axis=0).tolist()), per_step
 
 
 def history_rows(

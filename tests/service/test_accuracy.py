@@ -14,7 +14,7 @@ import torch
 
 from models import Feedback, UpdateMode
 from models.checkpoint import Checkpoint, load_checkpoint
-from service.accuracy import Accuracy, Spec, advance
+from service.accuracy import Accuracy, Spec, advance, recent
 from service.settings import Settings
 from service.store import StreamRecord
 from tests.service.conftest import PRED_LEN, SEQ_LEN, Api, running, series
@@ -164,9 +164,29 @@ def test_accuracy_round_trips_json_and_bounds_its_size() -> None:
     for s in range(20):
         acc, scored = advance(acc, spec, s, [[0.0, float(s)]], [[s + 1.0], [s + 2.0], [s + 4.0]])
         assert Accuracy.from_json(acc.to_json()) == acc
-    assert len(acc.pending) == 3 and all(len(w) == 4 for w in acc.window) and len(acc.matured) == 5
+    assert acc.window is not None and acc.window.filled() == [4, 4, 4]
+    assert len(acc.pending) == 3 and len(acc.matured) == 5
     assert scored.errors == [1.0 / 2.0, 0.0, 0.0]  # steps 3, 2, 1 of the pending forecasts, / std
     assert acc.totals[0][0] == 19 and acc.totals[0][1] == 0.0 and acc.totals[2][1] == 17.0
+
+
+def test_ring_reads_the_window_of_older_records_and_follows_the_setting() -> None:
+    """Records written before the ring kept the window as lists, oldest first; a changed
+    ``MEMCAST_ACCURACY_WINDOW`` keeps the latest values."""
+    spec = Spec(targets=(0,), std=(1.0,), pred_len=2, window=5, keep=0)
+    acc = Accuracy()
+    for s in range(12):
+        acc, _ = advance(acc, spec, s, [[float(s % 5)]], [[1.0], [2.0]])
+    assert acc.window is not None
+    lists = [acc.window.oldest_first(h).tolist() for h in range(2)]
+    old = {**acc.to_json(), "ring": None, "window": lists}
+    assert recent(Accuracy.from_json(old), 1) == recent(acc, 1)
+    assert Accuracy.from_json(old).window.oldest_first(1).tolist() == lists[1]  # type: ignore[union-attr]
+    smaller, _ = advance(acc, Spec((0,), (1.0,), 2, 3, 0), 12, [], None)
+    assert smaller.window is not None and smaller.window.filled() == [3, 3]
+    assert smaller.window.oldest_first(0).tolist() == lists[0][-3:]
+    # the window's sums are the evaluator's: mean |e| of the latest values per step
+    assert recent(acc, 1)[1][0].mae == pytest.approx(sum(e[0] for e in lists[0]) / 5)
 
 
 def test_record_without_accuracy_field_reads() -> None:

@@ -15,6 +15,7 @@ import torch
 
 from models import UpdateMode
 from service import schemas
+from service.accuracy import Ring
 from service.compute import compute, compute_many, decode
 from service.registry import load_registry
 from service.settings import Settings
@@ -38,7 +39,10 @@ def bulk_items(data: dict[str, list[dict[str, Any]]], seed: int = 0) -> list[dic
 
 def assert_close_json(a: Any, b: Any, rel: float = 1e-6) -> None:
     """Equal structure and equal values, floats up to ``rel``: B streams in one model call
-    equal B single calls up to float rounding (a batched matmul may round differently)."""
+    equal B single calls up to float rounding (a batched matmul may round differently). An
+    accuracy ring (base64 floats) is compared as its floats."""
+    if isinstance(a, dict) and "f8" in a and isinstance(b, dict):
+        a, b = (Ring.from_json(x).data.tolist() if "f8" in x else x for x in (a, b))
     if isinstance(a, float) or isinstance(b, float):
         assert b == pytest.approx(a, rel=rel, abs=1e-9)
     elif isinstance(a, dict):
