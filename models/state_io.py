@@ -127,7 +127,7 @@ def states_from_bytes(blobs: Sequence[bytes], fingerprint: str | None = None) ->
     for key, dtype, (shape, start, end) in layout:
         if shape[:1] != [1]:
             raise StateFormatError(f"tensor {key!r} of shape {shape} is not one stream's")
-        raw = data[:, start:end].contiguous()
+        raw = data[:, start:end].clone(memory_format=torch.contiguous_format)  # own, compact strides
         flat[key] = (raw.view(dtype) if raw.shape[1] else raw.to(dtype)).reshape(b, *shape[1:])
     try:
         state = TensorDict(flat, batch_size=[b]).unflatten_keys(".")

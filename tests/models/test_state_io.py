@@ -59,6 +59,8 @@ def test_batched_codec_equals_one_stream_at_a_time(combo: tuple[str, str, str], 
     assert decoded.batch_size == torch.Size([B])
     assert_equal(decoded, TensorDict.cat([state_from_bytes(b, fp)[0] for b in singles], dim=0))
     assert_equal(decoded, state)
+    for i, blob in enumerate(blobs):  # one stream alone (a batch of one)
+        assert_equal(states_from_bytes([blob], fp), state[i : i + 1])
 
 
 def test_blobs_of_different_layouts_or_models_are_refused_together() -> None:
