@@ -109,8 +109,8 @@ def findings(floor: dict[str, Any] | None, load: dict[str, Any] | None) -> list[
     full = [c for s in load["stores"] for c in s["cells"] if c["mode"] == "full_model"]
     if full:
         out.append(
-            "- `full_model` requests are not batched across streams (each stream learns with its own weights), so "
-            "throughput stays near the one-stream floor and extra concurrency only queues: latency grows with C."
+            "- `full_model` requests batch across streams like `memory_only` ones (each stream learns with its "
+            "own weights, stacked over the stream dimension); `streams/call` says how many shared a call."
         )
     return ["### Where the service's time goes", "", *out, ""] if out else []
 
@@ -162,8 +162,9 @@ def floor_section(floor: dict[str, Any]) -> list[str]:
             lines += [f"**{config}**: CPU ms per observation (less sensitive to other processes)", ""]
             lines += table(["update mode"] + [f"B={b}" for b in batches], cpu_body)
     lines += [
-        "`full_model` learns with each stream's own weights and optimizer moments, one stream at a",
-        "time (`models.online.learn`), so batching does not raise its floor. The last column is what",
+        "`full_model` learns with each stream's own weights and optimizer moments, stacked over the",
+        "stream dimension (`models.online.learn`: `torch.func.vmap` where the model allows, a loop over",
+        "the streams for FSNet). The last column is what",
         "the service adds per stream and request to turn the stored blob into a state and back",
         "(`state_from_bytes` + `state_to_bytes`), measured apart from the floor.",
         "",

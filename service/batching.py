@@ -3,9 +3,11 @@ mode, arriving while the model threads are busy, share one ``observe`` call.
 
 No request waits for a batch to fill: a job runs as soon as a slot is free, with whatever
 else is queued by then (natural batching), at most ``max_streams`` streams per call and at
-most ``slots`` calls at once. Everything else (several observations in one request,
-``full_model``, which learns per stream anyway) runs on its own. Results equal the
-one-stream computation up to float rounding; ``MEMCAST_BATCH_STREAMS=1`` turns this off.
+most ``slots`` calls at once. ``full_model`` streams batch too: each learns with its own
+weights, stacked over the stream dimension (``models.online`` vmaps the step where the model
+allows, and loops over the streams where it does not, FSNet). Several observations in one
+request run on their own. Results equal the one-stream computation up to float rounding;
+``MEMCAST_BATCH_STREAMS=1`` turns this off.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Batcher:
     async def observe(
         self, model: LoadedModel, blob: bytes, rows: list[list[float]], mode: UpdateMode
     ) -> Step:
-        if self._max <= 1 or len(rows) != 1 or mode is UpdateMode.FULL_MODEL:
+        if self._max <= 1 or len(rows) != 1:
             self._metrics.batch_streams.observe(1)
             return await self.in_pool(lambda: compute(model, blob, rows, mode))
         future: asyncio.Future[Step] = asyncio.get_running_loop().create_future()

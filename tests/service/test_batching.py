@@ -51,8 +51,8 @@ def small(checkpoint_root: Path):  # noqa: ANN201
     return load_registry(checkpoint_root).get("small")
 
 
-def test_compute_batch_equals_one_stream_at_a_time(small) -> None:  # noqa: ANN001
-    mode = UpdateMode.MEMORY_ONLY
+@pytest.mark.parametrize("mode", [UpdateMode.MEMORY_ONLY, UpdateMode.FULL_MODEL], ids=lambda m: m.value)
+def test_compute_batch_equals_one_stream_at_a_time(small, mode: UpdateMode) -> None:  # noqa: ANN001
     blobs = [
         compute(small, None, [r["values"] for r in series(SEQ_LEN + k, scale=1 + k)], mode).state
         for k in range(4)
