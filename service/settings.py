@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device (`cpu`, `cuda`, `cuda:1`)")
     workers_threads: int = Field(2, ge=1, description="threads running model computation")
+    processes: int = Field(
+        1,
+        ge=1,
+        description="server processes sharing the port (uvicorn workers); above 1 needs `MEMCAST_REDIS_URL`",
+    )
     batch_streams: int = Field(
         32, ge=1, description="most streams whose single observations share one model call (1: off)"
     )

@@ -73,3 +73,56 @@ def test_post_observations_recreated_stream_not_overwritten(
         # the re-created stream takes observations from either replica as usual
         assert httpx.post(f"{r1}/v1/streams/x/observations", json=series(1)[0], timeout=10).status_code == 200
         assert httpx.get(f"{r2}/v1/streams/x", timeout=10).json()["steps"] == 1
+
+
+def test_serve_processes_share_the_port_and_the_streams(
+    checkpoint_root: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """``MEMCAST_PROCESSES=2``: two server processes behind one port, each observation learned
+    once whichever process takes it (the same compare-and-set as between replicas)."""
+    args = ["--checkpoints", str(checkpoint_root), "--redis-url", redis_url, "--processes", "2"]
+    with ServeProcess(args, log=tmp_path / "serve.log") as process:
+        assert process.process is not None
+        workers = [
+            p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == process.process.pid
+        ]
+        assert len(workers) >= 2, "uvicorn did not start two worker processes"
+        url = process.url
+        assert (
+            httpx.post(f"{url}/v1/streams", json={"id": "p", "history": series(SEQ_LEN)}).status_code == 201
+        )
+        rows = series(40, start=SEQ_LEN)
+
+        def post(row: dict[str, object]) -> int:
+            with httpx.Client(timeout=30) as client:  # a connection each: spread over the processes
+                return client.post(f"{url}/v1/streams/p/observations", json=row).status_code
+
+        codes: list[int] = []
+        for start in range(0, len(rows), 8):  # 8 at a time, each batch in time order per stream
+            threads = [
+                threading.Thread(target=lambda r=r: codes.append(post(r))) for r in rows[start : start + 8]
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        # concurrent posts may arrive out of order: a later one first refuses the earlier (409);
+        # every 200 is learned exactly once, and the stream's steps count exactly those
+        assert set(codes) <= {200, 409} and codes.count(200) >= 5
+        assert httpx.get(f"{url}/v1/streams/p").json()["steps"] == SEQ_LEN + codes.count(200)
+
+
+def _parent(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_serve_refuses_processes_without_redis(
+    checkpoint_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from memcast.cli import main
+
+    assert main(["serve", "--checkpoints", str(checkpoint_root), "--processes", "2"]) == 2
+    assert "needs MEMCAST_REDIS_URL" in capsys.readouterr().err
