@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import ROOT, bench_csv, child_env, ensure_checkpoint, machine_info, now_iso, write_json
-from bench.load import start_server
+from bench.load import server_settings_from, start_server
 from memcast.harness import RedisServer
 
 REDIS_CONF = ROOT / "docker" / "redis.conf"
@@ -102,7 +102,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info()
     seconds = args.minutes * 60
     try:
-        server, model, server_env = start_server(checkpoint, logs / "soak-serve.log", redis.url, None)
+        server, model, server_env = start_server(
+            checkpoint, logs / "soak-serve.log", redis.url, None, server_settings_from(args.server_env)
+        )
         try:
             assert server.process is not None
             spec = {
@@ -214,6 +216,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--outage-s", type=float, default=5.0, help="seconds Redis stays down")
     p.add_argument("--sample-s", type=float, default=10.0, help="memory sampling period")
     p.add_argument("--request-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="MEMCAST_NAME=VALUE",
+        help="a server setting (repeatable), e.g. MEMCAST_PROCESSES=2",
+    )
     p.add_argument("--checkpoint-dir", type=Path, help="a checkpoint directory (default: make a small one)")
     p.add_argument("--data", type=Path, help="CSV whose rows the streams post (default: memcast make-data)")
     p.add_argument("--work", type=Path, default=Path("runs/bench"), help="scratch: checkpoint, logs, redis")
