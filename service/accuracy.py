@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import binascii
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,11 +50,50 @@ class Spec:
     keep: int  # matured values whose forecast is kept for display (the history's length)
 
 
-@dataclass(frozen=True)
+def _b64(values: np.ndarray) -> str:
+    return binascii.b2a_base64(np.ascontiguousarray(values, dtype="<f8").tobytes(), newline=False).decode()
+
+
+def _floats(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only float64 array of ``shape`` from :func:`_b64`'s text."""
+    return np.frombuffer(binascii.a2b_base64(text), dtype="<f8").reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
 class Pending:
-    origin: int  # observations seen when the forecast was served
-    forecast: tuple[Row, ...]  # [p][c]
-    last: Row  # [c] the last-value forecast
+    """The served forecasts whose horizon has not fully matured, oldest first (``k <= p``)."""
+
+    origin: np.ndarray  # [k] int64: observations seen when each forecast was served
+    forecast: np.ndarray  # [k, p, c]
+    last: np.ndarray  # [k, c] the last-value forecast at each origin
+
+    def __len__(self) -> int:
+        return len(self.origin)
+
+    @classmethod
+    def empty(cls, p: int, c: int) -> Pending:
+        return cls(np.zeros(0, dtype=np.int64), np.zeros((0, p, c)), np.zeros((0, c)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "origin": self.origin.tolist(),
+            "shape": list(self.forecast.shape[1:]),
+            "f8": _b64(self.forecast),
+            "last": _b64(self.last),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | list[Any]) -> Pending:
+        if isinstance(data, list):  # a record written before the arrays: [origin, [p][c], [c]] each
+            p, c = (len(data[0][1]), len(data[0][2])) if data else (0, 0)
+            return cls(
+                np.array([int(o) for o, _, _ in data], dtype=np.int64),
+                np.array([f for _, f, _ in data], dtype=np.float64).reshape(len(data), p, c),
+                np.array([last for _, _, last in data], dtype=np.float64).reshape(len(data), c),
+            )
+        origin = np.array(data["origin"], dtype=np.int64)
+        p, c = data["shape"]
+        return cls(origin, _floats(data["f8"], (len(origin), p, c)), _floats(data["last"], (len(origin), c)))
 
 
 @dataclass(frozen=True)
@@ -64,6 +103,48 @@ class Matured:
     index: int  # the observation's number, 1-based
     step: int  # made this many steps ahead
     values: Row  # [c]
+
+
+@dataclass(frozen=True, eq=False)
+class MaturedRows:
+    """:class:`Matured` entries of the latest observed values, oldest first, as arrays."""
+
+    index: np.ndarray  # [m] int64
+    step: np.ndarray  # [m] int64
+    values: np.ndarray  # [m, c]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[Matured]:
+        for i, h, v in zip(self.index.tolist(), self.step.tolist(), self.values.tolist(), strict=True):
+            yield Matured(i, h, tuple(v))
+
+    @classmethod
+    def empty(cls, c: int) -> MaturedRows:
+        return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, c)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index.tolist(),
+            "step": self.step.tolist(),
+            "c": self.values.shape[1],
+            "f8": _b64(self.values),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | list[Any]) -> MaturedRows:
+        if isinstance(data, list):  # a record written before the arrays: [index, step, [c]] each
+            c = len(data[0][2]) if data else 0
+            return cls(
+                np.array([int(i) for i, _, _ in data], dtype=np.int64),
+                np.array([int(h) for _, h, _ in data], dtype=np.int64),
+                np.array([v for _, _, v in data], dtype=np.float64).reshape(len(data), c),
+            )
+        index = np.array(data["index"], dtype=np.int64)
+        return cls(
+            index, np.array(data["step"], dtype=np.int64), _floats(data["f8"], (len(index), data["c"]))
+        )
 
 
 @dataclass(frozen=True)
@@ -155,20 +236,32 @@ class Ring:
 
 
 # totals[step]: [values scored, sum |e|, sum e^2, sum |e_last|, sum e_last^2]
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Accuracy:
-    pending: tuple[Pending, ...] = ()
-    totals: tuple[tuple[float, ...], ...] = ()
-    window: Ring | None = None  # None: nothing scored yet
-    matured: tuple[Matured, ...] = ()
+    """A stream's scoring state. Arrays, and base64 floats in the record's JSON: a steady-state
+    record holds ``p`` pending forecasts, ``seq_len + pred_len`` matured values and the ring,
+    and as JSON lists they were decoded into thousands of Python objects on every write, which
+    also made the cyclic collector the largest single cost of a bulk request."""
+
+    pending: Pending | None = None  # None: nothing served yet
+    totals: np.ndarray | None = None  # [p, 5]
+    window: Ring | None = None
+    matured: MaturedRows | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "pending": [[p.origin, [list(r) for r in p.forecast], list(p.last)] for p in self.pending],
-            "totals": [list(t) for t in self.totals],
+            "pending": self.pending.to_json() if self.pending is not None else [],
+            "totals": self.totals.tolist() if self.totals is not None else [],
             "ring": self.window.to_json() if self.window is not None else None,
-            "matured": [[m.index, m.step, list(m.values)] for m in self.matured],
+            "matured": self.matured.to_json() if self.matured is not None else [],
         }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Accuracy):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]  # arrays: not hashable
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Accuracy:
@@ -176,13 +269,12 @@ class Accuracy:
             return cls()
         ring = data.get("ring")
         old = data.get("window")  # a record written before the ring
+        totals = data["totals"]
         return cls(
-            pending=tuple(
-                Pending(int(o), tuple(map(tuple, f)), tuple(last)) for o, f, last in data["pending"]
-            ),
-            totals=tuple(map(tuple, data["totals"])),
+            pending=Pending.from_json(data["pending"]) if data["pending"] else None,
+            totals=np.array(totals, dtype=np.float64).reshape(-1, 5) if totals else None,
             window=Ring.from_json(ring) if ring else Ring.from_lists(old) if old else None,
-            matured=tuple(Matured(int(i), int(s), tuple(v)) for i, s, v in data["matured"]),
+            matured=MaturedRows.from_json(data["matured"]) if data["matured"] else None,
         )
 
 
@@ -195,46 +287,75 @@ def advance(
 ) -> tuple[Accuracy, Scored]:
     """Score the pending forecasts on the new ``rows`` (observations ``steps_before + 1 ..``),
     then keep ``forecast`` (served after the last row) pending."""
-    p = spec.pred_len
-    totals = [list(t) for t in acc.totals] or [[0.0] * 5 for _ in range(p)]
+    p, c = spec.pred_len, len(spec.targets)
+    totals = acc.totals.copy() if acc.totals is not None else np.zeros((p, 5))
     ring = (acc.window or Ring.empty(p, spec.window)).resized(p, spec.window)
-    data, inserted = ring.data.copy(), list(ring.inserted)
-    pending, matured, scored = list(acc.pending), list(acc.matured), Scored()
+    data, inserted = ring.data.copy(), np.array(ring.inserted, dtype=np.int64)
+    pending = acc.pending if acc.pending is not None else Pending.empty(p, c)
+    matured = acc.matured if acc.matured is not None else MaturedRows.empty(c)
+    new_index: list[int] = []
+    new_step: list[int] = []
+    new_values: list[np.ndarray] = []
+    scored = Scored()
+    std = np.array(spec.std, dtype=np.float64)
+    targets = list(spec.targets)
     for i, row in enumerate(rows):
         s = steps_before + i + 1
-        actual = [float(row[j]) for j in spec.targets]
-        c = len(actual)
-        closest: Matured | None = None
-        row_errors = [[math.nan] * c for _ in range(p)]
-        for entry in pending:
-            h = s - entry.origin  # 1 <= h <= p: entries past their horizon were dropped
-            errors = [f - a for f, a in zip(entry.forecast[h - 1], actual, strict=True)]
-            naive = [f - a for f, a in zip(entry.last, actual, strict=True)]
-            ae, se = sum(abs(e) for e in errors), sum(e * e for e in errors)
-            ae_last, se_last = sum(abs(e) for e in naive), sum(e * e for e in naive)
-            total = totals[h - 1]
-            for k, v in enumerate((c, ae, se, ae_last, se_last)):
-                total[k] += v
-            data[h - 1, inserted[h - 1] % spec.window] = (ae / c, se / c, ae_last / c, se_last / c)
+        actual = np.array(row, dtype=np.float64)[targets]  # [c]
+        row_errors = np.full((p, c), math.nan)
+        if len(pending):
+            h = s - pending.origin  # [k], each in 1..p, distinct (entries past their horizon were dropped)
+            made = pending.forecast[np.arange(len(h)), h - 1]  # [k, c]
+            errors, naive = made - actual, pending.last - actual  # [k, c]
+            sums = np.stack(
+                [
+                    np.full(len(h), float(c)),
+                    abs(errors).sum(1),
+                    (errors**2).sum(1),
+                    abs(naive).sum(1),
+                    (naive**2).sum(1),
+                ],
+                axis=1,
+            )  # [k, 5]
+            totals[h - 1] += sums
+            data[h - 1, inserted[h - 1] % spec.window] = sums[:, 1:] / c
             inserted[h - 1] += 1
-            row_errors[h - 1] = [abs(e) for e in errors]
-            scored.errors.extend(abs(e) / sd for e, sd in zip(errors, spec.std, strict=True))
-            scored.last_value_errors.extend(abs(e) / sd for e, sd in zip(naive, spec.std, strict=True))
-            if closest is None or h < closest.step:
-                closest = Matured(s, h, entry.forecast[h - 1])
-        scored.abs_errors.append(row_errors)
-        if closest is not None:
-            matured.append(closest)
-        pending = [e for e in pending if e.origin + p > s]
+            row_errors[h - 1] = abs(errors)
+            scored.errors.extend((abs(errors) / std).ravel().tolist())
+            scored.last_value_errors.extend((abs(naive) / std).ravel().tolist())
+            closest = int(np.argmin(h))
+            new_index.append(s)
+            new_step.append(int(h[closest]))
+            new_values.append(made[closest])
+            live = pending.origin + p > s
+            if not live.all():
+                pending = Pending(pending.origin[live], pending.forecast[live], pending.last[live])
+        scored.abs_errors.append(row_errors.tolist())
     if forecast is not None and rows:
-        last = tuple(float(rows[-1][j]) for j in spec.targets)
-        pending.append(Pending(steps_before + len(rows), tuple(tuple(r) for r in forecast), last))
+        last = np.array(rows[-1], dtype=np.float64)[targets]
+        pending = Pending(
+            np.append(pending.origin, steps_before + len(rows)),
+            np.concatenate([pending.forecast, np.array(forecast, dtype=np.float64).reshape(1, p, c)]),
+            np.concatenate([pending.last, last[None]]),
+        )
+    if new_index:
+        matured = MaturedRows(
+            np.append(matured.index, new_index),
+            np.append(matured.step, new_step),
+            np.concatenate([matured.values, np.stack(new_values)]),
+        )
+    keep = spec.keep
+    matured = (
+        MaturedRows(matured.index[-keep:], matured.step[-keep:], matured.values[-keep:])
+        if keep
+        else MaturedRows.empty(c)
+    )
     return (
         Accuracy(
-            pending=tuple(pending),
-            totals=tuple(tuple(t) for t in totals),
-            window=Ring(data, tuple(inserted)),
-            matured=tuple(matured[-spec.keep :]) if spec.keep else (),
+            pending=pending if len(pending) else None,
+            totals=totals,
+            window=Ring(data, tuple(inserted.tolist())),
+            matured=matured if len(matured) else None,
         ),
         scored,
     )
@@ -266,10 +387,11 @@ def _summary(count: float, sums: Sequence[float]) -> Summary:
 
 def since_creation(acc: Accuracy) -> tuple[Summary, list[Summary]]:
     """The pooled summary over every step, and one per step."""
-    per_step = [_summary(t[0], t[1:]) for t in acc.totals]
-    n = sum(t[0] for t in acc.totals)
-    pooled = [sum(t[k] for t in acc.totals) for k in range(1, 5)]
-    return _summary(n, pooled), per_step
+    if acc.totals is None:
+        return _summary(0, ()), []
+    totals = acc.totals.tolist()
+    per_step = [_summary(t[0], t[1:]) for t in totals]
+    return _summary(sum(t[0] for t in totals), acc.totals[:, 1:].sum(axis=0).tolist()), per_step
 
 
 def recent(acc: Accuracy, columns: int) -> tuple[Summary, list[Summary]]:
@@ -289,7 +411,7 @@ def history_rows(
     recent window) and the forecast each got, for display."""
     m = min(len(values), len(record.recent))
     first = record.steps - m + 1  # observation number of the first row shown
-    made = {entry.index: entry for entry in acc.matured}
+    made = {entry.index: entry for entry in acc.matured or ()}
     rows = []
     for j, (row, (timestamp, _)) in enumerate(
         zip(values[len(values) - m :], record.recent[len(record.recent) - m :], strict=True)

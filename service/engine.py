@@ -280,7 +280,7 @@ class Engine:
             **self.status(record).model_dump(),
             columns=list(model.targets),
             window=self.settings.accuracy_window,
-            pending=len(scores.pending),
+            pending=len(scores.pending or ()),
             since_creation=since,
             recent=recent,
         )

@@ -6,16 +6,17 @@ forecast that the same observations posted one by one end in.
 
 from __future__ import annotations
 
+import binascii
 import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from models import UpdateMode
 from service import schemas
-from service.accuracy import Ring
 from service.compute import compute, compute_many, decode
 from service.registry import load_registry
 from service.settings import Settings
@@ -40,9 +41,9 @@ def bulk_items(data: dict[str, list[dict[str, Any]]], seed: int = 0) -> list[dic
 def assert_close_json(a: Any, b: Any, rel: float = 1e-6) -> None:
     """Equal structure and equal values, floats up to ``rel``: B streams in one model call
     equal B single calls up to float rounding (a batched matmul may round differently). An
-    accuracy ring (base64 floats) is compared as its floats."""
+    accuracy's arrays (base64 floats) are compared as their floats."""
     if isinstance(a, dict) and "f8" in a and isinstance(b, dict):
-        a, b = (Ring.from_json(x).data.tolist() if "f8" in x else x for x in (a, b))
+        a, b = _decoded(a), _decoded(b)
     if isinstance(a, float) or isinstance(b, float):
         assert b == pytest.approx(a, rel=rel, abs=1e-9)
     elif isinstance(a, dict):
@@ -55,6 +56,14 @@ def assert_close_json(a: Any, b: Any, rel: float = 1e-6) -> None:
             assert_close_json(x, y, rel)
     else:
         assert a == b
+
+
+def _decoded(arrays: dict[str, Any]) -> dict[str, Any]:
+    """``service.accuracy``'s base64 float fields as lists of floats."""
+    return {
+        k: np.frombuffer(binascii.a2b_base64(v), dtype="<f8").tolist() if k in ("f8", "last") else v
+        for k, v in arrays.items()
+    }
 
 
 def assert_schema_body(body: dict[str, Any]) -> None:
