@@ -24,6 +24,7 @@ from models.base import (
     empty_state,
     nested_outcome_paths,
     nested_outcome_step,
+    replaced,
 )
 from models.config import ModelConfig
 from models.registry import build_backbone, build_memory
@@ -58,6 +59,7 @@ class ContinualForecaster(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self._all_channels = config.out_indices == tuple(range(config.channels))
         d = config.d_model
         self.embed = nn.Linear(config.channels, d)
         self.backbone: Backbone = build_backbone(config)
@@ -71,6 +73,11 @@ class ContinualForecaster(nn.Module):
             self.skip = nn.Linear(config.seq_len, config.pred_len)
             nn.init.zeros_(self.skip.weight)
             nn.init.zeros_(self.skip.bias)
+        # fixed by the structure built above, and asked on every online step
+        children = self.stateful_children().values()
+        self._outcome_paths = nested_outcome_paths(self.stateful_children())
+        self._stores_tokens = any(c.stores_tokens for c in children)
+        self._learns_from_gradients = any(c.learns_from_gradients for c in children)
 
     def stateful_children(self) -> dict[str, StatefulModule]:
         children: dict[str, StatefulModule] = {"backbone": self.backbone}
@@ -90,7 +97,7 @@ class ContinualForecaster(nn.Module):
     @property
     def stores_tokens(self) -> bool:
         """A component is a memory that learns from the tokens it is shown."""
-        return any(c.stores_tokens for c in self.stateful_children().values())
+        return self._stores_tokens
 
     @property
     def vmaps_stream_weights(self) -> bool:
@@ -99,12 +106,12 @@ class ContinualForecaster(nn.Module):
 
     @property
     def learns_from_gradients(self) -> bool:
-        return any(c.learns_from_gradients for c in self.stateful_children().values())
+        return self._learns_from_gradients
 
     def outcome_paths(self) -> tuple[StatePath, ...]:
         """Paths into the component state of the per-stream memory weights that ``memory_only``
         streams step from realised errors (:meth:`StatefulModule.outcome_paths`)."""
-        return nested_outcome_paths(self.stateful_children())
+        return self._outcome_paths
 
     def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
         return nested_outcome_step(self.stateful_children(), state, changes)
@@ -115,26 +122,32 @@ class ContinualForecaster(nn.Module):
         cfg = self.config
         x, mean, std = self._normalise(window)  # [b, n, c]
         features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
-        next_state = state.clone(recurse=False)
-        next_state["backbone"] = backbone_state
+        changed = {"backbone": backbone_state}
         if self.memory is not None and self.fusion is not None:
             # the fusion works token by token and the head reads the last token, so a memory
             # that stores only the newest token (or none) needs to see only that one: the same
             # forecast and state at a fraction of the retrieval cost
             shown = features if store is StorePolicy.WINDOW else features[:, -1:]  # [b, n | 1, d]
-            retrieved, memory_state = self.memory(shown, state["memory"], store)
+            retrieved, changed["memory"] = self.memory(shown, state["memory"], store)
             features = self.fusion(shown, retrieved)
-            next_state["memory"] = memory_state
-        out_idx = list(cfg.out_indices)
+        next_state = replaced(state, changed)
         b = window.shape[0]
         y = self.head(features[:, -1]).view(b, cfg.pred_len, cfg.out_channels)
-        x_out = x[:, :, out_idx]  # [b, n, c_out]
+        x_out = self.forecast_channels(x)  # [b, n, c_out]
         if self.skip is not None:
             y = y + self.skip(x_out.transpose(1, 2)).transpose(1, 2)
         if cfg.predict_delta:
             y = y + x_out[:, -1:, :]
-        y = y * std[:, :, out_idx] + mean[:, :, out_idx]
+        y = y * self.forecast_channels(std) + self.forecast_channels(mean)
         return y, next_state
+
+    def forecast_channels(self, x: Tensor) -> Tensor:
+        """The forecast channels (``out_indices``) of ``x [..., c]``: ``x`` itself when every
+        channel is forecast in order, which spares a copy by advanced indexing (several per
+        online step)."""
+        if self._all_channels:
+            return x
+        return x[..., list(self.config.out_indices)]
 
     def _normalise(self, window: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not self.config.revin:
@@ -146,10 +159,10 @@ class ContinualForecaster(nn.Module):
 
     def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
         """Gradient-driven state updates (FSNet) of one stream; grads keyed by parameter name."""
-        next_state = state.clone(recurse=False)
+        adapted = {}
         for name, child in self.stateful_children().items():
             if child.learns_from_gradients:
                 prefix = name + "."
                 sub = {k[len(prefix) :]: g for k, g in grads.items() if k.startswith(prefix)}
-                next_state[name] = child.adapt(state[name], sub)
-        return next_state
+                adapted[name] = child.adapt(state[name], sub)
+        return replaced(state, adapted)

@@ -50,7 +50,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.func import grad
 
-from models.base import MemoryUnit, StatePath, StorePolicy
+from models.base import MemoryUnit, StatePath, StorePolicy, replaced, tree
 from models.config import ConfigError, ModelConfig, NeuralMemoryConfig
 
 Params = dict[str, Tensor]
@@ -292,14 +292,14 @@ class NeuralMemory(MemoryUnit):
         ``batch_size`` of tokens) copies pending onto committed, so a change made to the committed
         weights alone would be undone by the next commit. Forgetting (eq 13) decays it like any
         other learned change, back toward the pretrained memory."""
-        committed, pending = state["weights"].clone(recurse=False), state["pending"].clone(recurse=False)
-        for path, change in changes.items():
-            name = path[-1]
-            committed[name] = committed[name] + change
-            pending[name] = pending[name] + change
-        out = state.clone(recurse=False)
-        out["weights"], out["pending"] = committed, pending
-        return out
+        committed, pending = state["weights"], state["pending"]
+        return replaced(
+            state,
+            {
+                "weights": replaced(committed, {p[-1]: committed[p[-1]] + c for p, c in changes.items()}),
+                "pending": replaced(pending, {p[-1]: pending[p[-1]] + c for p, c in changes.items()}),
+            },
+        )
 
     def surprise(self, x: Tensor, state: TensorDict) -> Tensor:
         """Associative loss ``mean_e (M(k) - v)^2`` of each token under the committed weights,
@@ -324,9 +324,9 @@ class NeuralMemory(MemoryUnit):
 
     def _absolute(self, delta: Params) -> Params:
         """Memory weights ``[s, *w]`` from a learned change ``[s, *w]``: pretrained + change."""
-        reps = delta[next(iter(delta))].shape[0] // self.heads  # streams
+        h = self.heads  # the pretrained weights broadcast over the streams (no copies)
         return {
-            k: p.repeat(reps, *([1] * (p.dim() - 1))) + delta[k]
+            k: (delta[k].unflatten(0, (-1, h)) + p).flatten(0, 1)
             for k, p in self.memory_model.named_parameters()
         }
 
@@ -365,10 +365,10 @@ class NeuralMemory(MemoryUnit):
         chunks, valid, next_buffer = self._chunk(self._token_inputs(x), buffer)
         first_chunk = (state["seq_index"] - buffer["count"]) // self.chunk_size  # [b]
         learned = self._learn(chunks, valid, first_chunk, state)
-        return TensorDict(
+        return tree(
             {**learned, "seq_index": state["seq_index"] + x.shape[1], "buffer": next_buffer},
-            batch_size=state.batch_size,
-            device=state.device,
+            state.batch_size,
+            state.device,
         )
 
     def _chunk(
@@ -379,7 +379,7 @@ class NeuralMemory(MemoryUnit):
         size, cap, count = self.chunk_size, self.chunk_size - 1, buffer["count"]
         if cap == 0:  # every token is a chunk of its own: nothing ever waits
             valid = torch.ones(*tokens["lr"].shape[::2], dtype=torch.bool, device=count.device)
-            return {f: t.unsqueeze(3) for f, t in tokens.items()}, valid, buffer.to_dict()
+            return {f: t.unsqueeze(3) for f, t in tokens.items()}, valid, dict(buffer.items())
         total = cap + tokens["keys"].shape[2]  # buffer slots + new tokens
         j = torch.arange(total, device=count.device)
         pending, done = count + (total - cap), (count + total - cap) // size  # [b]

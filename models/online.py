@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from models import combination, corrector
-from models.base import StorePolicy
+from models.base import StatePath, StorePolicy, replaced
 from models.forecaster import ContinualForecaster
 from models.optim import adamw_step
 
@@ -139,7 +139,7 @@ def _corrected(model: ContinualForecaster, state: TensorDict, inputs: Tensor, fo
     its state has one (unchanged otherwise)."""
     if "corrector" not in state.keys():
         return forecast
-    return corrector.correct(state["corrector"], inputs[:, :, list(model.config.out_indices)], forecast)
+    return corrector.correct(state["corrector"], model.forecast_channels(inputs), forecast)
 
 
 @torch.no_grad()
@@ -173,13 +173,11 @@ def observe(
     """
     cfg = model.config
     history = torch.cat([state["history"][:, 1:], values.to(state["history"].dtype)[:, None]], dim=1)
-    state = state.clone(recurse=False)
-    state["history"] = history
-    state["count"] = state["count"] + 1
+    state = replaced(state, {"history": history, "count": state["count"] + 1})
     if mode is not UpdateMode.NONE and feedback is Feedback.DELAYED:
         matured = state["count"] >= cfg.seq_len + cfg.pred_len
         if bool(matured.any()):
-            past, target = history[:, : cfg.seq_len], history[:, cfg.seq_len :, list(cfg.out_indices)]
+            past, target = history[:, : cfg.seq_len], model.forecast_channels(history[:, cfg.seq_len :])
             state = learn(model, state, past, target, mode, mask=matured)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
     combined = combines(state)  # every forecast is an expert's: the combination scores them all
@@ -190,13 +188,12 @@ def observe(
     forecast, stored = _forward(model, state, inputs, policy)
     forecast = _corrected(model, state, inputs, forecast)
     ready = is_ready(model, state)
-    if stores:
-        state["model"] = _where(ready, stored["model"], state["model"])
+    changed = {"model": _where(ready, stored["model"], state["model"])} if stores else {}
     if combined:
         experts = _experts(model, state, forecast)
-        value = values[:, list(cfg.out_indices)].to(forecast.dtype)
-        forecast, state["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
-    return state, forecast
+        value = model.forecast_channels(values).to(forecast.dtype)
+        forecast, changed["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
+    return replaced(state, changed), forecast
 
 
 COMBINATION = combination.CombinationConfig()  # the combination's settings (per stream state)
@@ -209,7 +206,7 @@ def _experts(model: ContinualForecaster, state: TensorDict, adapted: Tensor) -> 
     inputs = window(model, state)
     b = inputs.shape[0]
     frozen, _ = model(inputs, model.init_state(b, device=inputs.device, dtype=inputs.dtype), StorePolicy.NONE)
-    last = inputs[:, -1:, list(model.config.out_indices)].expand_as(adapted)  # [b, p, c_out]
+    last = model.forecast_channels(inputs[:, -1:]).expand_as(adapted)  # [b, p, c_out]
     return torch.stack([frozen, adapted, last], dim=1)
 
 
@@ -335,11 +332,7 @@ def _outcome_step(
         return state, None
     components = state["model"]
     leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in paths}
-    graded = components.clone(recurse=False)  # a new tree over the same tensors
-    for path, leaf in leaves.items():
-        graded.set(path, leaf)
-    reading = state.clone(recurse=False)
-    reading["model"] = graded
+    reading = replaced(state, {"model": _with_leaves(components, leaves)})
     with torch.enable_grad():
         forecast, _ = _forward(model, reading, inputs, StorePolicy.NONE)  # [b, p, c_out]
         losses = (forecast - targets).pow(2).flatten(1).mean(dim=1)  # [b] each stream's F.mse_loss
@@ -353,9 +346,8 @@ def _outcome_step(
         },
         cfg.online_clip,
     )
-    out = state.clone(recurse=False)
-    out["model"] = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
-    return out, forecast.detach()
+    stepped = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
+    return replaced(state, {"model": stepped}), forecast.detach()
 
 
 def _learn_corrector(
@@ -374,16 +366,10 @@ def _learn_corrector(
         return state
     if raw is None:
         raw, _ = _forward(model, state, inputs, StorePolicy.NONE)
-    out = state.clone(recurse=False)
-    out["corrector"] = corrector.update(
-        state["corrector"],
-        inputs[:, :, list(model.config.out_indices)],
-        raw,
-        targets,
-        model.config.corrector_lr,
-        mask,
+    learned = corrector.update(
+        state["corrector"], model.forecast_channels(inputs), raw, targets, model.config.corrector_lr, mask
     )
-    return out
+    return replaced(state, {"corrector": learned})
 
 
 def _learn_one(
@@ -544,9 +530,7 @@ def _forward(
     """Forecast with the shared weights (batched) or, for full_model streams, each stream's own."""
     if "params" not in state.keys():
         forecast, model_state = model(inputs, state["model"], policy)
-        out = state.clone(recurse=False)
-        out["model"] = model_state
-        return forecast, out
+        return forecast, replaced(state, {"model": model_state})
     if state.batch_size[0] > 1 and model.vmaps_stream_weights and policy not in _NO_VMAP.get(model, ()):
         params = {k.replace("-", "."): cast(Tensor, v) for k, v in state["params"].items()}  # [b, ...]
         try:
@@ -558,9 +542,7 @@ def _forward(
                 raise
             _NO_VMAP.setdefault(model, set()).add(policy)  # pure functions: nothing happened; loop instead
         else:
-            out = state.clone(recurse=False)
-            out["model"] = model_state
-            return forecast, out
+            return forecast, replaced(state, {"model": model_state})
     forecasts, rows = [], []
     for i in range(state.batch_size[0]):
         row = (state if state.batch_size[0] == 1 else state[i : i + 1]).clone(recurse=False)
@@ -595,6 +577,21 @@ def _flat(td: TensorDict) -> dict[str, Tensor]:
 
 def _nest(flat: dict[str, Tensor]) -> TensorDict:
     return TensorDict({_key(k): v.unsqueeze(0) for k, v in flat.items()}, batch_size=[1])
+
+
+def _with_leaves(td: TensorDict, leaves: dict[StatePath, Tensor]) -> TensorDict:
+    """``td`` with the tensors at the nested ``leaves`` paths replaced, every node on a path
+    copied (:func:`models.base.replaced`) and the rest of the tree shared."""
+    children: dict[str, dict[StatePath, Tensor]] = {}
+    entries: dict[str, Tensor | TensorDict] = {}
+    for path, leaf in leaves.items():
+        if len(path) == 1:
+            entries[path[0]] = leaf
+        else:
+            children.setdefault(path[0], {})[path[1:]] = leaf
+    for key, below in children.items():
+        entries[key] = _with_leaves(cast(TensorDict, td[key]), below)
+    return replaced(td, entries)
 
 
 def _where(mask: Tensor, new: TensorDict, old: TensorDict) -> TensorDict:
