@@ -27,6 +27,7 @@ from models.base import (
     replaced,
 )
 from models.config import ModelConfig
+from models.neural_memory import NeuralMemory
 from models.registry import build_backbone, build_memory
 
 _EPS = 1e-5
@@ -119,7 +120,6 @@ class ContinualForecaster(nn.Module):
     def forward(  # type: ignore[override]
         self, window: Tensor, state: TensorDict, store: StorePolicy = StorePolicy.NONE
     ) -> tuple[Tensor, TensorDict]:
-        cfg = self.config
         x, mean, std = self._normalise(window)  # [b, n, c]
         features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
         changed = {"backbone": backbone_state}
@@ -130,16 +130,53 @@ class ContinualForecaster(nn.Module):
             shown = features if store is StorePolicy.WINDOW else features[:, -1:]  # [b, n | 1, d]
             retrieved, changed["memory"] = self.memory(shown, state["memory"], store)
             features = self.fusion(shown, retrieved)
-        next_state = replaced(state, changed)
-        b = window.shape[0]
-        y = self.head(features[:, -1]).view(b, cfg.pred_len, cfg.out_channels)
+        return self._output(features[:, -1], x, mean, std), replaced(state, changed)
+
+    def _output(self, last: Tensor, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        """The forecast ``[b, pred_len, c_out]`` from the last token's fused features ``last
+        [b, d]`` and the normalised window ``x`` with its statistics."""
+        cfg = self.config
+        y = self.head(last).view(x.shape[0], cfg.pred_len, cfg.out_channels)
         x_out = self.forecast_channels(x)  # [b, n, c_out]
         if self.skip is not None:
             y = y + self.skip(x_out.transpose(1, 2)).transpose(1, 2)
         if cfg.predict_delta:
             y = y + x_out[:, -1:, :]
-        y = y * self.forecast_channels(std) + self.forecast_channels(mean)
-        return y, next_state
+        return y * self.forecast_channels(std) + self.forecast_channels(mean)
+
+    def outcome_gradient(
+        self, window: Tensor, state: TensorDict, targets: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, dict[StatePath, Tensor]] | None:
+        """The forecast of ``window`` (what ``forward`` returns without storing) and, per stream,
+        the gradient of its ``F.mse_loss`` to ``targets [b, pred_len, c_out]`` w.r.t. the
+        :meth:`outcome_paths` (zero where ``mask [b]`` is false), by the chain rule written out;
+        None where that is not written for this configuration (the caller uses autograd).
+
+        Why: the memory weights reach the forecast only through the memory's read of the last
+        token, then the fusion ("add") and the linear head; the rest of the forecast does not
+        depend on them. Autograd's bookkeeping for that short chain cost more than the whole
+        rest of an online step."""
+        memory = self.memory
+        if not (
+            isinstance(memory, NeuralMemory)
+            and memory.writes_read_gradient
+            and self.fusion is not None
+            and self.fusion.kind == "add"
+            and self._outcome_paths == tuple(("memory", *p) for p in memory.outcome_paths())
+        ):
+            return None
+        x, mean, std = self._normalise(window)
+        features, _ = self.backbone(self.embed(x), state["backbone"], StorePolicy.NONE)
+        shown = features[:, -1:]  # [b, 1, d]: as forward, the memory reads the last token only
+        retrieved, vjp = memory.read_with_vjp(shown, state["memory"]["weights"])
+        forecast = self._output((shown + retrieved)[:, -1], x, mean, std)
+        # d mean((forecast - targets)^2) / d forecast, for each stream's own loss
+        grad = (forecast - targets) * (2.0 / forecast[0].numel())
+        if mask is not None:
+            grad = torch.where(mask[:, None, None], grad, torch.zeros_like(grad))
+        grad_head = (grad * self.forecast_channels(std)).flatten(1)  # [b, pred_len * c_out]
+        grad_retrieved = (grad_head @ self.head.weight)[:, None]  # [b, 1, d]: through the add
+        return forecast, {("memory", "weights", k): g for k, g in vjp(grad_retrieved).items()}
 
     def forecast_channels(self, x: Tensor) -> Tensor:
         """The forecast channels (``out_indices``) of ``x [..., c]``: ``x`` itself when every

@@ -110,14 +110,19 @@ class MLPMemory(nn.Module):
             grads[f"w{i}"] = inputs[i].transpose(-1, -2) @ g  # [s, c, i, o]
             if i:
                 h = pre[i - 1]
-                cdf = 0.5 * (1.0 + torch.erf(h * _SQRT_HALF))
-                pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
-                g = (g @ weights[i].transpose(-1, -2)) * (cdf + h * pdf)  # exact GELU's derivative
+                g = (g @ weights[i].transpose(-1, -2)) * _gelu_grad(h)
         return {f"w{i}": grads[f"w{i}"] for i in range(depth)}
 
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_grad(h: Tensor) -> Tensor:
+    """The exact GELU's derivative at ``h``."""
+    cdf = 0.5 * (1.0 + torch.erf(h * _SQRT_HALF))
+    pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    return cdf + h * pdf
 
 
 class AttentionMemory(nn.Module):
@@ -338,6 +343,54 @@ class NeuralMemory(MemoryUnit):
         params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
         y = self.out_norm(self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
         return self.to_out(y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2))
+
+    @property
+    def writes_read_gradient(self) -> bool:
+        """:meth:`read_with_vjp` has this memory's gradient written out (the MLP memory)."""
+        return isinstance(self.memory_model, MLPMemory) and self.out_norm.weight is not None
+
+    def read_with_vjp(self, x: Tensor, weights: TensorDict) -> tuple[Tensor, Callable[[Tensor], Params]]:
+        """:meth:`_read` (the same operations, the same output ``[b, n, d]``), and the function
+        that maps a gradient w.r.t. that output to the gradients w.r.t. each stream's weight
+        change ``{name: [b, h, *w]}``, by the chain rule written out (MLP memory only, see
+        :attr:`writes_read_gradient`).
+
+        Why: the outcome step (``models.online``) takes this gradient on every matured pair,
+        and autograd's graph bookkeeping cost several times the dozen small tensor operations
+        it needs (as for :meth:`MLPMemory.chunk_grads`)."""
+        b, n, _ = x.shape
+        h, e = self.heads, self.dim_head
+        to_q = self.to_q if self.to_q is not None else self.to_k
+        q = _unit_rms(self._split(to_q(self.retrieve_norm(x))))  # [b, h, n, e]
+        params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
+        depth = len(params)
+        inputs, pre = [q.flatten(0, 1)], []  # each layer's input, and the hidden pre-activations
+        m = inputs[0]
+        for i in range(depth):  # MLPMemory.memory_fn, keeping what the gradient needs
+            m = m @ params[f"w{i}"]
+            if i < depth - 1:
+                pre.append(m)
+                m = F.gelu(m)
+                inputs.append(m)
+        out = self.to_out(self.out_norm(m).view(b, h, n, e).transpose(1, 2).flatten(2))
+        norm_eps = self.out_norm.eps if self.out_norm.eps is not None else torch.finfo(m.dtype).eps
+        gain = self.out_norm.weight
+
+        def vjp(grad_out: Tensor) -> Params:
+            g = (grad_out @ self.to_out.weight).view(b, n, h, e).transpose(1, 2).flatten(0, 1)  # [s, n, e]
+            # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2:
+            # dm = r gain dz - r^3 m mean_e(gain dz m)
+            r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
+            gz = g * gain
+            g = r * gz - m * r.pow(3) * (gz * m).mean(-1, keepdim=True)
+            grads: Params = {}
+            for i in range(depth - 1, -1, -1):
+                grads[f"w{i}"] = inputs[i].transpose(-1, -2) @ g  # [s, i, o]
+                if i:
+                    g = (g @ params[f"w{i}"].transpose(-1, -2)) * _gelu_grad(pre[i - 1])
+            return {k: grads[k].unflatten(0, (b, h)) for k in params}
+
+        return out, vjp
 
     def _token_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """Keys, values (eq 11), learning rates theta and gate logits of each token,

@@ -331,7 +331,24 @@ def _outcome_step(
     if cfg.outcome_lr <= 0 or not paths or (mask is not None and not bool(mask.any())):
         return state, None
     components = state["model"]
-    leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in paths}
+    written = None if "params" in state.keys() else model.outcome_gradient(inputs, components, targets, mask)
+    if written is not None:
+        forecast, grads = written
+    else:  # autograd, for a memory whose gradient is not written out
+        forecast, grads = _outcome_gradient(model, state, inputs, targets, mask)
+    clipped = _clip_rows(grads, cfg.online_clip)
+    stepped = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
+    return replaced(state, {"model": stepped}), forecast.detach()
+
+
+def _outcome_gradient(
+    model: ContinualForecaster, state: TensorDict, inputs: Tensor, targets: Tensor, mask: Tensor | None
+) -> tuple[Tensor, dict[StatePath, Tensor]]:
+    """The forecast of ``inputs`` and each stream's gradient of its loss w.r.t. the outcome
+    paths (what :meth:`~models.forecaster.ContinualForecaster.outcome_gradient` writes out),
+    by autograd."""
+    components = state["model"]
+    leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in model.outcome_paths()}
     reading = replaced(state, {"model": _with_leaves(components, leaves)})
     with torch.enable_grad():
         forecast, _ = _forward(model, reading, inputs, StorePolicy.NONE)  # [b, p, c_out]
@@ -339,15 +356,10 @@ def _outcome_step(
         if mask is not None:
             losses = torch.where(mask, losses, torch.zeros_like(losses))
         grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-    clipped = _clip_rows(
-        {
-            p: torch.zeros_like(leaf) if g is None else g
-            for (p, leaf), g in zip(leaves.items(), grads, strict=True)
-        },
-        cfg.online_clip,
-    )
-    stepped = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
-    return replaced(state, {"model": stepped}), forecast.detach()
+    return forecast, {
+        p: torch.zeros_like(leaf) if g is None else g
+        for (p, leaf), g in zip(leaves.items(), grads, strict=True)
+    }
 
 
 def _learn_corrector(
