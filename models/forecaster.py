@@ -79,6 +79,7 @@ class ContinualForecaster(nn.Module):
         self._outcome_paths = nested_outcome_paths(self.stateful_children())
         self._stores_tokens = any(c.stores_tokens for c in children)
         self._learns_from_gradients = any(c.learns_from_gradients for c in children)
+        self._stateless_backbone = not self.backbone.init_state(1).keys()  # the LSTM, the transformer
 
     def stateful_children(self) -> dict[str, StatefulModule]:
         children: dict[str, StatefulModule] = {"backbone": self.backbone}
@@ -123,14 +124,58 @@ class ContinualForecaster(nn.Module):
         x, mean, std = self._normalise(window)  # [b, n, c]
         features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
         changed = {"backbone": backbone_state}
-        if self.memory is not None and self.fusion is not None:
-            # the fusion works token by token and the head reads the last token, so a memory
-            # that stores only the newest token (or none) needs to see only that one: the same
-            # forecast and state at a fraction of the retrieval cost
-            shown = features if store is StorePolicy.WINDOW else features[:, -1:]  # [b, n | 1, d]
-            retrieved, changed["memory"] = self.memory(shown, state["memory"], store)
-            features = self.fusion(shown, retrieved)
-        return self._output(features[:, -1], x, mean, std), replaced(state, changed)
+        last, memory_state = self._fused_last(features, state, store)
+        if memory_state is not None:
+            changed["memory"] = memory_state
+        return self._output(last, x, mean, std), replaced(state, changed)
+
+    def forward_and_frozen(
+        self, window: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict, Tensor]:
+        """:meth:`forward`, and the frozen checkpoint's forecast of the same window (from the
+        fresh component state: the combination's ``frozen`` expert, ``models/combination.py``).
+
+        Why together: a backbone that keeps no per-stream state gives both the same features,
+        so the backbone (the LSTM: most of a forward pass) runs once for the two forecasts."""
+        if not self._stateless_backbone:
+            forecast, next_state = self(window, state, store)
+            fresh = self.init_state(window.shape[0], device=window.device, dtype=window.dtype)
+            return forecast, next_state, self(window, fresh, StorePolicy.NONE)[0]
+        x, mean, std = self._normalise(window)  # [b, n, c]
+        features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
+        changed = {"backbone": backbone_state}
+        last, memory_state = self._fused_last(features, state, store)
+        if memory_state is None:
+            frozen_last = last  # no memory: the frozen forecast is the same
+        else:
+            changed["memory"] = memory_state
+            fresh = self.memory_init_state(window.shape[0], device=window.device, dtype=window.dtype)
+            frozen_last, _ = self._fused_last(features, fresh, StorePolicy.NONE)
+        forecast, frozen = self._output(last, x, mean, std), self._output(frozen_last, x, mean, std)
+        return forecast, replaced(state, changed), frozen
+
+    def memory_init_state(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TensorDict:
+        """:meth:`init_state` of the memory part only (``{"memory": ...}``; empty without one)."""
+        state = empty_state(batch, device)
+        if self.memory is not None:
+            state["memory"] = self.memory.init_state(batch, device=device, dtype=dtype)
+        return state
+
+    def _fused_last(
+        self, features: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict | None]:
+        """The last token's features ``[b, d]`` fused with the memory's read of ``state["memory"]``
+        (the backbone's own without a memory), and the memory's next state (None without one)."""
+        if self.memory is None or self.fusion is None:
+            return features[:, -1], None
+        # the fusion works token by token and the head reads the last token, so a memory that
+        # stores only the newest token (or none) needs to see only that one: the same forecast
+        # and state at a fraction of the retrieval cost
+        shown = features if store is StorePolicy.WINDOW else features[:, -1:]  # [b, n | 1, d]
+        retrieved, memory_state = self.memory(shown, state["memory"], store)
+        return self.fusion(shown, retrieved)[:, -1], memory_state
 
     def _output(self, last: Tensor, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         """The forecast ``[b, pred_len, c_out]`` from the last token's fused features ``last

@@ -270,7 +270,7 @@ class NeuralMemory(MemoryUnit):
             "seq_index": torch.zeros(batch, dtype=torch.int64, device=device),
             "buffer": buffer,
         }
-        return TensorDict(state, batch_size=[batch], device=device)
+        return tree(state, torch.Size([batch]), None if device is None else torch.device(device))
 
     def forward(  # type: ignore[override]
         self, x: Tensor, state: TensorDict, store: StorePolicy

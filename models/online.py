@@ -185,12 +185,17 @@ def observe(
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
     inputs = window(model, state)
-    forecast, stored = _forward(model, state, inputs, policy)
+    frozen = None
+    if combined and "params" not in state.keys():  # the frozen expert shares the forward pass
+        forecast, model_state, frozen = model.forward_and_frozen(inputs, state["model"], policy)
+        stored = replaced(state, {"model": model_state})
+    else:
+        forecast, stored = _forward(model, state, inputs, policy)
     forecast = _corrected(model, state, inputs, forecast)
     ready = is_ready(model, state)
     changed = {"model": _where(ready, stored["model"], state["model"])} if stores else {}
     if combined:
-        experts = _experts(model, state, forecast)
+        experts = _experts(model, state, forecast, frozen)
         value = model.forecast_channels(values).to(forecast.dtype)
         forecast, changed["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
     return replaced(state, changed), forecast
@@ -199,13 +204,17 @@ def observe(
 COMBINATION = combination.CombinationConfig()  # the combination's settings (per stream state)
 
 
-def _experts(model: ContinualForecaster, state: TensorDict, adapted: Tensor) -> Tensor:
+def _experts(
+    model: ContinualForecaster, state: TensorDict, adapted: Tensor, frozen: Tensor | None = None
+) -> Tensor:
     """The forecasts the combination weighs, ``[b, e, pred_len, c_out]`` in the order of
-    ``combination.EXPERTS``: the frozen checkpoint (shared weights, initial component state),
-    ``adapted`` (the stream's own) and the last value."""
+    ``combination.EXPERTS``: the frozen checkpoint (shared weights, initial component state;
+    ``frozen`` when the caller has it), ``adapted`` (the stream's own) and the last value."""
     inputs = window(model, state)
-    b = inputs.shape[0]
-    frozen, _ = model(inputs, model.init_state(b, device=inputs.device, dtype=inputs.dtype), StorePolicy.NONE)
+    if frozen is None:
+        b = inputs.shape[0]
+        fresh = model.init_state(b, device=inputs.device, dtype=inputs.dtype)
+        frozen, _ = model(inputs, fresh, StorePolicy.NONE)
     last = model.forecast_channels(inputs[:, -1:]).expand_as(adapted)  # [b, p, c_out]
     return torch.stack([frozen, adapted, last], dim=1)
 
