@@ -459,28 +459,44 @@ class NeuralMemory(MemoryUnit):
 
         The chunks are cut into segments at every chunk after which some stream commits; inside
         a segment each stream's committed weights are fixed, so its gradients are computed at
-        once and its recurrences by one scan.
+        once and its recurrences by one scan. When every stream has every chunk and commits after
+        each (``batch_size == chunk_size``, the default), the recurrences run chunk by chunk
+        without that bookkeeping: the online step stores one chunk, where it cost more than the
+        arithmetic.
         """
         h = self.heads
         flat: dict[str, Params] = {
             part: {k: w.flatten(0, 1) for k, w in state[part].items()}
             for part in ("weights", "pending", "momentum")
         }
-        if not bool(valid.any()):  # no stream filled a chunk: nothing to learn this call
+        full = bool(valid.all())  # every stream has every chunk: no per-stream bookkeeping
+        if not full and not bool(valid.any()):  # no stream filled a chunk: nothing to learn this call
             return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in flat.items()}
         committed, latest, momentum = flat["weights"], flat["pending"], flat["momentum"]
         n_chunks = valid.shape[1]
-        index = first_chunk[:, None] + torch.arange(n_chunks, device=valid.device)  # [b, c]
-        boundary = (index + 1) % self.chunks_per_batch == 0
-        commit = (boundary & valid).repeat_interleave(h, 0)  # [s, c]
-        ends = range(n_chunks) if self.chunks_per_batch == 1 else _segment_ends(boundary)
         keys, values, lr = (chunks[f].flatten(0, 1) for f in ("keys", "values", "lr"))
         eta = torch.sigmoid(chunks["momentum"].mean(-1)).flatten(0, 1)  # [s, c]
         alpha = torch.sigmoid(chunks["decay"].mean(-1)).flatten(0, 1)  # [s, c]
         if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
             eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
+        if full and self.chunks_per_batch == 1:
+            # every stream commits after each chunk (the online step: one chunk): the recurrences
+            # one chunk at a time, what the scans below compute, without their bookkeeping
+            for c in range(n_chunks):
+                one = slice(c, c + 1)
+                grads = self._chunk_grads(self._absolute(committed), keys[:, one], values[:, one], lr[:, one])
+                gate, keep = eta[:, c, None, None], 1 - alpha[:, c, None, None]
+                for name, g in grads.items():
+                    momentum[name] = gate * momentum[name] - g[:, 0]  # eq 14
+                    latest[name] = keep * latest[name] + momentum[name]  # eq 13
+                committed = dict(latest)
+            parts = {"weights": committed, "pending": latest, "momentum": momentum}
+            return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
+        index = first_chunk[:, None] + torch.arange(n_chunks, device=valid.device)  # [b, c]
+        boundary = (index + 1) % self.chunks_per_batch == 0
+        commit = (boundary & valid).repeat_interleave(h, 0)  # [s, c]
+        ends = range(n_chunks) if self.chunks_per_batch == 1 else _segment_ends(boundary)
         counts = valid.repeat_interleave(h, 0)  # [s, c]
-        full = bool(valid.all())  # every stream has every chunk: no per-stream bookkeeping
         start = 0
         for end in ends:
             seg = slice(start, end + 1)
@@ -492,10 +508,7 @@ class NeuralMemory(MemoryUnit):
                 )
                 momentum[name] = _at_step(momentum[name], s_all, done)
                 latest[name] = _at_step(latest[name], m_all, done)
-            if full and self.chunks_per_batch == 1:  # every stream commits every chunk
-                committed = dict(latest)
-            else:
-                committed = {k: _where_rows(commit[:, end], latest[k], w) for k, w in committed.items()}
+            committed = {k: _where_rows(commit[:, end], latest[k], w) for k, w in committed.items()}
             start = end + 1
         parts = {"weights": committed, "pending": latest, "momentum": momentum}
         return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
