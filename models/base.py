@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from tensordict import TensorDict
@@ -51,7 +51,7 @@ def replaced(td: TensorDict, entries: Mapping[str, Tensor | TensorDict]) -> Tens
     included, are shared with ``td`` (safe: no code changes a state in place), and the new
     entries are trusted to have ``td``'s batch size.
     """
-    source = dict(td.items())
+    source: dict[Any, Any] = dict(td.items())  # tensordict's stubs name no mapping of str keys
     source.update(entries)
     return TensorDict._new_unsafe(source=source, batch_size=td.batch_size, device=td.device, nested=False)
 
@@ -60,7 +60,8 @@ def tree(entries: Mapping[str, object], batch_size: torch.Size, device: torch.de
     """A ``TensorDict`` of ``entries`` (nested dicts become nested ``TensorDict`` nodes) whose
     tensors are trusted to have the leading ``batch_size``: built without the per-entry checks
     of ``TensorDict(...)``, which cost more than a small model's online step computes."""
-    return TensorDict._new_unsafe(source=dict(entries), batch_size=batch_size, device=device)
+    source: dict[Any, Any] = dict(entries)  # tensordict's stubs name no mapping of str keys
+    return TensorDict._new_unsafe(source=source, batch_size=batch_size, device=device)
 
 
 def empty_state(batch: int, device: torch.device | str | None = None) -> TensorDict:

@@ -10,6 +10,7 @@ untrained model forecasts the last value, the baseline every method must beat.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict
@@ -52,6 +53,18 @@ class Fusion(nn.Module):
             return self.proj(both)
         gate = torch.sigmoid(self.proj(both))
         return gate * features + (1 - gate) * memory
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A window as the memory and the head read it: its normalised values ``x [b, n, c]``, their
+    ``mean`` and ``std [b, 1, c]``, and the backbone's ``features [b, n, d]`` (a backbone that
+    keeps no per-stream state: see :meth:`ContinualForecaster.encode_together`)."""
+
+    x: Tensor
+    mean: Tensor
+    std: Tensor
+    features: Tensor
 
 
 class ContinualForecaster(nn.Module):
@@ -119,18 +132,47 @@ class ContinualForecaster(nn.Module):
         return nested_outcome_step(self.stateful_children(), state, changes)
 
     def forward(  # type: ignore[override]
-        self, window: Tensor, state: TensorDict, store: StorePolicy = StorePolicy.NONE
+        self,
+        window: Tensor,
+        state: TensorDict,
+        store: StorePolicy = StorePolicy.NONE,
+        encoded: Encoded | None = None,
     ) -> tuple[Tensor, TensorDict]:
-        x, mean, std = self._normalise(window)  # [b, n, c]
-        features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
+        """The forecast of ``window [b, n, c]`` and the next component state; ``encoded``: the
+        window's :meth:`encode_together`, when the caller has it."""
+        (x, mean, std, features), backbone_state = self._encode(window, state, store, encoded)
         changed = {"backbone": backbone_state}
         last, memory_state = self._fused_last(features, state, store)
         if memory_state is not None:
             changed["memory"] = memory_state
         return self._output(last, x, mean, std), replaced(state, changed)
 
+    def encode_together(self, windows: list[Tensor], state: TensorDict) -> list[Encoded] | None:
+        """Each of ``windows`` (each ``[b, n, c]``) encoded by one backbone pass over all of them;
+        None unless the backbone keeps no per-stream state (then nothing it reads differs).
+
+        Why: an online step forecasts two windows (the matured pair's, to learn from, and the
+        newest), and one LSTM pass over both costs little more than one over either."""
+        if not self._stateless_backbone:
+            return None
+        b = windows[0].shape[0]
+        x, mean, std = self._normalise(torch.cat(windows))
+        features, _ = self.backbone(self.embed(x), state["backbone"], StorePolicy.NONE)
+        rows = [slice(i * b, (i + 1) * b) for i in range(len(windows))]
+        return [Encoded(x[r], mean[r], std[r], features[r]) for r in rows]
+
+    def _encode(
+        self, window: Tensor, state: TensorDict, store: StorePolicy, encoded: Encoded | None
+    ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], TensorDict]:
+        """(normalised window, mean, std, backbone features) and the backbone's next state."""
+        if encoded is not None:  # from encode_together: a backbone without state keeps it
+            return (encoded.x, encoded.mean, encoded.std, encoded.features), state["backbone"]
+        x, mean, std = self._normalise(window)  # [b, n, c]
+        features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
+        return (x, mean, std, features), backbone_state
+
     def forward_and_frozen(
-        self, window: Tensor, state: TensorDict, store: StorePolicy
+        self, window: Tensor, state: TensorDict, store: StorePolicy, encoded: Encoded | None = None
     ) -> tuple[Tensor, TensorDict, Tensor]:
         """:meth:`forward`, and the frozen checkpoint's forecast of the same window (from the
         fresh component state: the combination's ``frozen`` expert, ``models/combination.py``).
@@ -141,8 +183,7 @@ class ContinualForecaster(nn.Module):
             forecast, next_state = self(window, state, store)
             fresh = self.init_state(window.shape[0], device=window.device, dtype=window.dtype)
             return forecast, next_state, self(window, fresh, StorePolicy.NONE)[0]
-        x, mean, std = self._normalise(window)  # [b, n, c]
-        features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
+        (x, mean, std, features), backbone_state = self._encode(window, state, store, encoded)
         changed = {"backbone": backbone_state}
         last, memory_state = self._fused_last(features, state, store)
         if memory_state is None:
@@ -190,7 +231,12 @@ class ContinualForecaster(nn.Module):
         return y * self.forecast_channels(std) + self.forecast_channels(mean)
 
     def outcome_gradient(
-        self, window: Tensor, state: TensorDict, targets: Tensor, mask: Tensor | None
+        self,
+        window: Tensor,
+        state: TensorDict,
+        targets: Tensor,
+        mask: Tensor | None,
+        encoded: Encoded | None = None,
     ) -> tuple[Tensor, dict[StatePath, Tensor]] | None:
         """The forecast of ``window`` (what ``forward`` returns without storing) and, per stream,
         the gradient of its ``F.mse_loss`` to ``targets [b, pred_len, c_out]`` w.r.t. the
@@ -210,8 +256,7 @@ class ContinualForecaster(nn.Module):
             and self._outcome_paths == tuple(("memory", *p) for p in memory.outcome_paths())
         ):
             return None
-        x, mean, std = self._normalise(window)
-        features, _ = self.backbone(self.embed(x), state["backbone"], StorePolicy.NONE)
+        (x, mean, std, features), _ = self._encode(window, state, StorePolicy.NONE, encoded)
         shown = features[:, -1:]  # [b, 1, d]: as forward, the memory reads the last token only
         retrieved, vjp = memory.read_with_vjp(shown, state["memory"]["weights"])
         forecast = self._output((shown + retrieved)[:, -1], x, mean, std)

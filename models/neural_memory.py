@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -432,7 +433,11 @@ class NeuralMemory(MemoryUnit):
         size, cap, count = self.chunk_size, self.chunk_size - 1, buffer["count"]
         if cap == 0:  # every token is a chunk of its own: nothing ever waits
             valid = torch.ones(*tokens["lr"].shape[::2], dtype=torch.bool, device=count.device)
-            return {f: t.unsqueeze(3) for f, t in tokens.items()}, valid, dict(buffer.items())
+            return (
+                {f: t.unsqueeze(3) for f, t in tokens.items()},
+                valid,
+                {k: cast(Tensor, v) for k, v in buffer.items()},
+            )
         total = cap + tokens["keys"].shape[2]  # buffer slots + new tokens
         j = torch.arange(total, device=count.device)
         pending, done = count + (total - cap), (count + total - cap) // size  # [b]

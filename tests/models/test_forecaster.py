@@ -253,3 +253,27 @@ def test_forward_and_frozen_equals_two_forward_passes(
     torch.testing.assert_close(forecast, expected, rtol=0, atol=0)
     torch.testing.assert_close(frozen, expected_frozen, rtol=0, atol=0)
     assert_states_close(next_state, expected_state)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_windows_encoded_together_forecast_as_each_alone(combo: tuple[str, str, str]) -> None:
+    """``encode_together`` (one backbone pass over the matured pair's window and the newest,
+    ``models.online.observe``) gives each window's forecast and next state, up to float rounding;
+    a backbone with per-stream state declines (None)."""
+    model = make_model(*combo)
+    x = series(3, 2 * SEQ)
+    state = model.init_state(3, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(SEQ):
+            _, state = model(x[:, j : j + SEQ], state, StorePolicy.LAST)
+        windows = [x[:, 1 : 1 + SEQ], x[:, SEQ:]]
+        encoded = model.encode_together(windows, state)
+        if encoded is None:
+            assert model.init_state(1).get("backbone").keys(), "a backbone without state shares its pass"
+            return
+        for window, enc in zip(windows, encoded, strict=True):
+            for store in (StorePolicy.NONE, StorePolicy.LAST):
+                forecast, next_state = model(window, state, store, enc)
+                expected, expected_state = model(window, state, store)
+                torch.testing.assert_close(forecast, expected, rtol=0, atol=1e-9)
+                assert_states_close(next_state, expected_state, atol=1e-9)

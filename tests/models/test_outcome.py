@@ -104,10 +104,10 @@ def test_each_matured_pair_is_learned_from_once(monkeypatch: pytest.MonkeyPatch)
     learned: list[tuple[int, torch.Tensor]] = []  # (observations seen, targets learned from)
     real = online._outcome_step
 
-    def spy(model_, state, inputs, targets, mask=None):  # type: ignore[no-untyped-def]
+    def spy(model_, state, inputs, targets, mask=None, encoded=None):  # type: ignore[no-untyped-def]
         learned.append((int(state["count"][0]), targets.clone()))
         assert mask is not None and bool(mask.all())
-        return real(model_, state, inputs, targets, mask)
+        return real(model_, state, inputs, targets, mask, encoded)
 
     monkeypatch.setattr(online, "_outcome_step", spy)
     values = series(1, T)
