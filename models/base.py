@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from tensordict import TensorDict
@@ -39,6 +39,29 @@ StatePath = tuple[str, ...]  # keys from a state down to one of its tensors
 
 class ModelCapabilityError(ValueError):
     """A configuration asks a component for something it cannot do."""
+
+
+def replaced(td: TensorDict, entries: Mapping[str, Tensor | TensorDict]) -> TensorDict:
+    """A new ``TensorDict`` holding ``td``'s entries with ``entries`` put in their place: the
+    functional update every step makes (states are never changed in place).
+
+    Why not ``td.clone(recurse=False)`` and setting: that copies the whole nested tree of
+    ``TensorDict`` nodes and validates every entry set, which cost more than the arithmetic of
+    an online step of a small model. Here the untouched entries, nested ``TensorDict`` nodes
+    included, are shared with ``td`` (safe: no code changes a state in place), and the new
+    entries are trusted to have ``td``'s batch size.
+    """
+    source: dict[Any, Any] = dict(td.items())  # tensordict's stubs name no mapping of str keys
+    source.update(entries)
+    return TensorDict._new_unsafe(source=source, batch_size=td.batch_size, device=td.device, nested=False)
+
+
+def tree(entries: Mapping[str, object], batch_size: torch.Size, device: torch.device | None) -> TensorDict:
+    """A ``TensorDict`` of ``entries`` (nested dicts become nested ``TensorDict`` nodes) whose
+    tensors are trusted to have the leading ``batch_size``: built without the per-entry checks
+    of ``TensorDict(...)``, which cost more than a small model's online step computes."""
+    source: dict[Any, Any] = dict(entries)  # tensordict's stubs name no mapping of str keys
+    return TensorDict._new_unsafe(source=source, batch_size=batch_size, device=device)
 
 
 def empty_state(batch: int, device: torch.device | str | None = None) -> TensorDict:
@@ -107,12 +130,12 @@ def nested_outcome_step(
     children: Mapping[str, StatefulModule], state: TensorDict, changes: Mapping[StatePath, Tensor]
 ) -> TensorDict:
     """:meth:`StatefulModule.outcome_step` of such a container: each child steps its own part."""
-    out = state.clone(recurse=False)
+    stepped = {}
     for name, child in children.items():
         own = {path[1:]: change for path, change in changes.items() if path[0] == name}
         if own:
-            out[name] = child.outcome_step(state[name], own)
-    return out
+            stepped[name] = child.outcome_step(state[name], own)
+    return replaced(state, stepped)
 
 
 class Backbone(StatefulModule):

@@ -57,6 +57,8 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from models.base import replaced
+
 EXPERTS = ("frozen", "adapted", "last_value")  # the experts a stream state's combination weighs
 
 
@@ -125,10 +127,13 @@ def update(
     if cfg.share > 0:  # fixed share, in log space: log((1 - a) w + a / e)
         floor = math.log(cfg.share / lw.shape[-1])
         new = torch.logaddexp(new + math.log1p(-cfg.share), torch.full_like(new, floor))
-    out = state.clone(recurse=False)
-    out["log_weights"] = torch.where(mask[..., None], new, lw)
-    out["scale"] = torch.where(mask, scale, state["scale"])
-    return out
+    return replaced(
+        state,
+        {
+            "log_weights": torch.where(mask[..., None], new, lw),
+            "scale": torch.where(mask, scale, state["scale"]),
+        },
+    )
 
 
 def matured_losses(state: TensorDict, value: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,10 +158,8 @@ def observe(state: TensorDict, value: Tensor, cfg: CombinationConfig) -> TensorD
 def combine(state: TensorDict, forecasts: Tensor) -> tuple[Tensor, TensorDict]:
     """The combined forecast ``[b, h, c]`` of ``forecasts [b, e, h, c]``; the next state keeps
     them so their errors can be learned from once observed."""
-    out = state.clone(recurse=False)
-    out["past"] = torch.cat([forecasts.to(state["past"].dtype)[:, None], state["past"][:, :-1]], dim=1)
-    out["made"] = state["made"] + 1
-    return mix(state["log_weights"], forecasts), out
+    past = torch.cat([forecasts.to(state["past"].dtype)[:, None], state["past"][:, :-1]], dim=1)
+    return mix(state["log_weights"], forecasts), replaced(state, {"past": past, "made": state["made"] + 1})
 
 
 def step(
@@ -175,10 +178,11 @@ def step(
     if ready is None or bool(ready.all()):
         return combined, pushed
     keep = ready.view(-1, *([1] * 4))
-    out = pushed.clone(recurse=False)
-    out["past"] = torch.where(keep, pushed["past"], state["past"])
-    out["made"] = torch.where(ready, pushed["made"], state["made"])
-    return combined, out
+    kept = {
+        "past": torch.where(keep, pushed["past"], state["past"]),
+        "made": torch.where(ready, pushed["made"], state["made"]),
+    }
+    return combined, replaced(pushed, kept)
 
 
 def regret_bound(steps: int, experts: int, cfg: CombinationConfig, loss_bound: float, delay: int) -> float:

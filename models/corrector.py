@@ -38,6 +38,8 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from models.base import replaced
+
 EPS = 1e-5  # the forecaster's RevIN epsilon: the same normalised units
 ERROR_CLIP = 10.0  # largest residual (in window standard deviations) one pair can teach
 
@@ -90,8 +92,11 @@ def update(
     error = (residual - phi @ weights).clamp(-ERROR_CLIP, ERROR_CLIP)  # [b, c, p]
     energy = phi.pow(2).sum(dim=(1, 2)) + EPS  # [b]
     step = lr * (phi.transpose(1, 2) @ error) / energy[:, None, None]  # [b, f, p]
-    out = state.clone(recurse=False)
-    out["weights"] = (
-        weights + step if mask is None else torch.where(mask[:, None, None], weights + step, weights)
+    return replaced(
+        state,
+        {
+            "weights": weights + step
+            if mask is None
+            else torch.where(mask[:, None, None], weights + step, weights)
+        },
     )
-    return out

@@ -10,6 +10,7 @@ untrained model forecasts the last value, the baseline every method must beat.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict
@@ -24,8 +25,10 @@ from models.base import (
     empty_state,
     nested_outcome_paths,
     nested_outcome_step,
+    replaced,
 )
 from models.config import ModelConfig
+from models.neural_memory import NeuralMemory
 from models.registry import build_backbone, build_memory
 
 _EPS = 1e-5
@@ -52,12 +55,25 @@ class Fusion(nn.Module):
         return gate * features + (1 - gate) * memory
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A window as the memory and the head read it: its normalised values ``x [b, n, c]``, their
+    ``mean`` and ``std [b, 1, c]``, and the backbone's ``features [b, n, d]`` (a backbone that
+    keeps no per-stream state: see :meth:`ContinualForecaster.encode_together`)."""
+
+    x: Tensor
+    mean: Tensor
+    std: Tensor
+    features: Tensor
+
+
 class ContinualForecaster(nn.Module):
     """Shared, pretrained parameters only; per-stream state is passed in and returned."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self._all_channels = config.out_indices == tuple(range(config.channels))
         d = config.d_model
         self.embed = nn.Linear(config.channels, d)
         self.backbone: Backbone = build_backbone(config)
@@ -71,6 +87,12 @@ class ContinualForecaster(nn.Module):
             self.skip = nn.Linear(config.seq_len, config.pred_len)
             nn.init.zeros_(self.skip.weight)
             nn.init.zeros_(self.skip.bias)
+        # fixed by the structure built above, and asked on every online step
+        children = self.stateful_children().values()
+        self._outcome_paths = nested_outcome_paths(self.stateful_children())
+        self._stores_tokens = any(c.stores_tokens for c in children)
+        self._learns_from_gradients = any(c.learns_from_gradients for c in children)
+        self._stateless_backbone = not self.backbone.init_state(1).keys()  # the LSTM, the transformer
 
     def stateful_children(self) -> dict[str, StatefulModule]:
         children: dict[str, StatefulModule] = {"backbone": self.backbone}
@@ -90,7 +112,7 @@ class ContinualForecaster(nn.Module):
     @property
     def stores_tokens(self) -> bool:
         """A component is a memory that learns from the tokens it is shown."""
-        return any(c.stores_tokens for c in self.stateful_children().values())
+        return self._stores_tokens
 
     @property
     def vmaps_stream_weights(self) -> bool:
@@ -99,42 +121,160 @@ class ContinualForecaster(nn.Module):
 
     @property
     def learns_from_gradients(self) -> bool:
-        return any(c.learns_from_gradients for c in self.stateful_children().values())
+        return self._learns_from_gradients
 
     def outcome_paths(self) -> tuple[StatePath, ...]:
         """Paths into the component state of the per-stream memory weights that ``memory_only``
         streams step from realised errors (:meth:`StatefulModule.outcome_paths`)."""
-        return nested_outcome_paths(self.stateful_children())
+        return self._outcome_paths
 
     def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
         return nested_outcome_step(self.stateful_children(), state, changes)
 
     def forward(  # type: ignore[override]
-        self, window: Tensor, state: TensorDict, store: StorePolicy = StorePolicy.NONE
+        self,
+        window: Tensor,
+        state: TensorDict,
+        store: StorePolicy = StorePolicy.NONE,
+        encoded: Encoded | None = None,
     ) -> tuple[Tensor, TensorDict]:
-        cfg = self.config
+        """The forecast of ``window [b, n, c]`` and the next component state; ``encoded``: the
+        window's :meth:`encode_together`, when the caller has it."""
+        (x, mean, std, features), backbone_state = self._encode(window, state, store, encoded)
+        changed = {"backbone": backbone_state}
+        last, memory_state = self._fused_last(features, state, store)
+        if memory_state is not None:
+            changed["memory"] = memory_state
+        return self._output(last, x, mean, std), replaced(state, changed)
+
+    def encode_together(self, windows: list[Tensor], state: TensorDict) -> list[Encoded] | None:
+        """Each of ``windows`` (each ``[b, n, c]``) encoded by one backbone pass over all of them;
+        None unless the backbone keeps no per-stream state (then nothing it reads differs).
+
+        Why: an online step forecasts two windows (the matured pair's, to learn from, and the
+        newest), and one LSTM pass over both costs little more than one over either."""
+        if not self._stateless_backbone:
+            return None
+        b = windows[0].shape[0]
+        x, mean, std = self._normalise(torch.cat(windows))
+        features, _ = self.backbone(self.embed(x), state["backbone"], StorePolicy.NONE)
+        rows = [slice(i * b, (i + 1) * b) for i in range(len(windows))]
+        return [Encoded(x[r], mean[r], std[r], features[r]) for r in rows]
+
+    def _encode(
+        self, window: Tensor, state: TensorDict, store: StorePolicy, encoded: Encoded | None
+    ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], TensorDict]:
+        """(normalised window, mean, std, backbone features) and the backbone's next state."""
+        if encoded is not None:  # from encode_together: a backbone without state keeps it
+            return (encoded.x, encoded.mean, encoded.std, encoded.features), state["backbone"]
         x, mean, std = self._normalise(window)  # [b, n, c]
         features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
-        next_state = state.clone(recurse=False)
-        next_state["backbone"] = backbone_state
-        if self.memory is not None and self.fusion is not None:
-            # the fusion works token by token and the head reads the last token, so a memory
-            # that stores only the newest token (or none) needs to see only that one: the same
-            # forecast and state at a fraction of the retrieval cost
-            shown = features if store is StorePolicy.WINDOW else features[:, -1:]  # [b, n | 1, d]
-            retrieved, memory_state = self.memory(shown, state["memory"], store)
-            features = self.fusion(shown, retrieved)
-            next_state["memory"] = memory_state
-        out_idx = list(cfg.out_indices)
-        b = window.shape[0]
-        y = self.head(features[:, -1]).view(b, cfg.pred_len, cfg.out_channels)
-        x_out = x[:, :, out_idx]  # [b, n, c_out]
+        return (x, mean, std, features), backbone_state
+
+    def forward_and_frozen(
+        self, window: Tensor, state: TensorDict, store: StorePolicy, encoded: Encoded | None = None
+    ) -> tuple[Tensor, TensorDict, Tensor]:
+        """:meth:`forward`, and the frozen checkpoint's forecast of the same window (from the
+        fresh component state: the combination's ``frozen`` expert, ``models/combination.py``).
+
+        Why together: a backbone that keeps no per-stream state gives both the same features,
+        so the backbone (the LSTM: most of a forward pass) runs once for the two forecasts."""
+        if not self._stateless_backbone:
+            forecast, next_state = self(window, state, store)
+            fresh = self.init_state(window.shape[0], device=window.device, dtype=window.dtype)
+            return forecast, next_state, self(window, fresh, StorePolicy.NONE)[0]
+        (x, mean, std, features), backbone_state = self._encode(window, state, store, encoded)
+        changed = {"backbone": backbone_state}
+        last, memory_state = self._fused_last(features, state, store)
+        if memory_state is None:
+            frozen_last = last  # no memory: the frozen forecast is the same
+        else:
+            changed["memory"] = memory_state
+            fresh = self.memory_init_state(window.shape[0], device=window.device, dtype=window.dtype)
+            frozen_last, _ = self._fused_last(features, fresh, StorePolicy.NONE)
+        forecast, frozen = self._output(last, x, mean, std), self._output(frozen_last, x, mean, std)
+        return forecast, replaced(state, changed), frozen
+
+    def memory_init_state(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TensorDict:
+        """:meth:`init_state` of the memory part only (``{"memory": ...}``; empty without one)."""
+        state = empty_state(batch, device)
+        if self.memory is not None:
+            state["memory"] = self.memory.init_state(batch, device=device, dtype=dtype)
+        return state
+
+    def _fused_last(
+        self, features: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict | None]:
+        """The last token's features ``[b, d]`` fused with the memory's read of ``state["memory"]``
+        (the backbone's own without a memory), and the memory's next state (None without one)."""
+        if self.memory is None or self.fusion is None:
+            return features[:, -1], None
+        # the fusion works token by token and the head reads the last token, so a memory that
+        # stores only the newest token (or none) needs to see only that one: the same forecast
+        # and state at a fraction of the retrieval cost
+        shown = features if store is StorePolicy.WINDOW else features[:, -1:]  # [b, n | 1, d]
+        retrieved, memory_state = self.memory(shown, state["memory"], store)
+        return self.fusion(shown, retrieved)[:, -1], memory_state
+
+    def _output(self, last: Tensor, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        """The forecast ``[b, pred_len, c_out]`` from the last token's fused features ``last
+        [b, d]`` and the normalised window ``x`` with its statistics."""
+        cfg = self.config
+        y = self.head(last).view(x.shape[0], cfg.pred_len, cfg.out_channels)
+        x_out = self.forecast_channels(x)  # [b, n, c_out]
         if self.skip is not None:
             y = y + self.skip(x_out.transpose(1, 2)).transpose(1, 2)
         if cfg.predict_delta:
             y = y + x_out[:, -1:, :]
-        y = y * std[:, :, out_idx] + mean[:, :, out_idx]
-        return y, next_state
+        return y * self.forecast_channels(std) + self.forecast_channels(mean)
+
+    def outcome_gradient(
+        self,
+        window: Tensor,
+        state: TensorDict,
+        targets: Tensor,
+        mask: Tensor | None,
+        encoded: Encoded | None = None,
+    ) -> tuple[Tensor, dict[StatePath, Tensor]] | None:
+        """The forecast of ``window`` (what ``forward`` returns without storing) and, per stream,
+        the gradient of its ``F.mse_loss`` to ``targets [b, pred_len, c_out]`` w.r.t. the
+        :meth:`outcome_paths` (zero where ``mask [b]`` is false), by the chain rule written out;
+        None where that is not written for this configuration (the caller uses autograd).
+
+        Why: the memory weights reach the forecast only through the memory's read of the last
+        token, then the fusion ("add") and the linear head; the rest of the forecast does not
+        depend on them. Autograd's bookkeeping for that short chain cost more than the whole
+        rest of an online step."""
+        memory = self.memory
+        if not (
+            isinstance(memory, NeuralMemory)
+            and memory.writes_read_gradient
+            and self.fusion is not None
+            and self.fusion.kind == "add"
+            and self._outcome_paths == tuple(("memory", *p) for p in memory.outcome_paths())
+        ):
+            return None
+        (x, mean, std, features), _ = self._encode(window, state, StorePolicy.NONE, encoded)
+        shown = features[:, -1:]  # [b, 1, d]: as forward, the memory reads the last token only
+        retrieved, vjp = memory.read_with_vjp(shown, state["memory"]["weights"])
+        forecast = self._output((shown + retrieved)[:, -1], x, mean, std)
+        # d mean((forecast - targets)^2) / d forecast, for each stream's own loss
+        grad = (forecast - targets) * (2.0 / forecast[0].numel())
+        if mask is not None:
+            grad = torch.where(mask[:, None, None], grad, torch.zeros_like(grad))
+        grad_head = (grad * self.forecast_channels(std)).flatten(1)  # [b, pred_len * c_out]
+        grad_retrieved = (grad_head @ self.head.weight)[:, None]  # [b, 1, d]: through the add
+        return forecast, {("memory", "weights", k): g for k, g in vjp(grad_retrieved).items()}
+
+    def forecast_channels(self, x: Tensor) -> Tensor:
+        """The forecast channels (``out_indices``) of ``x [..., c]``: ``x`` itself when every
+        channel is forecast in order, which spares a copy by advanced indexing (several per
+        online step)."""
+        if self._all_channels:
+            return x
+        return x[..., list(self.config.out_indices)]
 
     def _normalise(self, window: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not self.config.revin:
@@ -146,10 +286,10 @@ class ContinualForecaster(nn.Module):
 
     def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
         """Gradient-driven state updates (FSNet) of one stream; grads keyed by parameter name."""
-        next_state = state.clone(recurse=False)
+        adapted = {}
         for name, child in self.stateful_children().items():
             if child.learns_from_gradients:
                 prefix = name + "."
                 sub = {k[len(prefix) :]: g for k, g in grads.items() if k.startswith(prefix)}
-                next_state[name] = child.adapt(state[name], sub)
-        return next_state
+                adapted[name] = child.adapt(state[name], sub)
+        return replaced(state, adapted)

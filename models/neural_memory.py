@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.func import grad
 
-from models.base import MemoryUnit, StatePath, StorePolicy
+from models.base import MemoryUnit, StatePath, StorePolicy, replaced, tree
 from models.config import ConfigError, ModelConfig, NeuralMemoryConfig
 
 Params = dict[str, Tensor]
@@ -110,14 +111,19 @@ class MLPMemory(nn.Module):
             grads[f"w{i}"] = inputs[i].transpose(-1, -2) @ g  # [s, c, i, o]
             if i:
                 h = pre[i - 1]
-                cdf = 0.5 * (1.0 + torch.erf(h * _SQRT_HALF))
-                pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
-                g = (g @ weights[i].transpose(-1, -2)) * (cdf + h * pdf)  # exact GELU's derivative
+                g = (g @ weights[i].transpose(-1, -2)) * _gelu_grad(h)
         return {f"w{i}": grads[f"w{i}"] for i in range(depth)}
 
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_grad(h: Tensor) -> Tensor:
+    """The exact GELU's derivative at ``h``."""
+    cdf = 0.5 * (1.0 + torch.erf(h * _SQRT_HALF))
+    pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    return cdf + h * pdf
 
 
 class AttentionMemory(nn.Module):
@@ -265,7 +271,7 @@ class NeuralMemory(MemoryUnit):
             "seq_index": torch.zeros(batch, dtype=torch.int64, device=device),
             "buffer": buffer,
         }
-        return TensorDict(state, batch_size=[batch], device=device)
+        return tree(state, torch.Size([batch]), None if device is None else torch.device(device))
 
     def forward(  # type: ignore[override]
         self, x: Tensor, state: TensorDict, store: StorePolicy
@@ -292,14 +298,14 @@ class NeuralMemory(MemoryUnit):
         ``batch_size`` of tokens) copies pending onto committed, so a change made to the committed
         weights alone would be undone by the next commit. Forgetting (eq 13) decays it like any
         other learned change, back toward the pretrained memory."""
-        committed, pending = state["weights"].clone(recurse=False), state["pending"].clone(recurse=False)
-        for path, change in changes.items():
-            name = path[-1]
-            committed[name] = committed[name] + change
-            pending[name] = pending[name] + change
-        out = state.clone(recurse=False)
-        out["weights"], out["pending"] = committed, pending
-        return out
+        committed, pending = state["weights"], state["pending"]
+        return replaced(
+            state,
+            {
+                "weights": replaced(committed, {p[-1]: committed[p[-1]] + c for p, c in changes.items()}),
+                "pending": replaced(pending, {p[-1]: pending[p[-1]] + c for p, c in changes.items()}),
+            },
+        )
 
     def surprise(self, x: Tensor, state: TensorDict) -> Tensor:
         """Associative loss ``mean_e (M(k) - v)^2`` of each token under the committed weights,
@@ -324,9 +330,9 @@ class NeuralMemory(MemoryUnit):
 
     def _absolute(self, delta: Params) -> Params:
         """Memory weights ``[s, *w]`` from a learned change ``[s, *w]``: pretrained + change."""
-        reps = delta[next(iter(delta))].shape[0] // self.heads  # streams
+        h = self.heads  # the pretrained weights broadcast over the streams (no copies)
         return {
-            k: p.repeat(reps, *([1] * (p.dim() - 1))) + delta[k]
+            k: (delta[k].unflatten(0, (-1, h)) + p).flatten(0, 1)
             for k, p in self.memory_model.named_parameters()
         }
 
@@ -338,6 +344,54 @@ class NeuralMemory(MemoryUnit):
         params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
         y = self.out_norm(self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
         return self.to_out(y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2))
+
+    @property
+    def writes_read_gradient(self) -> bool:
+        """:meth:`read_with_vjp` has this memory's gradient written out (the MLP memory)."""
+        return isinstance(self.memory_model, MLPMemory) and self.out_norm.weight is not None
+
+    def read_with_vjp(self, x: Tensor, weights: TensorDict) -> tuple[Tensor, Callable[[Tensor], Params]]:
+        """:meth:`_read` (the same operations, the same output ``[b, n, d]``), and the function
+        that maps a gradient w.r.t. that output to the gradients w.r.t. each stream's weight
+        change ``{name: [b, h, *w]}``, by the chain rule written out (MLP memory only, see
+        :attr:`writes_read_gradient`).
+
+        Why: the outcome step (``models.online``) takes this gradient on every matured pair,
+        and autograd's graph bookkeeping cost several times the dozen small tensor operations
+        it needs (as for :meth:`MLPMemory.chunk_grads`)."""
+        b, n, _ = x.shape
+        h, e = self.heads, self.dim_head
+        to_q = self.to_q if self.to_q is not None else self.to_k
+        q = _unit_rms(self._split(to_q(self.retrieve_norm(x))))  # [b, h, n, e]
+        params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
+        depth = len(params)
+        inputs, pre = [q.flatten(0, 1)], []  # each layer's input, and the hidden pre-activations
+        m = inputs[0]
+        for i in range(depth):  # MLPMemory.memory_fn, keeping what the gradient needs
+            m = m @ params[f"w{i}"]
+            if i < depth - 1:
+                pre.append(m)
+                m = F.gelu(m)
+                inputs.append(m)
+        out = self.to_out(self.out_norm(m).view(b, h, n, e).transpose(1, 2).flatten(2))
+        norm_eps = self.out_norm.eps if self.out_norm.eps is not None else torch.finfo(m.dtype).eps
+        gain = self.out_norm.weight
+
+        def vjp(grad_out: Tensor) -> Params:
+            g = (grad_out @ self.to_out.weight).view(b, n, h, e).transpose(1, 2).flatten(0, 1)  # [s, n, e]
+            # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2:
+            # dm = r gain dz - r^3 m mean_e(gain dz m)
+            r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
+            gz = g * gain
+            g = r * gz - m * r.pow(3) * (gz * m).mean(-1, keepdim=True)
+            grads: Params = {}
+            for i in range(depth - 1, -1, -1):
+                grads[f"w{i}"] = inputs[i].transpose(-1, -2) @ g  # [s, i, o]
+                if i:
+                    g = (g @ params[f"w{i}"].transpose(-1, -2)) * _gelu_grad(pre[i - 1])
+            return {k: grads[k].unflatten(0, (b, h)) for k in params}
+
+        return out, vjp
 
     def _token_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """Keys, values (eq 11), learning rates theta and gate logits of each token,
@@ -365,10 +419,10 @@ class NeuralMemory(MemoryUnit):
         chunks, valid, next_buffer = self._chunk(self._token_inputs(x), buffer)
         first_chunk = (state["seq_index"] - buffer["count"]) // self.chunk_size  # [b]
         learned = self._learn(chunks, valid, first_chunk, state)
-        return TensorDict(
+        return tree(
             {**learned, "seq_index": state["seq_index"] + x.shape[1], "buffer": next_buffer},
-            batch_size=state.batch_size,
-            device=state.device,
+            state.batch_size,
+            state.device,
         )
 
     def _chunk(
@@ -379,7 +433,11 @@ class NeuralMemory(MemoryUnit):
         size, cap, count = self.chunk_size, self.chunk_size - 1, buffer["count"]
         if cap == 0:  # every token is a chunk of its own: nothing ever waits
             valid = torch.ones(*tokens["lr"].shape[::2], dtype=torch.bool, device=count.device)
-            return {f: t.unsqueeze(3) for f, t in tokens.items()}, valid, buffer.to_dict()
+            return (
+                {f: t.unsqueeze(3) for f, t in tokens.items()},
+                valid,
+                {k: cast(Tensor, v) for k, v in buffer.items()},
+            )
         total = cap + tokens["keys"].shape[2]  # buffer slots + new tokens
         j = torch.arange(total, device=count.device)
         pending, done = count + (total - cap), (count + total - cap) // size  # [b]
@@ -406,28 +464,44 @@ class NeuralMemory(MemoryUnit):
 
         The chunks are cut into segments at every chunk after which some stream commits; inside
         a segment each stream's committed weights are fixed, so its gradients are computed at
-        once and its recurrences by one scan.
+        once and its recurrences by one scan. When every stream has every chunk and commits after
+        each (``batch_size == chunk_size``, the default), the recurrences run chunk by chunk
+        without that bookkeeping: the online step stores one chunk, where it cost more than the
+        arithmetic.
         """
         h = self.heads
         flat: dict[str, Params] = {
             part: {k: w.flatten(0, 1) for k, w in state[part].items()}
             for part in ("weights", "pending", "momentum")
         }
-        if not bool(valid.any()):  # no stream filled a chunk: nothing to learn this call
+        full = bool(valid.all())  # every stream has every chunk: no per-stream bookkeeping
+        if not full and not bool(valid.any()):  # no stream filled a chunk: nothing to learn this call
             return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in flat.items()}
         committed, latest, momentum = flat["weights"], flat["pending"], flat["momentum"]
         n_chunks = valid.shape[1]
-        index = first_chunk[:, None] + torch.arange(n_chunks, device=valid.device)  # [b, c]
-        boundary = (index + 1) % self.chunks_per_batch == 0
-        commit = (boundary & valid).repeat_interleave(h, 0)  # [s, c]
-        ends = range(n_chunks) if self.chunks_per_batch == 1 else _segment_ends(boundary)
         keys, values, lr = (chunks[f].flatten(0, 1) for f in ("keys", "values", "lr"))
         eta = torch.sigmoid(chunks["momentum"].mean(-1)).flatten(0, 1)  # [s, c]
         alpha = torch.sigmoid(chunks["decay"].mean(-1)).flatten(0, 1)  # [s, c]
         if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
             eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
+        if full and self.chunks_per_batch == 1:
+            # every stream commits after each chunk (the online step: one chunk): the recurrences
+            # one chunk at a time, what the scans below compute, without their bookkeeping
+            for c in range(n_chunks):
+                one = slice(c, c + 1)
+                grads = self._chunk_grads(self._absolute(committed), keys[:, one], values[:, one], lr[:, one])
+                gate, keep = eta[:, c, None, None], 1 - alpha[:, c, None, None]
+                for name, g in grads.items():
+                    momentum[name] = gate * momentum[name] - g[:, 0]  # eq 14
+                    latest[name] = keep * latest[name] + momentum[name]  # eq 13
+                committed = dict(latest)
+            parts = {"weights": committed, "pending": latest, "momentum": momentum}
+            return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
+        index = first_chunk[:, None] + torch.arange(n_chunks, device=valid.device)  # [b, c]
+        boundary = (index + 1) % self.chunks_per_batch == 0
+        commit = (boundary & valid).repeat_interleave(h, 0)  # [s, c]
+        ends = range(n_chunks) if self.chunks_per_batch == 1 else _segment_ends(boundary)
         counts = valid.repeat_interleave(h, 0)  # [s, c]
-        full = bool(valid.all())  # every stream has every chunk: no per-stream bookkeeping
         start = 0
         for end in ends:
             seg = slice(start, end + 1)
@@ -439,10 +513,7 @@ class NeuralMemory(MemoryUnit):
                 )
                 momentum[name] = _at_step(momentum[name], s_all, done)
                 latest[name] = _at_step(latest[name], m_all, done)
-            if full and self.chunks_per_batch == 1:  # every stream commits every chunk
-                committed = dict(latest)
-            else:
-                committed = {k: _where_rows(commit[:, end], latest[k], w) for k, w in committed.items()}
+            committed = {k: _where_rows(commit[:, end], latest[k], w) for k, w in committed.items()}
             start = end + 1
         parts = {"weights": committed, "pending": latest, "momentum": momentum}
         return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}

@@ -34,8 +34,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from models import combination, corrector
-from models.base import StorePolicy
-from models.forecaster import ContinualForecaster
+from models.base import StatePath, StorePolicy, replaced
+from models.forecaster import ContinualForecaster, Encoded
 from models.optim import adamw_step
 
 K = TypeVar("K")
@@ -139,7 +139,7 @@ def _corrected(model: ContinualForecaster, state: TensorDict, inputs: Tensor, fo
     its state has one (unchanged otherwise)."""
     if "corrector" not in state.keys():
         return forecast
-    return corrector.correct(state["corrector"], inputs[:, :, list(model.config.out_indices)], forecast)
+    return corrector.correct(state["corrector"], model.forecast_channels(inputs), forecast)
 
 
 @torch.no_grad()
@@ -173,43 +173,54 @@ def observe(
     """
     cfg = model.config
     history = torch.cat([state["history"][:, 1:], values.to(state["history"].dtype)[:, None]], dim=1)
-    state = state.clone(recurse=False)
-    state["history"] = history
-    state["count"] = state["count"] + 1
+    state = replaced(state, {"history": history, "count": state["count"] + 1})
+    inputs = window(model, state)
+    encoded: list[Encoded] | None = None  # the matured pair's window's and inputs', when shared
+    before = now = None
     if mode is not UpdateMode.NONE and feedback is Feedback.DELAYED:
         matured = state["count"] >= cfg.seq_len + cfg.pred_len
         if bool(matured.any()):
-            past, target = history[:, : cfg.seq_len], history[:, cfg.seq_len :, list(cfg.out_indices)]
-            state = learn(model, state, past, target, mode, mask=matured)
+            past, target = history[:, : cfg.seq_len], model.forecast_channels(history[:, cfg.seq_len :])
+            if _forecasts_to_learn(model, state, mode):
+                encoded = model.encode_together([past, inputs], state["model"])
+                before, now = encoded if encoded is not None else (None, None)
+            state = learn(model, state, past, target, mode, mask=matured, encoded=before)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
     combined = combines(state)  # every forecast is an expert's: the combination scores them all
     if not (stores or need_forecast or combined):
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
-    inputs = window(model, state)
-    forecast, stored = _forward(model, state, inputs, policy)
+    frozen = None
+    if combined and "params" not in state.keys():  # the frozen expert shares the forward pass
+        forecast, model_state, frozen = model.forward_and_frozen(inputs, state["model"], policy, now)
+        stored = replaced(state, {"model": model_state})
+    else:
+        forecast, stored = _forward(model, state, inputs, policy, now)
     forecast = _corrected(model, state, inputs, forecast)
     ready = is_ready(model, state)
-    if stores:
-        state["model"] = _where(ready, stored["model"], state["model"])
+    changed = {"model": _where(ready, stored["model"], state["model"])} if stores else {}
     if combined:
-        experts = _experts(model, state, forecast)
-        value = values[:, list(cfg.out_indices)].to(forecast.dtype)
-        forecast, state["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
-    return state, forecast
+        experts = _experts(model, state, forecast, frozen)
+        value = model.forecast_channels(values).to(forecast.dtype)
+        forecast, changed["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
+    return replaced(state, changed), forecast
 
 
 COMBINATION = combination.CombinationConfig()  # the combination's settings (per stream state)
 
 
-def _experts(model: ContinualForecaster, state: TensorDict, adapted: Tensor) -> Tensor:
+def _experts(
+    model: ContinualForecaster, state: TensorDict, adapted: Tensor, frozen: Tensor | None = None
+) -> Tensor:
     """The forecasts the combination weighs, ``[b, e, pred_len, c_out]`` in the order of
-    ``combination.EXPERTS``: the frozen checkpoint (shared weights, initial component state),
-    ``adapted`` (the stream's own) and the last value."""
+    ``combination.EXPERTS``: the frozen checkpoint (shared weights, initial component state;
+    ``frozen`` when the caller has it), ``adapted`` (the stream's own) and the last value."""
     inputs = window(model, state)
-    b = inputs.shape[0]
-    frozen, _ = model(inputs, model.init_state(b, device=inputs.device, dtype=inputs.dtype), StorePolicy.NONE)
-    last = inputs[:, -1:, list(model.config.out_indices)].expand_as(adapted)  # [b, p, c_out]
+    if frozen is None:
+        b = inputs.shape[0]
+        fresh = model.init_state(b, device=inputs.device, dtype=inputs.dtype)
+        frozen, _ = model(inputs, fresh, StorePolicy.NONE)
+    last = model.forecast_channels(inputs[:, -1:]).expand_as(adapted)  # [b, p, c_out]
     return torch.stack([frozen, adapted, last], dim=1)
 
 
@@ -251,6 +262,18 @@ def observe_many(
     return state, forecast
 
 
+def _forecasts_to_learn(model: ContinualForecaster, state: TensorDict, mode: UpdateMode) -> bool:
+    """:func:`learn` forecasts the matured pair's window with the shared weights: a
+    ``memory_only`` stream's outcome step or output corrector (observe then encodes that window
+    with the newest one, in one backbone pass)."""
+    return (
+        mode is UpdateMode.MEMORY_ONLY
+        and "params" not in state.keys()
+        and not model.learns_from_gradients
+        and learns_from_targets(model, mode)
+    )
+
+
 @torch.no_grad()
 def learn(
     model: ContinualForecaster,
@@ -259,6 +282,7 @@ def learn(
     targets: Tensor,
     mode: UpdateMode,
     mask: Tensor | None = None,
+    encoded: Encoded | None = None,
 ) -> TensorDict:
     """Learn from fully observed pairs: ``inputs [b, seq_len, c]`` -> ``targets [b, pred_len, c_out]``.
 
@@ -266,14 +290,16 @@ def learn(
     SGD step on each stream's own memory weights (:func:`learn_outcome`) and a normalised LMS
     step of its output corrector (``models/corrector.py``) on the forecast the memory made of
     the pair before that step; gradient-driven memories (FSNet) update their state in both
-    learning modes. Streams where ``mask`` is false are left unchanged.
+    learning modes. Streams where ``mask`` is false are left unchanged. ``encoded``: the
+    backbone's encoding of ``inputs`` (``ContinualForecaster.encode_together``), when the caller
+    has it.
     """
     if not learns_from_targets(model, mode):
         return state
     if mode is UpdateMode.MEMORY_ONLY:
         state = ensure_mode(model, state, mode)
-        state, raw = _outcome_step(model, state, inputs, targets, mask)
-        state = _learn_corrector(model, state, inputs, targets, mask, raw)
+        state, raw = _outcome_step(model, state, inputs, targets, mask, encoded)
+        state = _learn_corrector(model, state, inputs, targets, mask, raw, encoded)
         if not model.learns_from_gradients:
             return state
     state = ensure_mode(model, state, mode)
@@ -325,7 +351,12 @@ def learn_outcome(
 
 
 def _outcome_step(
-    model: ContinualForecaster, state: TensorDict, inputs: Tensor, targets: Tensor, mask: Tensor | None
+    model: ContinualForecaster,
+    state: TensorDict,
+    inputs: Tensor,
+    targets: Tensor,
+    mask: Tensor | None,
+    encoded: Encoded | None = None,
 ) -> tuple[TensorDict, Tensor | None]:
     """:func:`learn_outcome`, also returning the forecast ``[b, pred_len, c_out]`` of ``inputs``
     its step was taken on (before the step, uncorrected; None when it took none)."""
@@ -334,28 +365,41 @@ def _outcome_step(
     if cfg.outcome_lr <= 0 or not paths or (mask is not None and not bool(mask.any())):
         return state, None
     components = state["model"]
-    leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in paths}
-    graded = components.clone(recurse=False)  # a new tree over the same tensors
-    for path, leaf in leaves.items():
-        graded.set(path, leaf)
-    reading = state.clone(recurse=False)
-    reading["model"] = graded
+    params = "params" in state.keys()
+    written = None if params else model.outcome_gradient(inputs, components, targets, mask, encoded)
+    if written is not None:
+        forecast, grads = written
+    else:  # autograd, for a memory whose gradient is not written out
+        forecast, grads = _outcome_gradient(model, state, inputs, targets, mask, encoded)
+    clipped = _clip_rows(grads, cfg.online_clip)
+    stepped = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
+    return replaced(state, {"model": stepped}), forecast.detach()
+
+
+def _outcome_gradient(
+    model: ContinualForecaster,
+    state: TensorDict,
+    inputs: Tensor,
+    targets: Tensor,
+    mask: Tensor | None,
+    encoded: Encoded | None = None,
+) -> tuple[Tensor, dict[StatePath, Tensor]]:
+    """The forecast of ``inputs`` and each stream's gradient of its loss w.r.t. the outcome
+    paths (what :meth:`~models.forecaster.ContinualForecaster.outcome_gradient` writes out),
+    by autograd."""
+    components = state["model"]
+    leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in model.outcome_paths()}
+    reading = replaced(state, {"model": _with_leaves(components, leaves)})
     with torch.enable_grad():
-        forecast, _ = _forward(model, reading, inputs, StorePolicy.NONE)  # [b, p, c_out]
+        forecast, _ = _forward(model, reading, inputs, StorePolicy.NONE, encoded)  # [b, p, c_out]
         losses = (forecast - targets).pow(2).flatten(1).mean(dim=1)  # [b] each stream's F.mse_loss
         if mask is not None:
             losses = torch.where(mask, losses, torch.zeros_like(losses))
         grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-    clipped = _clip_rows(
-        {
-            p: torch.zeros_like(leaf) if g is None else g
-            for (p, leaf), g in zip(leaves.items(), grads, strict=True)
-        },
-        cfg.online_clip,
-    )
-    out = state.clone(recurse=False)
-    out["model"] = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
-    return out, forecast.detach()
+    return forecast, {
+        p: torch.zeros_like(leaf) if g is None else g
+        for (p, leaf), g in zip(leaves.items(), grads, strict=True)
+    }
 
 
 def _learn_corrector(
@@ -365,6 +409,7 @@ def _learn_corrector(
     targets: Tensor,
     mask: Tensor | None,
     raw: Tensor | None,
+    encoded: Encoded | None = None,
 ) -> TensorDict:
     """One normalised LMS step of each stream's output corrector on the matured pair ``inputs``
     -> ``targets``; ``raw`` is the forecaster's (uncorrected) forecast of ``inputs``, computed
@@ -373,17 +418,11 @@ def _learn_corrector(
     if "corrector" not in state.keys() or (mask is not None and not bool(mask.any())):
         return state
     if raw is None:
-        raw, _ = _forward(model, state, inputs, StorePolicy.NONE)
-    out = state.clone(recurse=False)
-    out["corrector"] = corrector.update(
-        state["corrector"],
-        inputs[:, :, list(model.config.out_indices)],
-        raw,
-        targets,
-        model.config.corrector_lr,
-        mask,
+        raw, _ = _forward(model, state, inputs, StorePolicy.NONE, encoded)
+    learned = corrector.update(
+        state["corrector"], model.forecast_channels(inputs), raw, targets, model.config.corrector_lr, mask
     )
-    return out
+    return replaced(state, {"corrector": learned})
 
 
 def _learn_one(
@@ -539,14 +578,17 @@ def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
 
 
 def _forward(
-    model: ContinualForecaster, state: TensorDict, inputs: Tensor, policy: StorePolicy
+    model: ContinualForecaster,
+    state: TensorDict,
+    inputs: Tensor,
+    policy: StorePolicy,
+    encoded: Encoded | None = None,
 ) -> tuple[Tensor, TensorDict]:
-    """Forecast with the shared weights (batched) or, for full_model streams, each stream's own."""
+    """Forecast with the shared weights (batched) or, for full_model streams, each stream's own
+    (``encoded``, the backbone's encoding of ``inputs``, serves the shared weights only)."""
     if "params" not in state.keys():
-        forecast, model_state = model(inputs, state["model"], policy)
-        out = state.clone(recurse=False)
-        out["model"] = model_state
-        return forecast, out
+        forecast, model_state = model(inputs, state["model"], policy, encoded)
+        return forecast, replaced(state, {"model": model_state})
     if state.batch_size[0] > 1 and model.vmaps_stream_weights and policy not in _NO_VMAP.get(model, ()):
         params = {k.replace("-", "."): cast(Tensor, v) for k, v in state["params"].items()}  # [b, ...]
         try:
@@ -558,9 +600,7 @@ def _forward(
                 raise
             _NO_VMAP.setdefault(model, set()).add(policy)  # pure functions: nothing happened; loop instead
         else:
-            out = state.clone(recurse=False)
-            out["model"] = model_state
-            return forecast, out
+            return forecast, replaced(state, {"model": model_state})
     forecasts, rows = [], []
     for i in range(state.batch_size[0]):
         row = (state if state.batch_size[0] == 1 else state[i : i + 1]).clone(recurse=False)
@@ -595,6 +635,21 @@ def _flat(td: TensorDict) -> dict[str, Tensor]:
 
 def _nest(flat: dict[str, Tensor]) -> TensorDict:
     return TensorDict({_key(k): v.unsqueeze(0) for k, v in flat.items()}, batch_size=[1])
+
+
+def _with_leaves(td: TensorDict, leaves: dict[StatePath, Tensor]) -> TensorDict:
+    """``td`` with the tensors at the nested ``leaves`` paths replaced, every node on a path
+    copied (:func:`models.base.replaced`) and the rest of the tree shared."""
+    children: dict[str, dict[StatePath, Tensor]] = {}
+    entries: dict[str, Tensor | TensorDict] = {}
+    for path, leaf in leaves.items():
+        if len(path) == 1:
+            entries[path[0]] = leaf
+        else:
+            children.setdefault(path[0], {})[path[1:]] = leaf
+    for key, below in children.items():
+        entries[key] = _with_leaves(cast(TensorDict, td[key]), below)
+    return replaced(td, entries)
 
 
 def _where(mask: Tensor, new: TensorDict, old: TensorDict) -> TensorDict:

@@ -29,6 +29,7 @@ from models import (
     state_from_bytes,
     state_to_bytes,
 )
+from models.base import StorePolicy
 from models.registry import supported_combinations
 
 COMBOS = list(supported_combinations())
@@ -229,3 +230,50 @@ def test_combinations_follow_what_components_declare(monkeypatch: pytest.MonkeyP
         ModelConfig(backbone="lstm", memory="titans", fusion="add")
     config = ModelConfig(backbone="lstm", memory="titans", fusion="gated")
     assert registry.build_memory(config) is None  # built inside the backbone, not beside it
+
+
+@pytest.mark.parametrize("store", [StorePolicy.LAST, StorePolicy.NONE])
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_forward_and_frozen_equals_two_forward_passes(
+    combo: tuple[str, str, str], store: StorePolicy
+) -> None:
+    """The combination's frozen expert computed beside the adapted forecast (the backbone run
+    once when it keeps no state) is the forward pass from a fresh state, and the adapted forecast
+    and next state are ``forward``'s."""
+    model = make_model(*combo)
+    x = series(3, 3 * SEQ)
+    state = model.init_state(3, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(2 * SEQ):  # a stream state that has learned something
+            _, state = model(x[:, j : j + SEQ], state, StorePolicy.LAST)
+        window = x[:, 2 * SEQ : 3 * SEQ]
+        forecast, next_state, frozen = model.forward_and_frozen(window, state, store)
+        expected, expected_state = model(window, state, store)
+        expected_frozen, _ = model(window, model.init_state(3, dtype=torch.float64), StorePolicy.NONE)
+    torch.testing.assert_close(forecast, expected, rtol=0, atol=0)
+    torch.testing.assert_close(frozen, expected_frozen, rtol=0, atol=0)
+    assert_states_close(next_state, expected_state)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_windows_encoded_together_forecast_as_each_alone(combo: tuple[str, str, str]) -> None:
+    """``encode_together`` (one backbone pass over the matured pair's window and the newest,
+    ``models.online.observe``) gives each window's forecast and next state, up to float rounding;
+    a backbone with per-stream state declines (None)."""
+    model = make_model(*combo)
+    x = series(3, 2 * SEQ)
+    state = model.init_state(3, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(SEQ):
+            _, state = model(x[:, j : j + SEQ], state, StorePolicy.LAST)
+        windows = [x[:, 1 : 1 + SEQ], x[:, SEQ:]]
+        encoded = model.encode_together(windows, state)
+        if encoded is None:
+            assert model.init_state(1).get("backbone").keys(), "a backbone without state shares its pass"
+            return
+        for window, enc in zip(windows, encoded, strict=True):
+            for store in (StorePolicy.NONE, StorePolicy.LAST):
+                forecast, next_state = model(window, state, store, enc)
+                expected, expected_state = model(window, state, store)
+                torch.testing.assert_close(forecast, expected, rtol=0, atol=1e-9)
+                assert_states_close(next_state, expected_state, atol=1e-9)

@@ -4,6 +4,8 @@ lowers the loss it learned from, and the seed's pure memory_only (``outcome_lr=0
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,10 +104,10 @@ def test_each_matured_pair_is_learned_from_once(monkeypatch: pytest.MonkeyPatch)
     learned: list[tuple[int, torch.Tensor]] = []  # (observations seen, targets learned from)
     real = online._outcome_step
 
-    def spy(model_, state, inputs, targets, mask=None):  # type: ignore[no-untyped-def]
+    def spy(model_, state, inputs, targets, mask=None, encoded=None):  # type: ignore[no-untyped-def]
         learned.append((int(state["count"][0]), targets.clone()))
         assert mask is not None and bool(mask.all())
-        return real(model_, state, inputs, targets, mask)
+        return real(model_, state, inputs, targets, mask, encoded)
 
     monkeypatch.setattr(online, "_outcome_step", spy)
     values = series(1, T)
@@ -141,3 +143,38 @@ def test_pure_memory_only_never_uses_a_target() -> None:
     learning_delayed = forecasts(0.5, Feedback.DELAYED)
     assert not torch.allclose(learning_delayed, pure_delayed)  # the control: targets now count
     assert not torch.allclose(learning_delayed, forecasts(0.5, Feedback.IMMEDIATE))
+
+
+WRITTEN = [c for c in LEARNING if c[1] == "titans" and c[2] == "add" and c[0] != "titans"]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("targets", [None, (1,)])
+@pytest.mark.parametrize("combo", WRITTEN, ids=lambda c: "-".join(c))
+def test_written_out_outcome_gradient_equals_autograd(
+    combo: tuple[str, str, str], targets: tuple[int, ...] | None, depth: int
+) -> None:
+    """The chain rule the outcome step uses (``ContinualForecaster.outcome_gradient``) gives
+    autograd's forecast and per-stream gradients (masked streams: zero), up to float rounding."""
+    model = make_model(*combo)
+    config = model.config.replace(
+        targets=targets, neural_memory=dataclasses.replace(model.config.neural_memory, depth=depth)
+    )
+    torch.manual_seed(1)
+    model = ContinualForecaster(config).double().eval()
+    for p in model.parameters():  # a trained-looking model: head and skip away from zero
+        p.requires_grad_(False).add_(0.3 * torch.randn_like(p))
+    b = 3
+    state = _warm(model, b)
+    inputs = series(b, SEQ, seed=5)
+    target = series(b, PRED, seed=6)[..., list(model.config.out_indices)] + 0.5
+    mask = torch.tensor([True, False, True])
+    written = model.outcome_gradient(inputs, state["model"], target, mask)  # type: ignore[index]
+    assert written is not None, "the default memory's gradient is written out"
+    reference = online._outcome_gradient(model, state, inputs, target, mask)  # type: ignore[arg-type]
+    torch.testing.assert_close(written[0], reference[0])
+    assert written[1].keys() == reference[1].keys()
+    for path, grad in reference[1].items():
+        assert grad.abs().sum() > 0, path
+        torch.testing.assert_close(written[1][path], grad, rtol=1e-5, atol=1e-7)
+        assert torch.equal(written[1][path][1], torch.zeros_like(grad[1]))
