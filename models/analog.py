@@ -47,7 +47,6 @@ the archive again.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor
 
@@ -110,7 +109,7 @@ def append(state: TensorDict, values: Tensor) -> TensorDict:
 def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, Tensor]:
     """The analog forecast ``[b, p, c]`` of ``window [b, n, c]``, the stream's newest window
     (it ends at the archive's newest row), and which streams have one ``[b]``."""
-    archive = state["archive"]  # [b, c, r], channels first: the convolutions read it in place
+    archive = state["archive"]  # [b, c, r], channels first: rows are contiguous per channel
     b, c, rows = archive.shape
     key_len = min(KEY_LEN, window.shape[1])
     k = NEIGHBOURS
@@ -120,18 +119,23 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
         return window.new_zeros(b, pred_len, c), has
     key = window[:, -key_len:].to(archive.dtype).transpose(1, 2).contiguous()  # [b, c, key_len]
     past = archive[:, :, : rows - pred_len]  # candidate m covers rows m .. m + key_len - 1
-    # |w_m - key|^2 = |w_m|^2 - 2 w_m . key + |key|^2 ranks as |w_m|^2 - 2 w_m . key, each sum
-    # over a window a convolution (one grouped convolution for every stream's own key)
-    energy = F.conv1d((past * past).sum(dim=1, keepdim=True), past.new_ones(1, 1, key_len))[:, 0]  # [b, m]
-    dot = F.conv1d(past.reshape(1, b * c, -1), key, groups=b)[0]  # [b, m]
+    # |w_m - key|^2 = |w_m|^2 - 2 w_m . key + |key|^2 ranks as |w_m|^2 - 2 w_m . key; both sums
+    # over a window are sums along diagonals: of the rows' energies, and of the products of
+    # every key row with every archive row (one batched matrix product, no copy per window)
+    count, length = past.shape[2] - key_len + 1, past.shape[2]
+    rows_sq = (past * past).sum(dim=1)  # [b, r - p]
+    energy = rows_sq.as_strided((b, key_len, count), (length, 1, 1)).sum(dim=1)  # [b, m]
+    products = torch.bmm(key.transpose(1, 2), past)  # [b, key_len, r - p]: key row i . archive row j
+    dot = products.as_strided((b, key_len, count), (key_len * length, length + 1, 1)).sum(dim=1)  # [b, m]
     distance = energy.sub(dot, alpha=2.0)
     if int(state["filled"].min()) < rows:  # rows not written yet are no candidates
         first = rows - state["filled"]  # [b] oldest row written
         unwritten = torch.arange(distance.shape[1], device=archive.device)[None] < first[:, None]
         distance = distance.masked_fill(unwritten, float("inf"))
     nearest = distance.topk(k, dim=1, largest=False).indices  # [b, k]
-    end_rows = (nearest + key_len - 1).clamp(max=rows - 1 - pred_len)  # [b, k]
-    steps = end_rows[..., None] + torch.arange(0, pred_len + 1, device=archive.device)  # [b, k, p + 1]
+    # each neighbour's rows from its last one to the end of its future, [b, k, p + 1]
+    ahead = torch.arange(pred_len + 1, device=archive.device)
+    steps = (nearest + key_len - 1)[..., None] + ahead
     paths = torch.gather(archive, 2, steps.reshape(b, 1, -1).expand(-1, c, -1)).view(b, c, k, pred_len + 1)
     continuation = (paths[..., 1:] - paths[..., :1]).mean(dim=2).transpose(1, 2)  # [b, p, c]
     analog = window[:, -1:].to(archive.dtype) + continuation
@@ -148,7 +152,9 @@ def beta(state: TensorDict) -> Tensor:
 def mix(state: TensorDict, forecast_: Tensor, analog: Tensor, has: Tensor) -> Tensor:
     """``forecast_ [b, p, c]`` moved toward the analog forecast by each stream's beta (unchanged
     for a stream without an analog forecast)."""
-    weight = beta(state).to(forecast_.dtype)[..., None] * has[:, None, None].to(forecast_.dtype)
+    weight = beta(state).to(forecast_.dtype)[..., None]  # [b, p, 1]
+    if not bool(has.all()):
+        weight = weight * has[:, None, None].to(weight.dtype)
     return forecast_ + weight * (analog.to(forecast_.dtype) - forecast_)
 
 

@@ -310,9 +310,10 @@ def learn(
     the pair before that step, and adds the pair to the evidence of its analog mix
     (``models/analog.py``); gradient-driven memories (FSNet) update their state in both
     learning modes. Streams where ``mask`` is false are left unchanged. ``observed``: the
-    stream has already observed ``targets`` (delayed feedback, :func:`observe`), so its analog
-    forecast of the pair leaves them out, as when the pair was forecast; false for a pair
-    learned right after its forecast (immediate feedback).
+    pair is the one whose horizon the stream's last observation completed (delayed feedback,
+    :func:`observe`), so its analog evidence comes from the forecasts kept since it was served;
+    false for a pair learned right after its forecast (immediate feedback), whose analog
+    forecast is made again from the archive as it is.
     """
     if not learns_from_targets(model, mode):
         return state
