@@ -79,6 +79,18 @@ def init_state(
     return TensorDict(leaves, batch_size=[batch], device=device)
 
 
+def observe(
+    state: TensorDict, values: Tensor, window: Tensor, base: Tensor, pred_len: int
+) -> tuple[TensorDict, Tensor, Tensor]:
+    """One observation of a stream: :func:`append` ``values [b, c]``, make the analog forecast of
+    ``window [b, n, c]`` (which ends with them) and :func:`push` it with ``base [b, p, c]``, the
+    forecast it is mixed into; returns the state, the analog forecast and which streams have one
+    (one state write for the three: they run at every observation)."""
+    grown = append(state, values)
+    found, has = forecast(grown, window, pred_len)
+    return push(grown, base, found, has), found, has
+
+
 def push(state: TensorDict, base: Tensor, analog: Tensor, has: Tensor) -> TensorDict:
     """Keep the forecast ``base [b, p, c]`` just mixed with the analog forecast ``analog``
     (``has [b]``: whether there is one) until their pair matures, ``pred_len`` observations

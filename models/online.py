@@ -211,8 +211,6 @@ def observe(
     state = state.clone(recurse=False)
     state["history"] = history
     state["count"] = state["count"] + 1
-    if "analog" in state.keys():
-        state["analog"] = analog.append(state["analog"], values[:, list(cfg.out_indices)])
     if mode is not UpdateMode.NONE and feedback is Feedback.DELAYED:
         matured = state["count"] >= cfg.seq_len + cfg.pred_len
         if bool(matured.any()):
@@ -220,16 +218,19 @@ def observe(
             state = learn(model, state, past, target, mode, mask=matured, observed=True)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
     combined = combines(state)  # every forecast is an expert's: the combination scores them all
-    archives = "analog" in state.keys()  # keeps every analog forecast until its pair matures
+    archives = "analog" in state.keys()  # takes every value, keeps every analog forecast
     if not (stores or need_forecast or combined or archives):
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
     inputs = window(model, state)
     forecast, stored = _forward(model, state, inputs, policy)
-    corrected = _by_corrector(model, state, inputs, forecast)
-    forecast, found = _mixed(model, state, inputs, corrected)
-    if found is not None:
-        state["analog"] = analog.push(state["analog"], corrected, *found)
+    forecast = _by_corrector(model, state, inputs, forecast)
+    if archives:  # (after learning: a matured pair reads only the forecasts kept for it)
+        out = list(cfg.out_indices)
+        state["analog"], found, has = analog.observe(
+            state["analog"], values[:, out], inputs[:, :, out], forecast, cfg.pred_len
+        )
+        forecast = analog.mix(state["analog"], forecast, found, has)
     ready = is_ready(model, state)
     if stores:
         state["model"] = _where(ready, stored["model"], state["model"])
