@@ -1,15 +1,16 @@
 """Per-stream analog forecast: what followed the stream's own most similar past windows, mixed
 into the memory_only forecast with a weight learned from matured errors.
 
-Why: under recurring regimes (``memcast make-data --regimes 3``) the forecaster and its linear
-output corrector (``models/corrector.py``) relearn a regime each time it comes back; a linear
-corrector per regime does not help (one bank slot per true regime: -8.9% against -8.5% under
-the frozen checkpoint, docs/investigations.md). What a stream has already seen does: the
-windows of its past most like the current one (same regime, same time of day) and what
-followed them. Their mean continuation, added to the current last value, is a forecast whose
-errors are little correlated with the forecaster's, so a share of it lowers the error
-(generated regimes 48 -> 12, delayed feedback: -15% under the frozen checkpoint with it
-against -8.5% without; ETTh1 gains too).
+Why: under recurring regimes (``memcast make-data --regimes 3``) the linear output corrector
+(``models/corrector.py``) learns too slowly to follow segments of 100-400 rows, and it is not
+a matter of unlearning: one corrector per true regime gains under 1% (-8.9% against -8.5%
+under the frozen checkpoint), and no faster linear learner tried passed -9.7%
+(docs/investigations.md). What a stream has already seen helps: the windows of its past most
+like the current one (same regime, same time of day) and what followed them. Their mean
+continuation, added to the current last value, is a forecast whose errors are little
+correlated with the corrected forecast's, so a share of it lowers the error (generated regimes
+48 -> 12, delayed feedback: -15.4% under the frozen checkpoint with it, -8.5% without; every
+ETTh1 row gains too).
 
 Axes: ``b`` streams, ``r`` archive rows (oldest first), ``c`` output channels, ``p`` horizon
 step, ``m`` candidate windows, ``k`` neighbours.
@@ -33,7 +34,7 @@ least-squares weight of the matured pairs' analog-forecast gap, in window standa
 
 with ``d = (a - forecast) / s`` and ``r = clamp((y - forecast) / s, +-ERROR_CLIP)``; the ridge
 keeps ``beta`` at 0 (the forecaster's own forecast) until the evidence outweighs it, which
-protects the data sets where the analog does not help (ETTh1-S: beta stays near 0.1).
+protects the data sets where the analog helps little (ETTh1-S: beta 0.0-0.2 in the replay).
 
 State (``TensorDict`` with leading stream dimension, under the stream state's ``"analog"``):
 ``archive [b, c, r]`` (the last ``r = analog_rows`` observed values, channels first),
