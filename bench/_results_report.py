@@ -15,9 +15,9 @@ from bench._format import num, table
 LABELS = {
     "naive": "last value (`naive`)",
     "titans_none": "frozen checkpoint (`titans_none`)",
-    "titans_memory_only": "`titans_memory_only` (outcome step + output corrector: the default)",
-    "memory_only_no_corrector": "`titans_memory_only`, no corrector (`corrector_lr` 0)",
-    "memory_only_pure": "`titans_memory_only`, pure (`outcome_lr` 0, `corrector_lr` 0)",
+    "titans_memory_only": "`titans_memory_only` (outcome step + output corrector + analog mix: the default)",
+    "memory_only_no_corrector": "`titans_memory_only`, no corrector nor analog mix (`corrector_lr` 0, `analog_rows` 0)",
+    "memory_only_pure": "`titans_memory_only`, pure (`outcome_lr` 0, `corrector_lr` 0, `analog_rows` 0)",
     "combo_memory_only": "**`combo_memory_only` (served default)**",
     "titans_full_model": "`titans_full_model`",
     "combo_full_model": "`combo_full_model`",

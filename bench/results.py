@@ -15,8 +15,8 @@ except where a setting names its own):
   and immediate (the literature's protocol, for published tables);
 - method groups, each one ``trainer.evaluate.evaluate`` call (the code ``memcast evaluate``
   runs): the served default (naive, titans_none, titans_memory_only, combo_memory_only);
-  memory_only without its output corrector (``corrector_lr`` 0), and pure (no outcome step
-  either: the seed's); full_model and its combination (the models' own online defaults); ogd
+  memory_only without its output corrector and analog mix (``corrector_lr`` 0, ``analog_rows``
+  0), and pure (no outcome step either: the seed's); full_model and its combination (the models' own online defaults); ogd
   and fsnet as their papers run them (online lr 1e-3, no clipping, no anchor);
 - River's SNARIMAX and Holt-Winters (``bench.accuracy.run_river``, settings picked on the
   validation split), once per setting: River learns value by value, so both feedback modes are
@@ -86,9 +86,9 @@ class Group:
 
 GROUPS = (
     Group("served", ("naive", "titans_none", "titans_memory_only", "combo_memory_only"), cost=3),
-    Group("pure", ("titans_memory_only",), {"outcome_lr": 0.0, "corrector_lr": 0.0},
+    Group("pure", ("titans_memory_only",), {"outcome_lr": 0.0, "corrector_lr": 0.0, "analog_rows": 0},
           rename={"titans_memory_only": "memory_only_pure"}),
-    Group("no_corrector", ("titans_memory_only",), {"corrector_lr": 0.0},
+    Group("no_corrector", ("titans_memory_only",), {"corrector_lr": 0.0, "analog_rows": 0},
           rename={"titans_memory_only": "memory_only_no_corrector"}),
     Group("full", ("titans_full_model", "combo_full_model"), cost=10),
     Group("ogd", ("ogd",), REFERENCE_ONLINE, online_lr=REFERENCE_ONLINE_LR, cost=3),

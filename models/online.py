@@ -11,6 +11,9 @@ A stream state (``TensorDict`` with leading stream dimension ``b``) holds:
 - ``corrector`` (``memory_only`` streams, ``corrector_lr > 0``): the stream's output corrector
   (``models/corrector.py``), a linear map learned from matured errors that corrects the
   forecaster's output; the backbone and the memory's shared weights are untouched;
+- ``analog`` (``memory_only`` streams, ``analog_rows > 0``): the stream's archive of its last
+  values and the weight, learned from matured errors, with which the forecast of what followed
+  its most similar past windows is mixed into the corrected forecast (``models/analog.py``);
 - ``combo`` (streams made with ``combine=True``): the per-stream combination of the frozen
   checkpoint, the adapted forecast and the last value (``models/combination.py``); the
   forecast :func:`observe` returns is then the combination.
@@ -33,7 +36,7 @@ from tensordict import TensorDict
 from torch import Tensor
 from torch.func import functional_call
 
-from models import combination, corrector
+from models import analog, combination, corrector
 from models.base import StatePath, StorePolicy, replaced
 from models.forecaster import ContinualForecaster, Encoded
 from models.optim import adamw_step
@@ -83,13 +86,23 @@ def combines(state: TensorDict) -> bool:
 
 def ensure_mode(model: ContinualForecaster, state: TensorDict, mode: UpdateMode) -> TensorDict:
     """Give a state what ``mode`` needs: a ``memory_only`` stream its output corrector (no
-    correction yet; also for a state saved before there was one), a ``full_model`` stream its
-    own copy of the shared weights."""
+    correction yet) and its analog archive (empty; for a state saved before either existed,
+    too), a ``full_model`` stream its own copy of the shared weights."""
+    cfg, history = model.config, state["history"]
     if mode is UpdateMode.MEMORY_ONLY and corrects(model) and "corrector" not in state.keys():
-        cfg, history = model.config, state["history"]
         state = state.clone(recurse=False)
         state["corrector"] = corrector.init_state(
             state.batch_size[0], cfg.seq_len, cfg.pred_len, history.dtype, history.device
+        )
+    if mode is UpdateMode.MEMORY_ONLY and analogs(model) and "analog" not in state.keys():
+        state = state.clone(recurse=False)
+        state["analog"] = analog.init_state(
+            state.batch_size[0],
+            cfg.analog_rows,
+            cfg.pred_len,
+            cfg.out_channels,
+            history.dtype,
+            history.device,
         )
     if mode is not UpdateMode.FULL_MODEL or "params" in state.keys():
         return state
@@ -134,12 +147,34 @@ def corrects(model: ContinualForecaster) -> bool:
     return model.config.corrector_lr > 0
 
 
+def analogs(model: ContinualForecaster) -> bool:
+    """``memory_only`` streams of this model mix in the analog forecast (``analog_rows > 0``)."""
+    return model.config.analog_rows > 0
+
+
 def _corrected(model: ContinualForecaster, state: TensorDict, inputs: Tensor, forecast: Tensor) -> Tensor:
-    """``forecast`` from ``inputs [b, seq_len, c]`` through the stream's output corrector, when
-    its state has one (unchanged otherwise)."""
+    """``forecast`` from ``inputs [b, seq_len, c]`` (the stream's current window) through the
+    stream's output corrector, then mixed with its analog forecast, for the parts its state
+    has (unchanged without either)."""
+    return _mixed(model, state, inputs, _by_corrector(model, state, inputs, forecast))[0]
+
+
+def _by_corrector(model: ContinualForecaster, state: TensorDict, inputs: Tensor, forecast: Tensor) -> Tensor:
     if "corrector" not in state.keys():
         return forecast
     return corrector.correct(state["corrector"], model.forecast_channels(inputs), forecast)
+
+
+def _mixed(
+    model: ContinualForecaster, state: TensorDict, inputs: Tensor, forecast: Tensor
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``forecast`` mixed with the analog forecast of ``inputs`` (the current window), and that
+    analog forecast with the streams that have one (None for a state without an archive)."""
+    if "analog" not in state.keys():
+        return forecast, None
+    window = inputs[:, :, list(model.config.out_indices)]
+    found = analog.forecast(state["analog"], window, model.config.pred_len)
+    return analog.mix(state["analog"], forecast, *found), found
 
 
 @torch.no_grad()
@@ -184,10 +219,11 @@ def observe(
             if _forecasts_to_learn(model, state, mode):
                 encoded = model.encode_together([past, inputs], state["model"])
                 before, now = encoded if encoded is not None else (None, None)
-            state = learn(model, state, past, target, mode, mask=matured, encoded=before)
+            state = learn(model, state, past, target, mode, mask=matured, encoded=before, observed=True)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
     combined = combines(state)  # every forecast is an expert's: the combination scores them all
-    if not (stores or need_forecast or combined):
+    archives = "analog" in state.keys()  # takes every value, keeps every analog forecast
+    if not (stores or need_forecast or combined or archives):
         return state, None
     policy = StorePolicy.LAST if stores else StorePolicy.NONE
     frozen = None
@@ -196,9 +232,21 @@ def observe(
         stored = replaced(state, {"model": model_state})
     else:
         forecast, stored = _forward(model, state, inputs, policy, now)
-    forecast = _corrected(model, state, inputs, forecast)
+    forecast = _by_corrector(model, state, inputs, forecast)
+    changed: dict[str, Tensor | TensorDict] = {}
+    if archives:  # (after learning: a matured pair reads only the forecasts kept for it)
+        archive, found, has = analog.observe(
+            state["analog"],
+            model.forecast_channels(values),
+            model.forecast_channels(inputs),
+            forecast,
+            cfg.pred_len,
+        )
+        changed["analog"] = archive
+        forecast = analog.mix(archive, forecast, found, has)
     ready = is_ready(model, state)
-    changed = {"model": _where(ready, stored["model"], state["model"])} if stores else {}
+    if stores:
+        changed["model"] = _where(ready, stored["model"], state["model"])
     if combined:
         experts = _experts(model, state, forecast, frozen)
         value = model.forecast_channels(values).to(forecast.dtype)
@@ -283,23 +331,28 @@ def learn(
     mode: UpdateMode,
     mask: Tensor | None = None,
     encoded: Encoded | None = None,
+    observed: bool = False,
 ) -> TensorDict:
     """Learn from fully observed pairs: ``inputs [b, seq_len, c]`` -> ``targets [b, pred_len, c_out]``.
 
     ``full_model`` takes an AdamW step on each stream's own weights; ``memory_only`` takes an
-    SGD step on each stream's own memory weights (:func:`learn_outcome`) and a normalised LMS
+    SGD step on each stream's own memory weights (:func:`learn_outcome`), a normalised LMS
     step of its output corrector (``models/corrector.py``) on the forecast the memory made of
-    the pair before that step; gradient-driven memories (FSNet) update their state in both
+    the pair before that step, and adds the pair to the evidence of its analog mix
+    (``models/analog.py``); gradient-driven memories (FSNet) update their state in both
     learning modes. Streams where ``mask`` is false are left unchanged. ``encoded``: the
     backbone's encoding of ``inputs`` (``ContinualForecaster.encode_together``), when the caller
-    has it.
+    has it. ``observed``: the pair is the one whose horizon the stream's last observation
+    completed (delayed feedback, :func:`observe`), so its analog evidence comes from the
+    forecasts kept since it was served; false for a pair learned right after its forecast
+    (immediate feedback), whose analog forecast is made again from the archive as it is.
     """
     if not learns_from_targets(model, mode):
         return state
     if mode is UpdateMode.MEMORY_ONLY:
         state = ensure_mode(model, state, mode)
         state, raw = _outcome_step(model, state, inputs, targets, mask, encoded)
-        state = _learn_corrector(model, state, inputs, targets, mask, raw, encoded)
+        state = _learn_corrector(model, state, inputs, targets, mask, raw, encoded, observed)
         if not model.learns_from_gradients:
             return state
     state = ensure_mode(model, state, mode)
@@ -324,11 +377,12 @@ def learn(
 def learns_from_targets(model: ContinualForecaster, mode: UpdateMode) -> bool:
     """Whether :func:`learn` changes a stream in ``mode``: ``full_model`` always, ``memory_only``
     with a gradient-driven memory (FSNet), with outcome learning (``outcome_lr > 0`` and
-    memory weights to step) or with an output corrector (``corrector_lr > 0``), ``none`` never."""
+    memory weights to step), with an output corrector (``corrector_lr > 0``) or an analog mix
+    (``analog_rows > 0``), ``none`` never."""
     if mode is UpdateMode.NONE:
         return False
     outcomes = model.config.outcome_lr > 0 and bool(model.outcome_paths())
-    corrects_outputs = mode is UpdateMode.MEMORY_ONLY and corrects(model)
+    corrects_outputs = mode is UpdateMode.MEMORY_ONLY and (corrects(model) or analogs(model))
     return mode is UpdateMode.FULL_MODEL or model.learns_from_gradients or outcomes or corrects_outputs
 
 
@@ -410,19 +464,36 @@ def _learn_corrector(
     mask: Tensor | None,
     raw: Tensor | None,
     encoded: Encoded | None = None,
+    observed: bool = False,
 ) -> TensorDict:
     """One normalised LMS step of each stream's output corrector on the matured pair ``inputs``
-    -> ``targets``; ``raw`` is the forecaster's (uncorrected) forecast of ``inputs``, computed
-    here (no gradient) when the outcome step did not make one. Why the forecast before the
-    outcome step: it is the memory the corrector's last forecasts were read from."""
-    if "corrector" not in state.keys() or (mask is not None and not bool(mask.any())):
+    -> ``targets``, then the pair's evidence for its analog mix; ``raw`` is the forecaster's
+    (uncorrected) forecast of ``inputs``, computed here (no gradient) when the outcome step did
+    not make one. Why the forecast before the outcome step: it is the memory the corrector's
+    last forecasts were read from. The analog mix learns from the corrected and the analog
+    forecasts that were mixed when the pair was forecast (made again when the pair is learned
+    right after its forecast: :func:`learn`, ``observed``)."""
+    has_parts = "corrector" in state.keys() or "analog" in state.keys()
+    if not has_parts or (mask is not None and not bool(mask.any())):
         return state
     if raw is None:
         raw, _ = _forward(model, state, inputs, StorePolicy.NONE, encoded)
-    learned = corrector.update(
-        state["corrector"], model.forecast_channels(inputs), raw, targets, model.config.corrector_lr, mask
-    )
-    return replaced(state, {"corrector": learned})
+    window = model.forecast_channels(inputs)
+    changed: dict[str, TensorDict] = {}
+    if "analog" in state.keys():
+        if observed:
+            corrected, *found = analog.matured(state["analog"])
+        else:
+            corrected = _by_corrector(model, state, inputs, raw)
+            found = list(analog.forecast(state["analog"], window, model.config.pred_len))
+        changed["analog"] = analog.update(
+            state["analog"], window, corrected, found[0], found[1], targets, mask
+        )
+    if "corrector" in state.keys():
+        changed["corrector"] = corrector.update(
+            state["corrector"], window, raw, targets, model.config.corrector_lr, mask
+        )
+    return replaced(state, changed)
 
 
 def _learn_one(

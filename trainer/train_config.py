@@ -29,6 +29,7 @@ ONLINE_ONLY_MODEL_FIELDS = (
     "online_anchor",
     "outcome_lr",
     "corrector_lr",
+    "analog_rows",
 )
 # how carried pretraining lays out a batch (part of the digest: checkpoints cached when it was
 # batch_size streams of tbptt windows, before issue 9's fix, are not reused)

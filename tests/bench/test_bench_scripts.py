@@ -209,7 +209,7 @@ def test_results_writes_every_table_and_the_acceptance_from_job_files(tmp_path: 
     expected = {f"evaluate-regimes-{f}-{g}" for f in ("delayed", "immediate") for g in groups}
     assert expected | {"river-regimes"} <= set(jobs)
     text = page.read_text()
-    for row in ("frozen checkpoint", "combo_memory_only", "pure (`outcome_lr` 0, `corrector_lr` 0)", "no corrector", "combo_full_model",
+    for row in ("frozen checkpoint", "combo_memory_only", "pure (`outcome_lr` 0, `corrector_lr` 0, `analog_rows` 0)", "no corrector", "combo_full_model",
                 "`ogd`", "`fsnet`", "River SNARIMAX", "River Holt-Winters"):  # fmt: skip
         assert text.count(row) >= 4, row  # two summaries and two detail tables
     assert "## Delayed feedback" in text and "## Immediate feedback" in text

@@ -57,7 +57,7 @@ def test_corrector_lr_zero_is_memory_only_without_it() -> None:
     torch.testing.assert_close(with_corrector[: matured - 1], without[: matured - 1], rtol=0, atol=0)
     assert not torch.allclose(with_corrector[matured:], without[matured:])
     assert not learns_from_targets(
-        make_model("lstm", "titans", "add", corrector_lr=0.0, outcome_lr=0.0), MEMORY_ONLY
+        make_model("lstm", "titans", "add", corrector_lr=0.0, outcome_lr=0.0, analog_rows=0), MEMORY_ONLY
     )
     assert learns_from_targets(make_model("lstm", "titans", "add", outcome_lr=0.0), MEMORY_ONLY)
 

@@ -145,11 +145,12 @@ def test_updating_one_stream_leaves_another_unchanged(combo, mode):
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
 def test_learning_modes_change_the_forecast_and_none_does_not_learn(combo):
-    """Without the output corrector (``corrector_lr=0``) memory_only learns only where there
-    is a memory; with it (the default) every memory_only stream learns from matured pairs."""
+    """Without the output corrector (``corrector_lr=0``, no analog mix either) memory_only learns
+    only where there is a memory; with it (the default) every memory_only stream learns from
+    matured pairs."""
     values = series(1, T)
     for corrector_lr in (0.0, 0.5):
-        model = make_model(*combo, corrector_lr=corrector_lr)
+        model = make_model(*combo, corrector_lr=corrector_lr, analog_rows=0)
         forecasts = {}
         for mode in MODES:
             _, forecasts[mode] = observe_many(model, init_stream_state(model, 1, mode), values, mode)

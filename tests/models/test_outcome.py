@@ -120,12 +120,12 @@ def test_each_matured_pair_is_learned_from_once(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_pure_memory_only_never_uses_a_target() -> None:
-    """``outcome_lr=0`` and ``corrector_lr=0`` is the seed's memory_only: immediate and delayed
+    """``outcome_lr=0``, ``corrector_lr=0`` and ``analog_rows=0`` is the seed's memory_only: immediate and delayed
     feedback give the same forecasts (no target is ever learned from); with outcome learning
     they differ."""
 
     def forecasts(outcome_lr: float, feedback: Feedback) -> torch.Tensor:
-        model = make_model("lstm", "titans", "add", outcome_lr=outcome_lr, corrector_lr=0.0)
+        model = make_model("lstm", "titans", "add", outcome_lr=outcome_lr, corrector_lr=0.0, analog_rows=0)
         values = series(1, T + 6)
         state = init_stream_state(model, 1, UpdateMode.MEMORY_ONLY)
         out = []

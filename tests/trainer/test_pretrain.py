@@ -193,9 +193,9 @@ def test_memory_pretrained_as_served_forecasts_like_the_online_stream(carried_ch
     mode = UpdateMode.MEMORY_ONLY
     series = torch.as_tensor(test)
     # the parity is the memory's: the tokens it stores and reads. Outcome learning (a step on
-    # matured targets, issue 10) and the output corrector are serving-time additions the
-    # pretraining does not replay.
-    model.config = dataclasses.replace(model.config, outcome_lr=0.0, corrector_lr=0.0)
+    # matured targets, issue 10), the output corrector and the analog mix are serving-time
+    # additions the pretraining does not replay.
+    model.config = dataclasses.replace(model.config, outcome_lr=0.0, corrector_lr=0.0, analog_rows=0)
     for i, s in enumerate(starts.tolist()):
         state = init_stream_state(model, 1, mode)
         state, forecast = observe_many(model, state, series[None, s : s + cfg.seq_len], mode)
