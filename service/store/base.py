@@ -31,9 +31,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from service.errors import StoreContention, StreamNotFound
-from service.store.recent import RecentWindow
-
-Timestamp = int | str  # an integer step or an ISO 8601 datetime, as the stream's client sent it
+from service.store.recent import RecentWindow, Timestamp
 
 
 @dataclass(frozen=True)

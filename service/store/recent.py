@@ -19,7 +19,7 @@ from typing import overload
 
 import orjson
 
-Timestamp = int | str
+Timestamp = int | str  # an integer step or an ISO 8601 datetime, as the stream's client sent it
 Pair = tuple[Timestamp, str]
 _SEPARATOR = b"],["
 

@@ -12,7 +12,16 @@ import torch
 from models import UpdateMode, analog, init_stream_state, observe, observe_many, online
 from models.online import ensure_mode
 from models.state_io import model_fingerprint, state_from_bytes, state_to_bytes
-from tests.models.test_forecaster import CH, PRED, SEQ, assert_states_close, make_model, series
+from tests.models.test_forecaster import (
+    CH,
+    PRED,
+    SEQ,
+    assert_ignores_later_values,
+    assert_states_close,
+    forecasts_one_by_one,
+    make_model,
+    series,
+)
 
 MEMORY_ONLY = UpdateMode.MEMORY_ONLY
 ROWS = 64  # a short archive: the oldest rows drop out during the tests
@@ -81,14 +90,9 @@ def test_analog_rows_zero_is_memory_only_without_it() -> None:
     values = series(1, LONG)
 
     def run(rows: int) -> torch.Tensor:
-        model = make_model("lstm", "titans", "add", corrector_lr=0.5, analog_rows=rows)
-        state = init_stream_state(model, 1, MEMORY_ONLY)
-        out = []
-        for t in range(values.shape[1]):
-            state, forecast = observe(model, state, values[:, t], MEMORY_ONLY)
-            assert forecast is not None
-            out.append(forecast)
-        return torch.stack(out)
+        return forecasts_one_by_one(
+            make_model("lstm", "titans", "add", corrector_lr=0.5, analog_rows=rows), values
+        )
 
     without, with_analog = run(0), run(ROWS)
     first = min(analog.KEY_LEN, SEQ) + PRED + analog.NEIGHBOURS - 1  # the first analog forecast
@@ -169,24 +173,7 @@ def test_delayed_feedback_never_uses_a_value_not_yet_observed() -> None:
     """Changing the values from step ``t`` on leaves every forecast made before step ``t``
     unchanged, analog mix included; the control shows the change reaches the next one."""
     model = make_model("lstm", "titans", "add", analog_rows=ROWS)
-    values = series(1, LONG)
-    cut = LONG - 10
-    changed = values.clone()
-    changed[:, cut:] += 5.0
-
-    def forecasts(v: torch.Tensor) -> list[torch.Tensor]:
-        state = init_stream_state(model, 1, MEMORY_ONLY)
-        out = []
-        for t in range(v.shape[1]):
-            state, forecast = observe(model, state, v[:, t], MEMORY_ONLY)
-            assert forecast is not None
-            out.append(forecast)
-        return out
-
-    a, b = forecasts(values), forecasts(changed)
-    for t in range(cut):
-        torch.testing.assert_close(a[t], b[t], rtol=0, atol=0)
-    assert not torch.allclose(a[cut], b[cut])
+    assert_ignores_later_values(model, series(1, LONG), cut=LONG - 10)
 
 
 def test_the_mix_learns_a_useful_analog() -> None:

@@ -11,7 +11,16 @@ import torch
 from models import UpdateMode, corrector, init_stream_state, observe, observe_many, online
 from models.online import ensure_mode, learns_from_targets
 from models.state_io import model_fingerprint, state_from_bytes, state_to_bytes
-from tests.models.test_forecaster import PRED, SEQ, T, assert_states_close, make_model, series
+from tests.models.test_forecaster import (
+    PRED,
+    SEQ,
+    T,
+    assert_ignores_later_values,
+    assert_states_close,
+    forecasts_one_by_one,
+    make_model,
+    series,
+)
 
 MEMORY_ONLY = UpdateMode.MEMORY_ONLY
 
@@ -41,18 +50,8 @@ def test_corrector_lr_zero_is_memory_only_without_it() -> None:
     it, the corrector changes them once pairs have matured."""
     values = series(1, T + 6)
 
-    def run(**overrides: float) -> torch.Tensor:
-        model = make_model("lstm", "titans", "add", **overrides)
-        state = init_stream_state(model, 1, MEMORY_ONLY)
-        out = []
-        for t in range(values.shape[1]):
-            state, forecast = observe(model, state, values[:, t], MEMORY_ONLY)
-            assert forecast is not None
-            out.append(forecast)
-        return torch.stack(out)
-
-    without = run(corrector_lr=0.0)
-    with_corrector = run(corrector_lr=0.5)
+    without = forecasts_one_by_one(make_model("lstm", "titans", "add", corrector_lr=0.0), values)
+    with_corrector = forecasts_one_by_one(make_model("lstm", "titans", "add", corrector_lr=0.5), values)
     matured = SEQ + PRED  # the first forecast after the first matured pair
     torch.testing.assert_close(with_corrector[: matured - 1], without[: matured - 1], rtol=0, atol=0)
     assert not torch.allclose(with_corrector[matured:], without[matured:])
@@ -118,24 +117,7 @@ def test_delayed_feedback_never_uses_a_value_not_yet_observed() -> None:
     """Changing the values from step ``t`` on leaves every forecast made before step ``t``
     unchanged, corrector included (a forecast made after value ``t - 1`` cannot depend on ``t``)."""
     model = make_model("lstm", "titans", "add", corrector_lr=0.5)
-    values = series(1, T + 8)
-    cut = SEQ + PRED + 3
-    changed = values.clone()
-    changed[:, cut:] += 5.0
-
-    def forecasts(v: torch.Tensor) -> list[torch.Tensor]:
-        state = init_stream_state(model, 1, MEMORY_ONLY)
-        out = []
-        for t in range(v.shape[1]):
-            state, forecast = observe(model, state, v[:, t], MEMORY_ONLY)
-            assert forecast is not None
-            out.append(forecast)
-        return out
-
-    a, b = forecasts(values), forecasts(changed)
-    for t in range(cut):
-        torch.testing.assert_close(a[t], b[t], rtol=0, atol=0)
-    assert not torch.allclose(a[cut], b[cut])
+    assert_ignores_later_values(model, series(1, T + 8), cut=SEQ + PRED + 3)
 
 
 def test_corrector_lowers_the_error_it_learns_from() -> None:

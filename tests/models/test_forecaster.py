@@ -67,6 +67,31 @@ def series(b: int, t: int, seed: int = 1) -> torch.Tensor:
     return seasonal + 0.3 * torch.randn(b, t, CH, generator=g, dtype=torch.float64)
 
 
+def forecasts_one_by_one(
+    model: ContinualForecaster, values: torch.Tensor, mode: UpdateMode = UpdateMode.MEMORY_ONLY
+) -> torch.Tensor:
+    """Every forecast ``[t, b, p, c]`` of fresh streams fed ``values [b, t, c]`` one observation
+    at a time."""
+    state = init_stream_state(model, values.shape[0], mode)
+    out = []
+    for t in range(values.shape[1]):
+        state, forecast = observe(model, state, values[:, t], mode)
+        assert forecast is not None
+        out.append(forecast)
+    return torch.stack(out)
+
+
+def assert_ignores_later_values(model: ContinualForecaster, values: torch.Tensor, cut: int) -> None:
+    """Changing the values from step ``cut`` on leaves every forecast made before it unchanged
+    (delayed feedback never uses a value not yet observed); the control shows the change
+    reaches the next one."""
+    changed = values.clone()
+    changed[:, cut:] += 5.0
+    a, b = forecasts_one_by_one(model, values), forecasts_one_by_one(model, changed)
+    torch.testing.assert_close(a[:cut], b[:cut], rtol=0, atol=0)
+    assert not torch.allclose(a[cut], b[cut])
+
+
 def flat(state: TensorDict) -> dict[str, torch.Tensor]:
     return dict(state.flatten_keys(".").items())
 
