@@ -57,10 +57,15 @@ async def steady_record(checkpoint: Path, data: Path, observations: int) -> Stre
 
 
 def stdlib_fields(record: StreamRecord) -> dict[str, bytes | str]:
-    return {
-        f.name: getattr(record, f.name) if f.name == "state" else json.dumps(getattr(record, f.name))
-        for f in dataclasses.fields(record)
-    }
+    """The fields as the standard library would write them (the duplicate window as its pairs)."""
+    fields: dict[str, bytes | str] = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if f.name == "state":
+            fields[f.name] = value
+        else:
+            fields[f.name] = json.dumps(list(value) if f.name == "recent" else value)
+    return fields
 
 
 def time_per_call(fn: Callable[[], object], repeat: int) -> float:

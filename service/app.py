@@ -25,7 +25,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, LatencyMiddleware
 from service.registry import load_registry
 from service.settings import Settings, get_settings
-from service.store import make_store
+from service.store import RedisStore, make_store
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = load_registry(settings.checkpoint_dir, settings.default_model, settings.device)
         metrics.models_loaded.set(len(registry))
         store = make_store(settings)
+        if isinstance(store, RedisStore) and store.cache is not None:
+            metrics.watch_cache(store.cache)
         engine = Engine(registry, store, settings, metrics)
         app.state.registry, app.state.store, app.state.engine = registry, store, engine
         # What is loaded now (torch, the models, the app) lives as long as the app. Frozen, the

@@ -56,6 +56,7 @@ class _Stream:
     plan: Plan | None = None
     mode: str | None = None
     created: bool = False
+    trust_hint: bool = True  # start from the store's hint (service/store/cache.py), once
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Job:
     model: LoadedModel
     mode: UpdateMode
     plan: Plan
+    hinted: bool  # ``current`` is the store's hint: any outcome but a write is re-read first
     step: Step | None = None
 
 
@@ -139,39 +141,66 @@ class BulkRequest:
         async with AsyncExitStack() as stack:
             for sid in sorted(s.stream_id for s in todo):  # one order everywhere: no deadlock
                 await stack.enter_async_context(self.engine.locks.hold(sid))
-            settings = self.engine.settings
-            for attempt in range(settings.store_retries):
-                if attempt:
-                    self.engine.metrics.retry()
-                    await asyncio.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
-                todo = await self._attempt(todo)
-                if not todo:
-                    break
+            retries, attempt = self.engine.settings.store_retries, 0
+            while todo and attempt < retries:
+                lost, stale = await self._attempt(todo)
+                todo = lost + stale
+                if lost:  # a stale hint is read again at once, without counting as a lost race
+                    attempt += 1
+                    if attempt < retries:
+                        self.engine.metrics.retry()
+                        await asyncio.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
             for stream in todo:
                 stream.error = StoreContention(
                     f"stream {stream.stream_id!r} is being updated concurrently; try again"
                 )
         return self.response()
 
-    async def _attempt(self, streams: list[_Stream]) -> list[_Stream]:
-        """Read, plan, compute and write ``streams``; return those that lost a race."""
+    async def _read(self, streams: list[_Stream]) -> list[tuple[StreamRecord | None, bool]]:
+        """Each stream's record and whether it is the store's hint: hints where the store has
+        them (first attempt only), one round trip for the rest."""
         store = self.engine.store
-        records = await store.get_many([s.stream_id for s in streams])
+        hints = [store.hint(s.stream_id) if s.trust_hint else None for s in streams]
+        for stream in streams:
+            stream.trust_hint = False
+        missing = [s.stream_id for s, hint in zip(streams, hints, strict=True) if hint is None]
+        fetched = iter(await store.get_many(missing) if missing else [])
+        return [(hint, True) if hint is not None else (next(fetched), False) for hint in hints]
+
+    async def _attempt(self, streams: list[_Stream]) -> tuple[list[_Stream], list[_Stream]]:
+        """Read, plan, compute and write ``streams``; return those that lost a race, and those
+        whose hint was stale or answered without a write (both read again)."""
+        store = self.engine.store
         jobs: list[_Job] = []
-        for stream, record in zip(streams, records, strict=True):
+        stale: list[_Stream] = []
+        for stream, (record, hinted) in zip(streams, await self._read(streams), strict=True):
             try:
-                job = self._job(stream, record)
-            except ServiceError as exc:
-                stream.error = exc
+                job = self._job(stream, record, hinted)
+            except ServiceError as exc:  # on a hint: perhaps only its own, read again
+                if hinted:
+                    stale.append(stream)
+                else:
+                    stream.error = exc
                 continue
-            if job is not None:
+            if job is None and hinted:  # every item a duplicate: answered from a fresh read only
+                stale.append(stream)
+            elif job is None:
+                assert stream.plan is not None and stream.mode is not None
+                self.engine.metrics.applied(stream.mode, 0, len(stream.plan.statuses), None)
+            else:
                 jobs.append(job)
         await self._compute(jobs)
         writes: list[tuple[_Job, StreamRecord, Scored]] = []
+        for job in jobs:
+            if job.step is None and job.hinted:  # failed on the hint's state: try the current one
+                stale.append(job.stream)
+                job.stream.error = None
         stepped = [(job, job.step) for job in jobs if job.step is not None]
         nexts = self.engine.next_records([(j.current, j.plan, step, j.model) for j, step in stepped])
         for (job, _), following in zip(stepped, nexts, strict=True):
-            if isinstance(following, ServiceError):
+            if isinstance(following, ServiceError) and job.hinted:
+                stale.append(job.stream)
+            elif isinstance(following, ServiceError):
                 job.stream.error = following
             else:
                 writes.append((job, *following))
@@ -179,9 +208,9 @@ class BulkRequest:
         lost: list[_Stream] = []
         for (job, _, scored), outcome in zip(writes, outcomes, strict=True):
             stream = job.stream
-            if outcome is None:
+            if outcome is None or (isinstance(outcome, StreamNotFound) and job.hinted):
                 stream.created = False
-                lost.append(stream)
+                (stale if job.hinted else lost).append(stream)
             elif isinstance(outcome, StreamNotFound):
                 stream.error = outcome
             else:
@@ -191,9 +220,9 @@ class BulkRequest:
                     job.mode.value, applied, len(job.plan.statuses) - applied, len(outcome.state)
                 )
                 self.engine.metrics.scored(outcome.model, job.mode.value, scored)
-        return lost
+        return lost, stale
 
-    def _job(self, stream: _Stream, record: StreamRecord | None) -> _Job | None:
+    def _job(self, stream: _Stream, record: StreamRecord | None, hinted: bool) -> _Job | None:
         """Plan one stream; ``None`` when nothing is to be written (every item a duplicate)."""
         engine, req = self.engine, self.req
         if record is None:
@@ -212,9 +241,8 @@ class BulkRequest:
         plan = _reindex(plan, order)
         if not plan.rows:  # every item a duplicate (never so for a new stream)
             stream.record, stream.plan, stream.mode = record, plan, mode.value
-            self.engine.metrics.applied(mode.value, 0, len(plan.statuses), None)
             return None
-        return _Job(stream, record, model, mode, plan)
+        return _Job(stream, record, model, mode, plan, hinted)
 
     async def _new_stream_template(self, spec: schemas.BulkCreate) -> tuple[StreamRecord, LoadedModel]:
         """A new stream's record (without its id): every new stream of one model and mode

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.accuracy import Scored
+from service.store.cache import RecordCache
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # |error| / the target's std
@@ -70,6 +71,23 @@ class Metrics:
             registry=r,
         )
         self.models_loaded = Gauge("memcast_models_loaded", "Checkpoints loaded", registry=r)
+        self.record_cache = Gauge(
+            "memcast_record_cache",
+            "Stream records kept in process as write hints (MEMCAST_RECORD_CACHE_MB): "
+            "entries, bytes, and hits and misses since start",
+            ["what"],
+            registry=r,
+        )
+
+    def watch_cache(self, cache: RecordCache) -> None:
+        """Report ``cache``'s entries, bytes, hits and misses whenever metrics are scraped."""
+        for what, read in (
+            ("entries", lambda: len(cache)),
+            ("bytes", lambda: cache.nbytes),
+            ("hits", lambda: cache.hits),
+            ("misses", lambda: cache.misses),
+        ):
+            self.record_cache.labels(what=what).set_function(read)
 
     # StoreStats
     def conflict(self) -> None:

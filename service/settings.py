@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     store_retries: int = Field(16, ge=1, description="compare-and-set attempts per request before 503")
     store_timeout_s: float = Field(2.0, gt=0, description="Redis socket and connect timeout, seconds")
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with 503 responses")
+    record_cache_mb: float = Field(
+        32,
+        ge=0,
+        description="MiB of stream records kept in the process (Redis only) so a stream's next write "
+        "skips its read; each is checked by the write's compare-and-set. Size it to the streams "
+        "written often (about 140 KB each at the default windows); 0: off",
+    )
 
     # models
     checkpoint_dir: Path = Field(

@@ -16,6 +16,7 @@ def make_store(settings: Settings) -> StateStore:
         prefix=settings.redis_key_prefix,
         timeout_s=settings.store_timeout_s,
         retry_after=settings.retry_after_s,
+        cache_bytes=int(settings.record_cache_mb * 2**20),
     )
 
 

@@ -136,6 +136,12 @@ class StateStore(Protocol):
         """The current record; ``StreamNotFound`` if there is none."""
         ...
 
+    def hint(self, stream_id: str) -> StreamRecord | None:
+        """The stream's record as this process last wrote or read it, perhaps stale since
+        (``service.store.cache``); ``None`` when the store keeps none (the embedded store, whose
+        reads cost nothing). Only a compare-and-set may act on it: see :func:`update_stream`."""
+        ...
+
     async def compare_and_set(self, record: StreamRecord, expected_version: int) -> StreamRecord | None:
         """Replace the record if its version is still ``expected_version`` and its incarnation
         is still ``record.incarnation``; return the stored record (version + 1), ``None`` when
@@ -221,19 +227,39 @@ async def update_stream(
     write (for example a batch of duplicates). A lost compare-and-set is retried from a fresh
     read, at most ``attempts`` times in all, then ``StoreContention`` (503) is raised; no
     partial state is ever written because each attempt writes one whole record or nothing.
+
+    The first attempt starts from the store's :meth:`~StateStore.hint` when it has one (no
+    read). A hint is checked by the compare-and-set like any read; one that turns out stale
+    (the write is refused, or nothing was to be written, which is answered only from a fresh
+    read) is followed by a fresh read at once, without counting as a lost race.
     """
-    for attempt in range(attempts):
-        if attempt:
+    trust_hint = True
+    attempt = 0
+    while attempt < attempts:
+        current = store.hint(stream_id) if trust_hint else None
+        hinted, trust_hint = current is not None, False
+        if current is None:
+            current = await store.get(stream_id)
+        new, result = await change(current)
+        if new is None:
+            if hinted:
+                continue
+            return current, result
+        try:
+            stored = await store.compare_and_set(new, current.version)
+        except StreamNotFound:
+            if hinted:
+                continue
+            raise
+        if stored is not None:
+            return stored, result
+        if hinted:
+            continue
+        if stats:
+            stats.conflict()
+        attempt += 1
+        if attempt < attempts:
             if stats:
                 stats.retry()
             await asyncio.sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
-        current = await store.get(stream_id)
-        new, result = await change(current)
-        if new is None:
-            return current, result
-        stored = await store.compare_and_set(new, current.version)
-        if stored is not None:
-            return stored, result
-        if stats:
-            stats.conflict()
     raise StoreContention(f"stream {stream_id!r} is being updated concurrently; try again")

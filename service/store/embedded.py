@@ -28,6 +28,9 @@ class EmbeddedStore:
             self._records[record.stream_id] = stored
         return stored
 
+    def hint(self, stream_id: str) -> StreamRecord | None:
+        return None  # a read is a dictionary lookup: nothing to save
+
     async def get(self, stream_id: str) -> StreamRecord:
         with self._lock:
             record = self._records.get(stream_id)

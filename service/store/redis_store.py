@@ -42,6 +42,7 @@ from service.errors import (
     StreamNotFound,
 )
 from service.store.base import Snapshot, StreamRecord, WriteOutcome, new_incarnation
+from service.store.cache import RecordCache
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -104,7 +105,15 @@ return removed
 
 
 class RedisStore:
-    def __init__(self, url: str, *, prefix: str = "memcast", timeout_s: float = 2.0, retry_after: int = 1):
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "memcast",
+        timeout_s: float = 2.0,
+        retry_after: int = 1,
+        cache_bytes: int = 0,
+    ):
         # One immediate retry lets a pooled connection broken by a Redis restart reconnect
         # within the same call; a Redis that is down fails fast instead of backing off.
         self._redis = _client(url, timeout_s, Retry(NoBackoff(), 1))
@@ -118,6 +127,8 @@ class RedisStore:
         self._delete = self._redis.register_script(_DELETE)
         # a cluster client refuses scripts in pipelines and scans node by node
         self._cluster = isinstance(self._redis, aioredis.RedisCluster)
+        # hints for the next write (service/store/cache.py); 0: every write reads first
+        self.cache = RecordCache(cache_bytes) if cache_bytes > 0 else None
 
     @property
     def scripts(self) -> tuple[AsyncScript, ...]:
@@ -150,30 +161,55 @@ class RedisStore:
                 f"state store unavailable: {exc!r}", retry_after=self._retry_after
             ) from exc
 
+    def hint(self, stream_id: str) -> StreamRecord | None:
+        return self.cache.get(stream_id) if self.cache is not None else None
+
+    def _remember(self, record: StreamRecord, args: Sequence[bytes | str]) -> None:
+        if self.cache is not None:
+            self.cache.put(record, sum(map(len, args)))
+
+    def _forget(self, stream_id: str) -> None:
+        if self.cache is not None:
+            self.cache.drop(stream_id)
+
     async def create(self, record: StreamRecord) -> StreamRecord:
         stored = record.replace(version=1, incarnation=new_incarnation())
+        args = _flatten(stored)
         async with self._translate():
-            created = await self._create(keys=[self.key(record.stream_id)], args=_flatten(stored))
+            created = await self._create(keys=[self.key(record.stream_id)], args=args)
         if not created:
             raise StreamExists(record.stream_id)
+        self._remember(stored, args)
         return stored
 
     async def get(self, stream_id: str) -> StreamRecord:
         async with self._translate():
             fields = await self._redis.hgetall(self.key(stream_id))
         if not fields:
+            self._forget(stream_id)
             raise StreamNotFound(stream_id)
-        return StreamRecord.from_fields(cast(dict[bytes, bytes], fields))  # a client without decode_responses
+        return self._read(cast(dict[bytes, bytes], fields))  # a client without decode_responses
+
+    def _read(self, fields: dict[bytes, bytes]) -> StreamRecord:
+        record = StreamRecord.from_fields(fields)
+        if self.cache is not None:
+            self.cache.put(record, sum(len(k) + len(v) for k, v in fields.items()))
+        return record
 
     async def compare_and_set(self, record: StreamRecord, expected_version: int) -> StreamRecord | None:
         stored = record.replace(version=expected_version + 1)
+        fields = _flatten(stored)
         async with self._translate():
             outcome = await self._cas(
                 keys=[self.key(record.stream_id)],
-                args=[json.dumps(expected_version), json.dumps(record.incarnation), *_flatten(stored)],
+                args=[json.dumps(expected_version), json.dumps(record.incarnation), *fields],
             )
+        if outcome != 1:
+            self._forget(record.stream_id)
         if outcome == -1:
             raise StreamNotFound(record.stream_id)
+        if outcome == 1:
+            self._remember(stored, fields)
         return stored if outcome == 1 else None
 
     async def get_many(self, stream_ids: Sequence[str]) -> list[StreamRecord | None]:
@@ -183,7 +219,12 @@ class RedisStore:
             for stream_id in stream_ids:
                 pipe.hgetall(self.key(stream_id))
             replies = await pipe.execute()
-        return [StreamRecord.from_fields(fields) if fields else None for fields in replies]
+        records: list[StreamRecord | None] = []
+        for stream_id, fields in zip(stream_ids, replies, strict=True):
+            if not fields:
+                self._forget(stream_id)
+            records.append(self._read(fields) if fields else None)
+        return records
 
     async def write_many(self, writes: Sequence[tuple[StreamRecord, int]]) -> list[WriteOutcome]:
         """One pipeline of per-stream write scripts, sent as EVALSHA (a Redis that lost its
@@ -194,7 +235,12 @@ class RedisStore:
             for r, v in writes
         ]
         commands = [
-            (self.key(r.stream_id), json.dumps(v), json.dumps(s.incarnation if v == 0 else r.incarnation), s)
+            (
+                self.key(r.stream_id),
+                json.dumps(v),
+                json.dumps(s.incarnation if v == 0 else r.incarnation),
+                _flatten(s),
+            )
             for (r, v), s in zip(writes, stored, strict=True)
         ]
         pending = list(range(len(commands)))
@@ -203,8 +249,8 @@ class RedisStore:
             async with self._translate():
                 answers = await asyncio.gather(
                     *(
-                        self._write(keys=[key], args=[version, incarnation, *_flatten(record)])
-                        for key, version, incarnation, record in commands
+                        self._write(keys=[key], args=[version, incarnation, *fields])
+                        for key, version, incarnation, fields in commands
                     ),
                     return_exceptions=True,
                 )
@@ -218,8 +264,8 @@ class RedisStore:
             for _ in range(2 if pending else 0):
                 pipe = self._redis.pipeline(transaction=False)
                 for i in pending:
-                    key, version, incarnation, record = commands[i]
-                    pipe.evalsha(self._write.sha, 1, key, version, incarnation, *_flatten(record))
+                    key, version, incarnation, fields = commands[i]
+                    pipe.evalsha(self._write.sha, 1, key, version, incarnation, *fields)
                 answers = await pipe.execute(raise_on_error=False)
                 for i, answer in zip(pending, answers, strict=True):
                     replies[i] = answer
@@ -231,7 +277,11 @@ class RedisStore:
                 if isinstance(answer, Exception):
                     raise answer
         outcomes: list[WriteOutcome] = []
-        for (record, _), reply, new in zip(writes, replies, stored, strict=True):
+        for (record, _), reply, new, command in zip(writes, replies, stored, commands, strict=True):
+            if reply == 1:
+                self._remember(new, command[3])
+            else:
+                self._forget(record.stream_id)
             if reply == -1:
                 outcomes.append(StreamNotFound(record.stream_id))
             else:
@@ -239,6 +289,7 @@ class RedisStore:
         return outcomes
 
     async def delete(self, stream_id: str) -> None:
+        self._forget(stream_id)
         async with self._translate():
             removed = await self._delete(keys=[self.key(stream_id), self.snapshots_key(stream_id)])
         if not removed:
@@ -281,6 +332,7 @@ class RedisStore:
 
     async def delete_if_unchanged(self, record: StreamRecord) -> bool:
         stream_id = record.stream_id
+        self._forget(stream_id)
         async with self._translate():
             deleted = await self._delete_if_unchanged(
                 keys=[self.key(stream_id), self.snapshots_key(stream_id)],

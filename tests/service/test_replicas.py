@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from memcast.harness import ServeProcess
+from memcast.harness import ServeProcess, clean_env
 from tests.service.conftest import SEQ_LEN, series
 from tests.service.tcp_proxy import TcpProxy
 
@@ -19,18 +19,25 @@ pytestmark = pytest.mark.slow
 
 
 @contextmanager
-def serve(checkpoint_root: Path, redis_url: str, log_path: Path) -> Iterator[str]:
+def serve(checkpoint_root: Path, redis_url: str, log_path: Path, cache_mb: float = 32) -> Iterator[str]:
     """A ``memcast serve`` process on ``redis_url``; yields its base URL once it is ready."""
     args = ["--checkpoints", str(checkpoint_root), "--redis-url", redis_url]
-    with ServeProcess(args, log=log_path) as process:
+    env = {**clean_env(), "MEMCAST_RECORD_CACHE_MB": str(cache_mb)}
+    with ServeProcess(args, env=env, log=log_path) as process:
         yield process.url
 
 
+@pytest.mark.parametrize("cache_mb", [0, 32], ids=["read", "hint"])
 def test_post_observations_recreated_stream_not_overwritten(
-    checkpoint_root: Path, redis_url: str, tmp_path: Path
+    checkpoint_root: Path, redis_url: str, tmp_path: Path, cache_mb: float
 ) -> None:
     """Replica 1 reads stream x and computes; replica 2 deletes and re-creates x; replica 1's
     write, computed from the deleted stream, must be refused and the re-creation kept.
+
+    With its record cache off, replica 1 read x from Redis before computing: the request
+    belongs to the deleted stream and gets 404. With the cache on, replica 1 computed from its
+    hint (what it wrote when creating x), which is no read: refused all the same, it reads x
+    again and applies the observations to the re-created stream, computed from that stream.
 
     Deterministic: a proxy between replica 1 and Redis holds replica 1's compare-and-set
     (the first EVALSHA it sends after the test arms it) until replica 2 is done.
@@ -38,7 +45,7 @@ def test_post_observations_recreated_stream_not_overwritten(
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     with (
         TcpProxy(port) as proxy,
-        serve(checkpoint_root, proxy.url, tmp_path / "r1.log") as r1,
+        serve(checkpoint_root, proxy.url, tmp_path / "r1.log", cache_mb) as r1,
         serve(checkpoint_root, redis_url, tmp_path / "r2.log") as r2,
     ):
         created = httpx.post(f"{r1}/v1/streams", json={"id": "x", "history": series(SEQ_LEN)}, timeout=10)
@@ -65,14 +72,27 @@ def test_post_observations_recreated_stream_not_overwritten(
             writer.join(timeout=30)
 
         response = answer["r1"]
-        assert response.status_code == 404, response.text  # its stream is gone
-        assert response.json()["error"]["type"] == "stream_not_found"
+        steps = 0
+        if cache_mb:
+            assert response.status_code == 200, response.text
+            assert (response.json()["mode"], response.json()["steps"]) == ("none", 200)
+            steps, version = 200, 2
+        else:
+            assert response.status_code == 404, response.text  # its stream is gone
+            assert response.json()["error"]["type"] == "stream_not_found"
+            version = 1
         for replica in (r1, r2):
             body = httpx.get(f"{replica}/v1/streams/x", timeout=10).json()
-            assert (body["mode"], body["freq"], body["steps"], body["version"]) == ("none", "2h", 0, 1)
+            assert (body["mode"], body["freq"], body["steps"], body["version"]) == (
+                "none",
+                "2h",
+                steps,
+                version,
+            )
         # the re-created stream takes observations from either replica as usual
-        assert httpx.post(f"{r1}/v1/streams/x/observations", json=series(1)[0], timeout=10).status_code == 200
-        assert httpx.get(f"{r2}/v1/streams/x", timeout=10).json()["steps"] == 1
+        later = {"timestamp": 10_000, "values": series(1)[0]["values"]}
+        assert httpx.post(f"{r1}/v1/streams/x/observations", json=later, timeout=10).status_code == 200
+        assert httpx.get(f"{r2}/v1/streams/x", timeout=10).json()["steps"] == steps + 1
 
 
 def test_serve_processes_share_the_port_and_the_streams(
