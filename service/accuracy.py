@@ -235,6 +235,18 @@ class Ring:
         return cls(data, tuple(len(w) for w in window))
 
 
+class _Json(dict[str, Any]):
+    """:meth:`Accuracy.to_json`'s dict, holding the scores it was made from: a record kept in
+    process (the embedded store's, the Redis store's hints) is scored again without decoding
+    its base64 arrays. Plain JSON to everything else (a ``dict``, equal to one)."""
+
+    __slots__ = ("decoded",)
+
+    def __init__(self, data: dict[str, Any], decoded: Accuracy) -> None:
+        super().__init__(data)
+        self.decoded = decoded
+
+
 # totals[step]: [values scored, sum |e|, sum e^2, sum |e_last|, sum e_last^2]
 @dataclass(frozen=True, eq=False)
 class Accuracy:
@@ -249,12 +261,13 @@ class Accuracy:
     matured: MaturedRows | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "pending": self.pending.to_json() if self.pending is not None else [],
             "totals": self.totals.tolist() if self.totals is not None else [],
             "ring": self.window.to_json() if self.window is not None else None,
             "matured": self.matured.to_json() if self.matured is not None else [],
         }
+        return _Json(data, self)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Accuracy):
@@ -265,6 +278,8 @@ class Accuracy:
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Accuracy:
+        if isinstance(data, _Json):
+            return data.decoded
         if not data:
             return cls()
         ring = data.get("ring")
@@ -298,58 +313,56 @@ def advance(
     new_values: list[np.ndarray] = []
     scored = Scored()
     std = np.array(spec.std, dtype=np.float64)
-    targets = list(spec.targets)
-    for i, row in enumerate(rows):
+    targets = np.array(spec.targets, dtype=np.int64)
+    observed = np.array(rows, dtype=np.float64).reshape(len(rows), -1)[:, targets] if rows else None  # [n, c]
+    for i in range(len(rows)):
         s = steps_before + i + 1
-        actual = np.array(row, dtype=np.float64)[targets]  # [c]
+        assert observed is not None
+        actual = observed[i]  # [c]
         row_errors = np.full((p, c), math.nan)
-        if len(pending):
-            h = s - pending.origin  # [k], each in 1..p, distinct (entries past their horizon were dropped)
-            made = pending.forecast[np.arange(len(h)), h - 1]  # [k, c]
+        k = len(pending)
+        if k:
+            step = s - pending.origin - 1  # [k] horizon index, distinct (past horizons were dropped)
+            made = pending.forecast[np.arange(k), step]  # [k, c]
             errors, naive = made - actual, pending.last - actual  # [k, c]
-            sums = np.stack(
-                [
-                    np.full(len(h), float(c)),
-                    abs(errors).sum(1),
-                    (errors**2).sum(1),
-                    abs(naive).sum(1),
-                    (naive**2).sum(1),
-                ],
-                axis=1,
-            )  # [k, 5]
-            totals[h - 1] += sums
-            data[h - 1, inserted[h - 1] % spec.window] = sums[:, 1:] / c
-            inserted[h - 1] += 1
-            row_errors[h - 1] = abs(errors)
-            scored.errors.extend((abs(errors) / std).ravel().tolist())
-            scored.last_value_errors.extend((abs(naive) / std).ravel().tolist())
-            closest = int(np.argmin(h))
+            abs_errors, abs_naive = np.abs(errors), np.abs(naive)
+            sums = np.empty((k, 5))
+            sums[:, 0] = c
+            sums[:, 1] = abs_errors.sum(1)
+            sums[:, 2] = (errors**2).sum(1)
+            sums[:, 3] = abs_naive.sum(1)
+            sums[:, 4] = (naive**2).sum(1)
+            totals[step] += sums
+            data[step, inserted[step] % spec.window] = sums[:, 1:] / c
+            inserted[step] += 1
+            row_errors[step] = abs_errors
+            scored.errors.extend((abs_errors / std).ravel().tolist())
+            scored.last_value_errors.extend((abs_naive / std).ravel().tolist())
+            closest = int(np.argmin(step))
             new_index.append(s)
-            new_step.append(int(h[closest]))
+            new_step.append(int(step[closest]) + 1)
             new_values.append(made[closest])
             live = pending.origin + p > s
             if not live.all():
                 pending = Pending(pending.origin[live], pending.forecast[live], pending.last[live])
         scored.abs_errors.append(row_errors.tolist())
-    if forecast is not None and rows:
-        last = np.array(rows[-1], dtype=np.float64)[targets]
+    if forecast is not None and observed is not None:
         pending = Pending(
             np.append(pending.origin, steps_before + len(rows)),
             np.concatenate([pending.forecast, np.array(forecast, dtype=np.float64).reshape(1, p, c)]),
-            np.concatenate([pending.last, last[None]]),
-        )
-    if new_index:
-        matured = MaturedRows(
-            np.append(matured.index, new_index),
-            np.append(matured.step, new_step),
-            np.concatenate([matured.values, np.stack(new_values)]),
+            np.concatenate([pending.last, observed[-1:]]),
         )
     keep = spec.keep
-    matured = (
-        MaturedRows(matured.index[-keep:], matured.step[-keep:], matured.values[-keep:])
-        if keep
-        else MaturedRows.empty(c)
-    )
+    if new_index and keep:
+        matured = MaturedRows(
+            np.append(matured.index, new_index)[-keep:],
+            np.append(matured.step, new_step)[-keep:],
+            np.concatenate([matured.values, np.stack(new_values)])[-keep:],
+        )
+    elif keep:
+        matured = MaturedRows(matured.index[-keep:], matured.step[-keep:], matured.values[-keep:])
+    else:
+        matured = MaturedRows.empty(c)
     return (
         Accuracy(
             pending=pending if len(pending) else None,
