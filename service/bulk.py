@@ -308,8 +308,7 @@ class BulkRequest:
                 n += status == "applied"
             applied, duplicates = applied + n, duplicates + len(stream.plan.statuses) - n
             record = stream.record
-            seq_len = engine.seq_len(record)
-            needs = max(0, seq_len - record.steps) if seq_len is not None else 0
+            state = engine.status_body(record)
             out_streams.append(
                 _stream_out(
                     sid,
@@ -317,8 +316,8 @@ class BulkRequest:
                     stream.created,
                     record.steps,
                     record.last_timestamp,
-                    seq_len is not None and needs == 0,  # as Engine.status
-                    needs,
+                    state["ready"],
+                    state["needs"],
                     n,
                     len(stream.plan.statuses) - n,
                     engine.forecast_body(record) if with_forecast else None,

@@ -12,6 +12,7 @@ import torch
 
 from models import UpdateMode, init_stream_state, observe_many, state_from_bytes
 from models.checkpoint import load_checkpoint
+from service import schemas
 from service.settings import Settings
 from tests.conftest import with_cluster
 from tests.service.conftest import (
@@ -306,6 +307,19 @@ async def test_post_observations_not_ready_until_seq_len(api: Api) -> None:
         assert body["ready"] is False and body["needs"] == SEQ_LEN - i - 1 and body["forecast"] is None
     body = (await api.client.post("/v1/streams/s1/observations", json=rows[-1])).json()
     assert body["ready"] is True and body["needs"] == 0 and len(body["forecast"]["rows"]) == PRED_LEN
+
+
+async def test_post_observations_body_is_the_documented_schema(api: Api) -> None:
+    """The body is built as dicts (``Engine.observe``): it must be what ``ObservationsOut``
+    dumps to, before the stream is ready, with intervals learned, and for a duplicate."""
+    await api.create("s1")
+    rows = series(SEQ_LEN + PRED_LEN + 3)
+    bodies = [(await api.client.post("/v1/streams/s1/observations", json=row)).json() for row in rows]
+    bodies.append((await api.client.post("/v1/streams/s1/observations", json=rows[-1])).json())
+    assert bodies[0]["forecast"] is None and bodies[-1]["observations"][0]["status"] == "duplicate"
+    assert bodies[-2]["forecast"]["rows"][0]["intervals"], "no interval learned: the case is not covered"
+    for body in bodies:
+        assert schemas.ObservationsOut.model_validate(body).model_dump(mode="json") == body
 
 
 async def test_post_observations_mode_override(api: Api) -> None:
