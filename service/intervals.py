@@ -11,11 +11,13 @@ Axis legend: ``p`` horizon steps, ``c`` target columns, ``l`` levels.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.intervals import DEFAULT_LEVELS, IntervalState, check_levels, init_state, update
@@ -58,35 +60,42 @@ def learn_many(
     learning stream by stream)."""
     out: list[dict[str, Any] | None] = [None] * len(datas)
     groups: dict[tuple[float, ...], list[int]] = {}
+    errors_of: dict[int, np.ndarray] = {}
     for i, (data, errors) in enumerate(zip(datas, abs_errors, strict=True)):
         levels = _levels(data)
-        if not any(not math.isnan(e) for row in errors for step in row for e in step):
+        matured_i = np.array(errors, dtype=np.float64).reshape(len(errors), pred_len, columns)
+        if np.isnan(matured_i).all():
             out[i] = data if data is not None else initial(levels)
         else:
             groups.setdefault(tuple(levels), []).append(i)
+            errors_of[i] = matured_i
+    # (lists through numpy: torch.tensor reads nested Python lists far slower)
     for key, members in groups.items():
         lv = torch.tensor(key, dtype=torch.float64)
-        fresh = init_state(1, pred_len, lv, columns)
-        fresh_ratio, fresh_count = fresh.ratio[0].tolist(), fresh.count[0].tolist()
-        nan_scale = [[math.nan] * columns for _ in range(pred_len)]
         ratios, scales, counts = [], [], []
         for i in members:
             data = datas[i]
-            learned = data is not None and data.get("ratio") is not None
-            ratios.append(data["ratio"] if learned else fresh_ratio)  # type: ignore[index]
-            scales.append(data["scale"] if learned else nan_scale)  # type: ignore[index]
-            counts.append(data["count"] if learned else fresh_count)  # type: ignore[index]
-        count = torch.tensor(counts, dtype=torch.float64)
-        scale = torch.tensor(scales, dtype=torch.float64)
+            if data is not None and data.get("ratio") is not None:
+                ratios.append(data["ratio"])
+                scales.append(data["scale"])
+                counts.append(data["count"])
+            else:
+                fresh_ratio, fresh_scale, fresh_count = _fresh(key, pred_len, columns)
+                ratios.append(fresh_ratio)
+                scales.append(fresh_scale)
+                counts.append(fresh_count)
+        count = _tensor(counts, (len(members), pred_len, columns))
+        scale = _tensor(scales, (len(members), pred_len, columns))
         state = IntervalState(  # a cell without errors has a NaN scale
-            ratio=torch.tensor(ratios, dtype=torch.float64),
+            ratio=_tensor(ratios, (len(members), pred_len, columns, len(key))),
             scale=torch.where(count > 0, scale, torch.full_like(scale, math.nan)),
             count=count,
         )
-        rows = max(len(abs_errors[i]) for i in members)
-        blank = [[math.nan] * columns for _ in range(pred_len)]
-        padded = [list(abs_errors[i]) + [blank] * (rows - len(abs_errors[i])) for i in members]
-        matured = torch.tensor(padded, dtype=torch.float64)  # [b, t, p, c]
+        rows = max(len(errors_of[i]) for i in members)
+        padded = np.full((len(members), rows, pred_len, columns), math.nan)
+        for j, i in enumerate(members):
+            padded[j, : len(errors_of[i])] = errors_of[i]
+        matured = torch.from_numpy(padded)  # [b, t, p, c]
         for t in range(rows):
             state = update(state, matured[:, t], lv)
         seen = state.count > 0
@@ -101,6 +110,21 @@ def learn_many(
                 "count": count_out[j],
             }
     return out  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=64)
+def _fresh(levels: tuple[float, ...], pred_len: int, columns: int) -> tuple[np.ndarray, ...]:
+    """A stream's interval state before its first error (ratio, scale, count; read-only)."""
+    fresh = init_state(1, pred_len, torch.tensor(levels, dtype=torch.float64), columns)
+    arrays = (fresh.ratio[0].numpy().copy(), fresh.scale[0].numpy().copy(), fresh.count[0].numpy().copy())
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
+
+
+def _tensor(values: Sequence[Any], shape: tuple[int, ...]) -> torch.Tensor:
+    """Nested lists (or arrays) of floats as a float64 tensor of ``shape``."""
+    return torch.from_numpy(np.array(values, dtype=np.float64).reshape(shape))
 
 
 def bands(data: dict[str, Any] | None, forecast: Sequence[Sequence[float]]) -> list[Band]:
