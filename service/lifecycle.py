@@ -6,7 +6,8 @@ fingerprint in its metadata) with the rest of the record (model, mode, steps, la
 duplicate window, forecast, accuracy) added as JSON under the metadata key ``memcast.record``.
 The tensors are not touched: the header is rewritten, the data bytes are copied. Nothing is
 pickled either way. An import is refused with 422 when the blob is not such an export (or its
-state does not decode), with 409 when it was made by another model (fingerprint, schema
+state does not decode, or its record's accuracy, intervals, forecast or duplicate window do
+not fit the model), with 409 when it was made by another model (fingerprint, schema
 version or a model not loaded here), and into a stream that has observations; nothing is
 written then.
 """
@@ -18,9 +19,13 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
+from models.intervals import check_levels
 from models.online import UpdateMode
 from models.state_io import FingerprintMismatchError, StateFormatError, state_from_bytes
 from service import schemas
+from service.accuracy import Accuracy, report
 from service.engine import Engine
 from service.errors import Conflict, InvalidObservation, StateIncompatible, StreamNotFound
 from service.registry import LoadedModel
@@ -89,9 +94,58 @@ def check_state(model: LoadedModel, record: StreamRecord) -> None:
         raise InvalidObservation("the exported state does not match its record (steps)", field="body")
 
 
+def check_content(engine: Engine, model: LoadedModel, record: StreamRecord) -> None:
+    """The record's JSON fields, read as serving the stream will read them: accuracy and
+    intervals of the model's shape, a forecast of its horizon, a duplicate window of pairs.
+    An export edited by hand or by another program is refused here (422 naming the body)
+    rather than failing with 500 on the stream's next request."""
+    p, c = model.pred_len, len(model.targets)
+    try:
+        scores = Accuracy.from_json(record.accuracy)
+        shapes: list[tuple[Any, tuple[int, ...]]] = []
+        if scores.totals is not None:
+            shapes.append((scores.totals, (p, 5)))
+        if scores.window is not None:
+            shapes.append((scores.window.data, (p, scores.window.size, 4)))
+            shapes.append((np.array(scores.window.inserted), (p,)))
+        if scores.pending is not None:
+            k = len(scores.pending)
+            shapes += [(scores.pending.forecast, (k, p, c)), (scores.pending.last, (k, c))]
+            if k and not bool(
+                (
+                    (record.steps - scores.pending.origin >= 0) & (record.steps - scores.pending.origin < p)
+                ).all()
+            ):
+                raise ValueError("accuracy.pending: a forecast served more than pred_len steps ago")
+        if scores.matured is not None:
+            m = len(scores.matured)
+            shapes += [(scores.matured.values, (m, c)), (scores.matured.step, (m,))]
+        if record.intervals is not None:
+            levels = check_levels(record.intervals["levels"])
+            if record.intervals.get("ratio") is not None:
+                shapes += [
+                    (np.array(record.intervals["ratio"], dtype=np.float64), (p, c, len(levels))),
+                    (np.array(record.intervals["scale"], dtype=np.float64), (p, c)),
+                    (np.array(record.intervals["count"], dtype=np.float64), (p, c)),
+                ]
+        if record.forecast is not None:
+            shapes.append((np.array(record.forecast, dtype=np.float64), (p, c)))
+        for array, shape in shapes:
+            if array.shape != shape:
+                raise ValueError(f"an array of shape {list(array.shape)} where {list(shape)} belongs")
+        record.recent.pairs  # noqa: B018  (decodes the duplicate window, or raises)
+        report(scores, p, c)
+        engine.forecast_body(record)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # binascii.Error is a ValueError
+        raise InvalidObservation(
+            f"the exported record does not fit model {model.name!r}: {exc}", field="body"
+        ) from exc
+
+
 async def import_stream(engine: Engine, stream_id: str, blob: bytes) -> StreamRecord:
     record = read_archive(blob, stream_id)
     model = engine.compatible_model(record)  # 409: another model's state
+    check_content(engine, model, record)
     await engine.run_in_pool(lambda: check_state(model, record))
     try:
         await engine.store.get(stream_id)

@@ -5,15 +5,18 @@ its forecast; export -> import forecasts as the original does, now and after mor
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from service import lifecycle
 from service.expiry import sweep
 from service.settings import Settings
 from tests.conftest import with_cluster
-from tests.service.conftest import SEQ_LEN, Api, make_checkpoint, running, series
+from tests.service.conftest import PRED_LEN, SEQ_LEN, Api, make_checkpoint, running, series
 
 
 async def _forecast(api: Api, stream_id: str) -> dict:
@@ -126,6 +129,67 @@ async def test_import_of_a_malformed_blob_is_422_and_writes_nothing(api: Api, da
     await api.create("src", series(SEQ_LEN))
     blob = (await api.client.get("/v1/streams/src/export")).content
     response = await api.client.post("/v1/streams/new/import", content=damage(blob))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "body"
+    assert (await api.client.get("/v1/streams/new")).status_code == 404
+
+
+def _with_field(blob: bytes, name: str, value: Any) -> bytes:
+    """The export with one of its record's fields replaced (``value`` JSON-encoded as stored)."""
+    header, data = lifecycle._split(blob)
+    fields = json.loads(header["__metadata__"][lifecycle.ARCHIVE_KEY])
+    fields[name] = json.dumps(value)
+    header["__metadata__"][lifecycle.ARCHIVE_KEY] = json.dumps(fields)
+    return lifecycle._join(header, data)
+
+
+def _accuracy(blob: bytes) -> dict[str, Any]:
+    header, _ = lifecycle._split(blob)
+    return json.loads(json.loads(header["__metadata__"][lifecycle.ARCHIVE_KEY])["accuracy"])
+
+
+@pytest.mark.parametrize(
+    "field, damage",
+    [
+        ("accuracy", lambda a: {**a, "totals": [[1.0, 2.0]]}),
+        ("accuracy", lambda a: {**a, "ring": {**a["ring"], "f8": "AAAA"}}),
+        ("accuracy", lambda a: {**a, "pending": {**a["pending"], "shape": [1, 1]}}),
+        (
+            "accuracy",
+            lambda a: {**a, "pending": {**a["pending"], "origin": [-50] * len(a["pending"]["origin"])}},
+        ),
+        ("accuracy", lambda a: {"pending": 3}),
+        ("intervals", lambda a: {"levels": [0.9], "ratio": [[[1.0]]], "scale": [[1.0]], "count": [[1.0]]}),
+        ("intervals", lambda a: {"levels": [1.5], "ratio": None, "scale": None, "count": None}),
+        ("forecast", lambda a: [[1.0]]),
+        ("recent", lambda a: [[1]]),
+    ],
+    ids=[
+        "totals",
+        "ring",
+        "pending-shape",
+        "pending-origin",
+        "not-arrays",
+        "ratio",
+        "levels",
+        "forecast",
+        "recent",
+    ],
+)
+async def test_import_of_a_record_that_does_not_fit_is_422_and_writes_nothing(
+    api: Api,
+    field: str,
+    damage,  # noqa: ANN001
+) -> None:
+    """An export whose record was edited (by hand, by another program) is refused at import,
+    not with a 500 on the stream's next request."""
+    rows = series(SEQ_LEN + PRED_LEN + 2)
+    await api.create("src", rows[:SEQ_LEN])
+    await api.post("src", rows[SEQ_LEN:])
+    blob = (await api.client.get("/v1/streams/src/export")).content
+    assert (await api.client.post("/v1/streams/copy/import", content=blob)).status_code == 200  # as exported
+    damaged = _with_field(blob, field, damage(_accuracy(blob)))
+    response = await api.client.post("/v1/streams/new/import", content=damaged)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == "body"
     assert (await api.client.get("/v1/streams/new")).status_code == 404
