@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench._common import write_json
 from bench._http import HttpxPoster, RawPoster
 
@@ -209,7 +211,7 @@ async def run_cell(
                     for i in taken
                 ]
                 sent += len(items)
-                body = json.dumps({"observations": items, "mode": mode}).encode()
+                body = orjson.dumps({"observations": items, "mode": mode})
                 t0 = time.perf_counter()
                 try:
                     status, data = await poster.request("POST", "/v1/observations", body)
@@ -220,7 +222,7 @@ async def run_cell(
                     if status != 200:
                         errors.append(f"{status} {data[:200].decode(errors='replace')}")
                     else:
-                        for i, item in zip(taken, json.loads(data)["observations"], strict=True):
+                        for i, item in zip(taken, orjson.loads(data)["observations"], strict=True):
                             if item["status"] == "error":
                                 errors.append(str(item["error"])[:200])
                             else:
@@ -237,7 +239,7 @@ async def run_cell(
                 i = queue.popleft()
                 sent += 1
                 step = streams.cursor[i]
-                body = json.dumps({"timestamp": step, "values": streams.row(i, step), "mode": mode}).encode()
+                body = orjson.dumps({"timestamp": step, "values": streams.row(i, step), "mode": mode})
                 t0 = time.perf_counter()
                 try:
                     status, data = await poster.request(
