@@ -94,7 +94,7 @@ class ModelConfig:
     cms: CMSConfig = field(default_factory=CMSConfig)
     # full_model online update (delayed targets): a per-stream AdamW step whose drift from the
     # pretrained weights is bounded (see models/online.py, "A step that cannot run away")
-    online_lr: float = 1e-4  # per-stream AdamW learning rate
+    online_lr: float = 3e-5  # per-stream AdamW learning rate (docs/investigations.md: 1e-4 lost on ETTh1-S)
     online_weight_decay: float = 0.0
     online_clip: float = 1.0  # max norm of a stream's gradient (0: no clipping)
     online_anchor: float = 10.0  # pull toward the pretrained weights: p <- p - lr anchor (p - p0)
