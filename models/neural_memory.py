@@ -393,17 +393,16 @@ class NeuralMemory(MemoryUnit):
                 pre.append(m)
                 m = F.gelu(m)
                 inputs.append(m)
-        out = F.linear(
-            _norm(self.out_norm, m).view(b, h, n, e).transpose(1, 2).flatten(2), self.to_out.weight
-        )
         norm_eps = self.out_norm.eps if self.out_norm.eps is not None else torch.finfo(m.dtype).eps
         gain = self.out_norm.weight
+        # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2, in F.rms_norm's own steps (the
+        # same numbers), so that the gradient reuses r
+        r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
+        out = F.linear((m * r * gain).view(b, h, n, e).transpose(1, 2).flatten(2), self.to_out.weight)
 
         def vjp(grad_out: Tensor) -> Params:
             g = (grad_out @ self.to_out.weight).view(b, n, h, e).transpose(1, 2).flatten(0, 1)  # [s, n, e]
-            # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2:
             # dm = r gain dz - r^3 m mean_e(gain dz m)
-            r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
             gz = g * gain
             g = r * gz - m * r.pow(3) * (gz * m).mean(-1, keepdim=True)
             grads: Params = {}
