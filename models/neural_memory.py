@@ -304,10 +304,17 @@ class NeuralMemory(MemoryUnit):
             state = self._store(x[:, -1:], state)
         return self._read(x, state["weights"]), state
 
+    def read_fresh(self, x: Tensor) -> Tensor:
+        """:meth:`MemoryUnit.read_fresh`: a fresh state's read depends only on its weights (no
+        learned change yet), so only they are made, not the whole state (every online step of
+        a combining stream reads it)."""
+        zeros = {k: x.new_zeros(x.shape[0], *getattr(self.memory_model, k).shape) for k in self._weight_names}
+        return self._read(x, zeros)
+
     def outcome_paths(self) -> tuple[StatePath, ...]:
         """The stream's learned change of the memory weights (``weights``, what retrieval reads):
         a forecast-loss step on it writes the realised error into the memory, not the backbone."""
-        return tuple(("weights", name) for name, _ in self.memory_model.named_parameters())
+        return tuple(("weights", name) for name in self._weight_names)
 
     def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
         """Add ``changes`` to the committed *and* the pending weights: a commit (the end of a
@@ -356,7 +363,7 @@ class NeuralMemory(MemoryUnit):
         to_q = self.to_q if self.to_q is not None else self.to_k
         return _unit_rms(self._split(F.linear(_norm(self.retrieve_norm, x), to_q.weight)))
 
-    def _read(self, x: Tensor, weights: TensorDict) -> Tensor:
+    def _read(self, x: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
         """``out = W_o RMSNorm(M(q))`` per head (eq 15)."""
         b, n, _ = x.shape
         q = self._queries(x)  # [b, h, n, e]
@@ -599,8 +606,10 @@ def _norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
 
 def _unit_rms(t: Tensor) -> Tensor:
     """Vectors rescaled to RMS 1, so ``|k|^2 = e``: with the loss a mean over ``e``, one step of
-    learning rate theta corrects a share ~2 theta of a linear memory's error on that key."""
-    return F.normalize(t, dim=-1) * math.sqrt(t.shape[-1])
+    learning rate theta corrects a share ~2 theta of a linear memory's error on that key.
+    (``F.normalize(t, dim=-1)``'s operations, without its Python wrappers: three per step.)"""
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-12)
+    return t / norm * math.sqrt(t.shape[-1])
 
 
 def _lr_map(logits: Tensor, min_lr: float, max_lr: float) -> Tensor:
