@@ -171,6 +171,12 @@ class MemoryUnit(StatefulModule):
     def stores_tokens(self) -> bool:
         return True
 
+    def read_fresh(self, x: Tensor) -> Tensor:
+        """The memory output ``[b, n, d]`` for ``x`` from a fresh state, storing nothing (what
+        the frozen checkpoint retrieves, the combination's ``frozen`` expert)."""
+        fresh = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        return self(x, fresh, StorePolicy.NONE)[0]
+
     @abstractmethod
     def forward(  # type: ignore[override]
         self, x: Tensor, state: TensorDict, store: StorePolicy

@@ -71,7 +71,7 @@ def correct(state: TensorDict, window: Tensor, forecast: Tensor) -> Tensor:
     """The corrected forecast ``[b, p, c]`` of ``forecast`` made from ``window [b, n, c]``."""
     weights = state["weights"]
     phi, std = features(window.to(weights.dtype), forecast.to(weights.dtype))
-    correction = (phi @ weights) * std[..., None]  # [b, c, p]
+    correction = torch.bmm(phi, weights) * std[..., None]  # [b, c, p]
     return forecast + correction.transpose(1, 2).to(forecast.dtype)
 
 
@@ -89,9 +89,9 @@ def update(
     weights = state["weights"]
     phi, std = features(window.to(weights.dtype), forecast.to(weights.dtype))  # [b, c, f], [b, c]
     residual = (target.to(weights.dtype) - forecast.to(weights.dtype)).transpose(1, 2) / std[..., None]
-    error = (residual - phi @ weights).clamp(-ERROR_CLIP, ERROR_CLIP)  # [b, c, p]
+    error = (residual - torch.bmm(phi, weights)).clamp(-ERROR_CLIP, ERROR_CLIP)  # [b, c, p]
     energy = phi.pow(2).sum(dim=(1, 2)) + EPS  # [b]
-    step = lr * (phi.transpose(1, 2) @ error) / energy[:, None, None]  # [b, f, p]
+    step = lr * torch.bmm(phi.transpose(1, 2), error) / energy[:, None, None]  # [b, f, p]
     return replaced(
         state,
         {

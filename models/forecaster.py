@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
 
@@ -93,6 +94,15 @@ class ContinualForecaster(nn.Module):
         self._stores_tokens = any(c.stores_tokens for c in children)
         self._learns_from_gradients = any(c.learns_from_gradients for c in children)
         self._stateless_backbone = not self.backbone.init_state(1).keys()  # the LSTM, the transformer
+        memory = self.memory
+        # the memory weights reach the forecast only through an add fusion of the MLP memory's read
+        self._writes_outcome_gradient = (
+            isinstance(memory, NeuralMemory)
+            and memory.writes_read_gradient
+            and self.fusion is not None
+            and self.fusion.kind == "add"
+            and self._outcome_paths == tuple(("memory", *p) for p in memory.outcome_paths())
+        )
 
     def stateful_children(self) -> dict[str, StatefulModule]:
         children: dict[str, StatefulModule] = {"backbone": self.backbone}
@@ -186,23 +196,14 @@ class ContinualForecaster(nn.Module):
         (x, mean, std, features), backbone_state = self._encode(window, state, store, encoded)
         changed = {"backbone": backbone_state}
         last, memory_state = self._fused_last(features, state, store)
-        if memory_state is None:
+        if memory_state is None or self.memory is None or self.fusion is None:
             frozen_last = last  # no memory: the frozen forecast is the same
         else:
             changed["memory"] = memory_state
-            fresh = self.memory_init_state(window.shape[0], device=window.device, dtype=window.dtype)
-            frozen_last, _ = self._fused_last(features, fresh, StorePolicy.NONE)
+            shown = features[:, -1:]  # as _fused_last without storing: the last token only
+            frozen_last = self.fusion(shown, self.memory.read_fresh(shown))[:, -1]
         forecast, frozen = self._output(last, x, mean, std), self._output(frozen_last, x, mean, std)
         return forecast, replaced(state, changed), frozen
-
-    def memory_init_state(
-        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> TensorDict:
-        """:meth:`init_state` of the memory part only (``{"memory": ...}``; empty without one)."""
-        state = empty_state(batch, device)
-        if self.memory is not None:
-            state["memory"] = self.memory.init_state(batch, device=device, dtype=dtype)
-        return state
 
     def _fused_last(
         self, features: Tensor, state: TensorDict, store: StorePolicy
@@ -222,10 +223,11 @@ class ContinualForecaster(nn.Module):
         """The forecast ``[b, pred_len, c_out]`` from the last token's fused features ``last
         [b, d]`` and the normalised window ``x`` with its statistics."""
         cfg = self.config
-        y = self.head(last).view(x.shape[0], cfg.pred_len, cfg.out_channels)
+        # (the layers' functions without their module calls: this runs twice per online step)
+        y = F.linear(last, self.head.weight, self.head.bias).view(x.shape[0], cfg.pred_len, cfg.out_channels)
         x_out = self.forecast_channels(x)  # [b, n, c_out]
         if self.skip is not None:
-            y = y + self.skip(x_out.transpose(1, 2)).transpose(1, 2)
+            y = y + F.linear(x_out.transpose(1, 2), self.skip.weight, self.skip.bias).transpose(1, 2)
         if cfg.predict_delta:
             y = y + x_out[:, -1:, :]
         return y * self.forecast_channels(std) + self.forecast_channels(mean)
@@ -248,13 +250,7 @@ class ContinualForecaster(nn.Module):
         depend on them. Autograd's bookkeeping for that short chain cost more than the whole
         rest of an online step."""
         memory = self.memory
-        if not (
-            isinstance(memory, NeuralMemory)
-            and memory.writes_read_gradient
-            and self.fusion is not None
-            and self.fusion.kind == "add"
-            and self._outcome_paths == tuple(("memory", *p) for p in memory.outcome_paths())
-        ):
+        if not self._writes_outcome_gradient or not isinstance(memory, NeuralMemory):
             return None
         (x, mean, std, features), _ = self._encode(window, state, StorePolicy.NONE, encoded)
         shown = features[:, -1:]  # [b, 1, d]: as forward, the memory reads the last token only

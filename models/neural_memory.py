@@ -80,7 +80,7 @@ class MLPMemory(nn.Module):
         """``x [*, t, e] -> [*, t, e]`` with weights ``w0 .. w{depth-1}`` of shape ``[*, i, o]``."""
         depth = len(params)
         for i in range(depth):
-            x = x @ params[f"w{i}"]
+            x = _mm(x, params[f"w{i}"])
             if i < depth - 1:
                 x = F.gelu(x)
         return x
@@ -92,27 +92,40 @@ class MLPMemory(nn.Module):
         several times the few matmuls of a small MLP. Plain tensor operations, so pretraining
         still backpropagates through it (second order included). Shapes as there:
         ``params [s, *w]``, ``keys values [s, c, t, e]``, ``lr [s, c, t]`` -> ``[s, c, *w]``."""
-        depth = len(params)
-        weights = [params[f"w{i}"].unsqueeze(1) for i in range(depth)]  # [s, 1, i, o]
-        inputs, pre = [keys], []
-        x = keys
-        for i, w in enumerate(weights):
-            h = x @ w
-            if i < depth - 1:
-                pre.append(h)
-                x = F.gelu(h)
-                inputs.append(x)
-            else:
-                x = h
-        # d/dy of sum(lr * mean_e((y - v)^2)) / t
-        g = (x - values) * (2.0 * lr / (keys.shape[-1] * keys.shape[-2]))[..., None]
-        grads: Params = {}
-        for i in range(depth - 1, -1, -1):
-            grads[f"w{i}"] = inputs[i].transpose(-1, -2) @ g  # [s, c, i, o]
-            if i:
-                h = pre[i - 1]
-                g = (g @ weights[i].transpose(-1, -2)) * _gelu_grad(h)
-        return {f"w{i}": grads[f"w{i}"] for i in range(depth)}
+        weights = [params[f"w{i}"].unsqueeze(1) for i in range(len(params))]  # [s, 1, i, o]
+        return _mlp_grads(weights, keys, values, lr)
+
+    @staticmethod
+    def one_chunk_grads(params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Params:
+        """:meth:`chunk_grads` of a single chunk: ``keys values [s, t, e]``, ``lr [s, t]`` ->
+        ``[s, *w]``, the same numbers without the chunk dimension, whose broadcasting made each
+        matrix product several operations (the online step stores one token at a time)."""
+        return _mlp_grads([params[f"w{i}"] for i in range(len(params))], keys, values, lr)
+
+
+def _mlp_grads(weights: list[Tensor], keys: Tensor, values: Tensor, lr: Tensor) -> Params:
+    """The MLP memory's gradients of ``sum(lr * mean_e((M(k) - v)^2)) / t`` w.r.t. ``weights``
+    (``[*, i, o]``, broadcast against the leading dims of ``keys values [*, t, e]``)."""
+    depth = len(weights)
+    inputs, pre = [keys], []
+    x = keys
+    for i, w in enumerate(weights):
+        h = _mm(x, w)
+        if i < depth - 1:
+            pre.append(h)
+            x = F.gelu(h)
+            inputs.append(x)
+        else:
+            x = h
+    # d/dy of sum(lr * mean_e((y - v)^2)) / t
+    g = (x - values) * (2.0 * lr / (keys.shape[-1] * keys.shape[-2]))[..., None]
+    grads: Params = {}
+    for i in range(depth - 1, -1, -1):
+        grads[f"w{i}"] = _mm(inputs[i].transpose(-1, -2), g)  # [*, i, o]
+        if i:
+            h = pre[i - 1]
+            g = _mm(g, weights[i].transpose(-1, -2)) * _gelu_grad(h)
+    return {f"w{i}": grads[f"w{i}"] for i in range(depth)}
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -234,6 +247,9 @@ class NeuralMemory(MemoryUnit):
         self._memory_fn: MemoryFn = type(self.memory_model).memory_fn
         written_out = getattr(type(self.memory_model), "chunk_grads", None)  # MLPMemory's
         self._chunk_grads = written_out or _build_chunk_grads(self._memory_fn)
+        self._one_chunk_grads = getattr(type(self.memory_model), "one_chunk_grads", None)
+        # fixed by the structure built above; asked on every store and read
+        self._weight_names = tuple(name for name, _ in self.memory_model.named_parameters())
 
     def init_state(
         self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -288,10 +304,17 @@ class NeuralMemory(MemoryUnit):
             state = self._store(x[:, -1:], state)
         return self._read(x, state["weights"]), state
 
+    def read_fresh(self, x: Tensor) -> Tensor:
+        """:meth:`MemoryUnit.read_fresh`: a fresh state's read depends only on its weights (no
+        learned change yet), so only they are made, not the whole state (every online step of
+        a combining stream reads it)."""
+        zeros = {k: x.new_zeros(x.shape[0], *getattr(self.memory_model, k).shape) for k in self._weight_names}
+        return self._read(x, zeros)
+
     def outcome_paths(self) -> tuple[StatePath, ...]:
         """The stream's learned change of the memory weights (``weights``, what retrieval reads):
         a forecast-loss step on it writes the realised error into the memory, not the backbone."""
-        return tuple(("weights", name) for name, _ in self.memory_model.named_parameters())
+        return tuple(("weights", name) for name in self._weight_names)
 
     def outcome_step(self, state: TensorDict, changes: Mapping[StatePath, Tensor]) -> TensorDict:
         """Add ``changes`` to the committed *and* the pending weights: a commit (the end of a
@@ -330,20 +353,25 @@ class NeuralMemory(MemoryUnit):
 
     def _absolute(self, delta: Params) -> Params:
         """Memory weights ``[s, *w]`` from a learned change ``[s, *w]``: pretrained + change."""
-        h = self.heads  # the pretrained weights broadcast over the streams (no copies)
+        h, model = self.heads, self.memory_model  # the pretrained weights broadcast over the streams
         return {
-            k: (delta[k].unflatten(0, (-1, h)) + p).flatten(0, 1)
-            for k, p in self.memory_model.named_parameters()
+            k: (delta[k].unflatten(0, (-1, h)) + getattr(model, k)).flatten(0, 1) for k in self._weight_names
         }
 
-    def _read(self, x: Tensor, weights: TensorDict) -> Tensor:
+    def _queries(self, x: Tensor) -> Tensor:
+        """Retrieval queries ``[b, h, n, e]`` of the features ``x [b, n, d]``."""
+        to_q = self.to_q if self.to_q is not None else self.to_k
+        return _unit_rms(self._split(F.linear(_norm(self.retrieve_norm, x), to_q.weight)))
+
+    def _read(self, x: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
         """``out = W_o RMSNorm(M(q))`` per head (eq 15)."""
         b, n, _ = x.shape
-        to_q = self.to_q if self.to_q is not None else self.to_k
-        q = _unit_rms(self._split(to_q(self.retrieve_norm(x))))  # [b, h, n, e]
+        q = self._queries(x)  # [b, h, n, e]
         params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
-        y = self.out_norm(self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
-        return self.to_out(y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2))
+        y = _norm(self.out_norm, self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
+        return F.linear(
+            y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2), self.to_out.weight
+        )
 
     @property
     def writes_read_gradient(self) -> bool:
@@ -361,34 +389,34 @@ class NeuralMemory(MemoryUnit):
         it needs (as for :meth:`MLPMemory.chunk_grads`)."""
         b, n, _ = x.shape
         h, e = self.heads, self.dim_head
-        to_q = self.to_q if self.to_q is not None else self.to_k
-        q = _unit_rms(self._split(to_q(self.retrieve_norm(x))))  # [b, h, n, e]
+        q = self._queries(x)  # [b, h, n, e]
         params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
         depth = len(params)
         inputs, pre = [q.flatten(0, 1)], []  # each layer's input, and the hidden pre-activations
         m = inputs[0]
         for i in range(depth):  # MLPMemory.memory_fn, keeping what the gradient needs
-            m = m @ params[f"w{i}"]
+            m = _mm(m, params[f"w{i}"])
             if i < depth - 1:
                 pre.append(m)
                 m = F.gelu(m)
                 inputs.append(m)
-        out = self.to_out(self.out_norm(m).view(b, h, n, e).transpose(1, 2).flatten(2))
         norm_eps = self.out_norm.eps if self.out_norm.eps is not None else torch.finfo(m.dtype).eps
         gain = self.out_norm.weight
+        # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2, in F.rms_norm's own steps (the
+        # same numbers), so that the gradient reuses r
+        r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
+        out = F.linear((m * r * gain).view(b, h, n, e).transpose(1, 2).flatten(2), self.to_out.weight)
 
         def vjp(grad_out: Tensor) -> Params:
             g = (grad_out @ self.to_out.weight).view(b, n, h, e).transpose(1, 2).flatten(0, 1)  # [s, n, e]
-            # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2:
             # dm = r gain dz - r^3 m mean_e(gain dz m)
-            r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
             gz = g * gain
             g = r * gz - m * r.pow(3) * (gz * m).mean(-1, keepdim=True)
             grads: Params = {}
             for i in range(depth - 1, -1, -1):
-                grads[f"w{i}"] = inputs[i].transpose(-1, -2) @ g  # [s, i, o]
+                grads[f"w{i}"] = _mm(inputs[i].transpose(-1, -2), g)  # [s, i, o]
                 if i:
-                    g = (g @ params[f"w{i}"].transpose(-1, -2)) * _gelu_grad(pre[i - 1])
+                    g = _mm(g, params[f"w{i}"].transpose(-1, -2)) * _gelu_grad(pre[i - 1])
             return {k: grads[k].unflatten(0, (b, h)) for k in params}
 
         return out, vjp
@@ -396,34 +424,77 @@ class NeuralMemory(MemoryUnit):
     def _token_inputs(self, x: Tensor) -> dict[str, Tensor]:
         """Keys, values (eq 11), learning rates theta and gate logits of each token,
         ``[b, h, n, e]`` / ``[b, h, n]``."""
-        xn = self.store_norm(x)
-        theta = _lr_map(self._gate(self.to_lr, xn), self.min_lr, self.max_lr)  # [b, n, h]
+        xn = _norm(self.store_norm, x)
+        inner = self.heads * self.dim_head
+        # one matrix product for the keys and values, one for the three gates: a token's store
+        # is a handful of tiny products, where each call's overhead is most of the cost
+        keys, values = F.linear(xn, torch.cat([self.to_k.weight, self.to_v.weight])).split(inner, dim=-1)
+        lr, momentum, decay = self._gates(xn)  # [b, n, h] each
         return {
-            "keys": _unit_rms(self._split(self.to_k(xn))),
-            "values": self._split(self.to_v(xn)),
-            "lr": theta.transpose(1, 2),
-            "momentum": self._gate(self.to_momentum, xn).transpose(1, 2),
-            "decay": self._gate(self.to_decay, xn).transpose(1, 2),
+            "keys": _unit_rms(self._split(keys)),
+            "values": self._split(values),
+            "lr": _lr_map(lr, self.min_lr, self.max_lr).transpose(1, 2),  # theta
+            "momentum": momentum.transpose(1, 2),
+            "decay": decay.transpose(1, 2),
         }
 
-    def _gate(self, layer: nn.Linear, xn: Tensor) -> Tensor:
-        """Gate logits ``[b, n, h]``: per token ("advanced") or the layer's bias, a learned
-        per-head constant ("mlp", "simple")."""
-        if self.variant == "advanced":
-            return layer(xn)
-        return layer.bias.expand(*xn.shape[:-1], layer.bias.shape[0])
+    def _gates(self, xn: Tensor) -> tuple[Tensor, ...]:
+        """The logits ``[b, n, h]`` of theta, eta and alpha: per token ("advanced") or each
+        layer's bias, a learned per-head constant ("mlp", "simple")."""
+        layers = (self.to_lr, self.to_momentum, self.to_decay)
+        if self.variant != "advanced":
+            return tuple(layer.bias.expand(*xn.shape[:-1], self.heads) for layer in layers)
+        weight = torch.cat([layer.weight for layer in layers])  # [3h, d]
+        bias = torch.cat([layer.bias for layer in layers])
+        return F.linear(xn, weight, bias).split(self.heads, dim=-1)
 
     def _store(self, x: Tensor, state: TensorDict) -> TensorDict:
         """Learn from ``x [b, m, d]`` after the buffered tokens; return the next state."""
         buffer = state["buffer"]
-        chunks, valid, next_buffer = self._chunk(self._token_inputs(x), buffer)
-        first_chunk = (state["seq_index"] - buffer["count"]) // self.chunk_size  # [b]
-        learned = self._learn(chunks, valid, first_chunk, state)
+        next_buffer: TensorDict | dict[str, Tensor]
+        if self.chunk_size == 1 and self.chunks_per_batch == 1:  # the default: nothing ever waits
+            learned, next_buffer = self._learn_tokens(self._token_inputs(x), state), buffer
+        else:
+            chunks, valid, next_buffer = self._chunk(self._token_inputs(x), buffer)
+            first_chunk = (state["seq_index"] - buffer["count"]) // self.chunk_size  # [b]
+            learned = self._learn(chunks, valid, first_chunk, state)
         return tree(
             {**learned, "seq_index": state["seq_index"] + x.shape[1], "buffer": next_buffer},
             state.batch_size,
             state.device,
         )
+
+    def _learn_tokens(self, tokens: dict[str, Tensor], state: TensorDict) -> dict[str, Params]:
+        """:meth:`_learn` when every token is a chunk that every stream commits (``chunk_size``
+        and ``batch_size`` 1, the default; the online step stores one token): the same
+        operations on the same shapes, without the chunking and the per-stream bookkeeping,
+        which cost more than the arithmetic of one token."""
+        h = self.heads
+        committed, latest, momentum = (
+            {k: w.flatten(0, 1) for k, w in state[part].items()}
+            for part in ("weights", "pending", "momentum")
+        )
+        keys, values, lr = (tokens[f].flatten(0, 1) for f in ("keys", "values", "lr"))  # [s, n, *]
+        eta, alpha = (torch.sigmoid(tokens[f].flatten(0, 1)) for f in ("momentum", "decay"))  # [s, n]
+        if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
+            eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
+        for c in range(keys.shape[1]):
+            one = slice(c, c + 1)  # token c as a chunk of one token
+            grads = self._token_grads(self._absolute(committed), keys[:, one], values[:, one], lr[:, one])
+            gate, keep = eta[:, c, None, None], 1 - alpha[:, c, None, None]
+            for name, g in grads.items():
+                momentum[name] = gate * momentum[name] - g  # eq 14
+                latest[name] = keep * latest[name] + momentum[name]  # eq 13
+            committed = dict(latest)
+        parts = {"weights": committed, "pending": latest, "momentum": momentum}
+        return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
+
+    def _token_grads(self, params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Params:
+        """The gradients ``[s, *w]`` of one chunk, ``keys values [s, t, e]``, ``lr [s, t]``."""
+        if self._one_chunk_grads is not None:
+            return self._one_chunk_grads(params, keys, values, lr)
+        chunk = self._chunk_grads(params, keys[:, None], values[:, None], lr[:, None])
+        return {k: g[:, 0] for k, g in chunk.items()}
 
     def _chunk(
         self, tokens: dict[str, Tensor], buffer: TensorDict
@@ -519,10 +590,26 @@ class NeuralMemory(MemoryUnit):
         return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
 
 
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; ``torch.bmm`` for two stacks of matrices of the same length (the same kernel
+    on the same operands, without ``matmul``'s broadcasting, which costs four more operations)."""
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b)
+    return a @ b
+
+
+def _norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """``norm(x)``, the same function (``nn.RMSNorm.forward``) without the module call, which
+    costs as much as the normalisation of one token."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
 def _unit_rms(t: Tensor) -> Tensor:
     """Vectors rescaled to RMS 1, so ``|k|^2 = e``: with the loss a mean over ``e``, one step of
-    learning rate theta corrects a share ~2 theta of a linear memory's error on that key."""
-    return F.normalize(t, dim=-1) * math.sqrt(t.shape[-1])
+    learning rate theta corrects a share ~2 theta of a linear memory's error on that key.
+    (``F.normalize(t, dim=-1)``'s operations, without its Python wrappers: three per step.)"""
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(1e-12)
+    return t / norm * math.sqrt(t.shape[-1])
 
 
 def _lr_map(logits: Tensor, min_lr: float, max_lr: float) -> Tensor:

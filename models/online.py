@@ -219,7 +219,9 @@ def observe(
             if _forecasts_to_learn(model, state, mode):
                 encoded = model.encode_together([past, inputs], state["model"])
                 before, now = encoded if encoded is not None else (None, None)
-            state = learn(model, state, past, target, mode, mask=matured, encoded=before, observed=True)
+            every = bool(matured.all())  # (no mask then: each part skips its per-stream selection)
+            mask = None if every else matured
+            state = learn(model, state, past, target, mode, mask=mask, encoded=before, observed=True)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
     combined = combines(state)  # every forecast is an expert's: the combination scores them all
     archives = "analog" in state.keys()  # takes every value, keeps every analog forecast
@@ -425,9 +427,23 @@ def _outcome_step(
         forecast, grads = written
     else:  # autograd, for a memory whose gradient is not written out
         forecast, grads = _outcome_gradient(model, state, inputs, targets, mask, encoded)
-    clipped = _clip_rows(grads, cfg.online_clip)
-    stepped = model.outcome_step(components, {p: -cfg.outcome_lr * g for p, g in clipped.items()})
+    stepped = model.outcome_step(components, _clipped_steps(grads, cfg.online_clip, -cfg.outcome_lr))
     return replaced(state, {"model": stepped}), forecast.detach()
+
+
+def _clipped_steps(grads: dict[K, Tensor], max_norm: float, lr: float) -> dict[K, Tensor]:
+    """``lr`` times :func:`_clip_rows` of ``grads`` (``k`` streams stacked along dim 0), with one
+    scale per stream: the clip factor and ``lr`` are multiplied first, so each gradient is
+    scaled once (the outcome step runs on every matured pair; equal to scaling twice up to
+    float rounding, exactly when the clip leaves a stream unchanged)."""
+    first = next(iter(grads.values()))
+    if max_norm <= 0:
+        return {k: lr * g for k, g in grads.items()}
+    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)  # [k, all weights]
+    norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)  # [k]
+    factor = torch.clamp(max_norm / (norm + 1e-12), max=1.0)  # [k]
+    scale = (factor * lr).to(first.dtype)
+    return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
 
 
 def _outcome_gradient(
