@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 
-from service.errors import StoreContention, StreamNotFound
+from service.errors import ServiceError, StoreContention, StreamNotFound
 from service.store.recent import RecentWindow, Timestamp
 
 
@@ -229,9 +229,10 @@ async def update_stream(
     partial state is ever written because each attempt writes one whole record or nothing.
 
     The first attempt starts from the store's :meth:`~StateStore.hint` when it has one (no
-    read). A hint is checked by the compare-and-set like any read; one that turns out stale
-    (the write is refused, or nothing was to be written, which is answered only from a fresh
-    read) is followed by a fresh read at once, without counting as a lost race.
+    read). A hint is checked by the compare-and-set like any read; one that may be stale (the
+    write is refused, nothing was to be written, or ``change`` refused the request: each is
+    answered only from a fresh read) is followed by a fresh read at once, without counting as
+    a lost race.
     """
     trust_hint = True
     attempt = 0
@@ -240,7 +241,12 @@ async def update_stream(
         hinted, trust_hint = current is not None, False
         if current is None:
             current = await store.get(stream_id)
-        new, result = await change(current)
+        try:
+            new, result = await change(current)
+        except ServiceError:
+            if hinted:  # (a reset elsewhere, say): the refusal must come from the stream as it is
+                continue
+            raise
         if new is None:
             if hinted:
                 continue

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.errors import StreamNotFound
+from service.errors import Conflict, StreamNotFound
 from service.metrics import Metrics
 from service.store import RedisStore, StreamRecord, update_stream
 from service.store.cache import RecordCache
@@ -133,3 +133,26 @@ async def test_bulk_reads_and_writes_keep_the_hints(replicas: tuple[RedisStore, 
     lost = await one.write_many([(written[0].replace(steps=1), 1), (written[1].replace(steps=1), 2)])
     assert lost[1] is None and one.hint("b") is None  # a lost race forgets the hint
     assert lost[0] == one.hint("a") and lost[0] is not None and lost[0].version == 2
+
+
+async def test_a_refusal_is_given_from_a_fresh_read_only(replicas: tuple[RedisStore, RedisStore]) -> None:
+    """Replica two resets the stream behind one's back: one's hint still shows observations,
+    and a request refused for them would be refused wrongly."""
+    one, two = replicas
+    created = await one.create(record("s", steps=5))
+    await two.compare_and_set(created.replace(steps=0), created.version)
+    calls: list[int] = []
+
+    async def only_if_empty(current: StreamRecord) -> tuple[StreamRecord, None]:
+        calls.append(current.steps)
+        if current.steps:
+            raise Conflict("the stream has observations")
+        return current.replace(mode="none"), None
+
+    stored, _ = await update_stream(one, "s", only_if_empty, attempts=1)
+    assert calls == [5, 0] and stored is not None and stored.mode == "none"
+    await update_stream(two, "s", _increment, attempts=1)
+    calls.clear()
+    with pytest.raises(Conflict):  # refused again from a fresh read: raised
+        await update_stream(two, "s", only_if_empty, attempts=1)
+    assert calls == [1, 1]  # the hint, then the fresh read
