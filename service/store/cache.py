@@ -11,21 +11,29 @@ another replica made stale costs one recomputation from a fresh read
 nothing (every observation a duplicate) is only given from a fresh read. Reads that answer a
 client (``GET``) never use it.
 
-Least recently used entries go first once ``max_bytes`` (the records' encoded size) is
-exceeded; ``hits``/``misses`` say whether it holds the working set (``/metrics``).
+When a record does not fit in ``max_bytes`` (the records' encoded size), the least recently
+used entries make room only if they are older than ``min_age_s``; otherwise the new record is
+not kept. Why not plain LRU: a fleet posts every stream once per tick, a cycle over more streams
+than fit, and LRU would then evict each record just before its next use (no hits, and the
+churn costs a little). This way a fixed part of the fleet stays and hits, and streams that went
+quiet still age out. ``hits``/``misses`` say how much of the working set it holds (``/metrics``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from service.store.base import StreamRecord
 
 
 class RecordCache:
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[StreamRecord, int]] = OrderedDict()
+    def __init__(
+        self, max_bytes: int, min_age_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_bytes, self.min_age_s, self._clock = max_bytes, min_age_s, clock
+        self._entries: OrderedDict[str, tuple[StreamRecord, int, float]] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -43,19 +51,23 @@ class RecordCache:
             self.misses += 1
             return None
         self.hits += 1
-        self._entries.move_to_end(stream_id)
         return entry[0]
 
     def put(self, record: StreamRecord, nbytes: int) -> None:
-        """Keep ``record`` (``nbytes``: its encoded size), replacing the stream's older one."""
+        """Keep ``record`` (``nbytes``: its encoded size), replacing the stream's older one, if
+        it fits once entries older than ``min_age_s`` are evicted (least recently used first)."""
         self.drop(record.stream_id)
-        if nbytes > self.max_bytes:
-            return
-        self._entries[record.stream_id] = (record, nbytes)
-        self._bytes += nbytes
-        while self._bytes > self.max_bytes:
-            _, (_, n) = self._entries.popitem(last=False)
+        now = self._clock()
+        while self._bytes + nbytes > self.max_bytes and self._entries:
+            oldest = next(iter(self._entries.values()))
+            if now - oldest[2] < self.min_age_s:
+                return  # everything kept is in use: this one is not kept
+            _, (_, n, _) = self._entries.popitem(last=False)
             self._bytes -= n
+        if self._bytes + nbytes > self.max_bytes:
+            return
+        self._entries[record.stream_id] = (record, nbytes, now)
+        self._bytes += nbytes
 
     def drop(self, stream_id: str) -> None:
         entry = self._entries.pop(stream_id, None)

@@ -15,22 +15,37 @@ from service.store.cache import RecordCache
 from tests.service.test_store import record
 
 
-def test_cache_keeps_the_latest_record_within_its_bytes_least_recent_first_out() -> None:
-    cache = RecordCache(max_bytes=100)
+def test_cache_keeps_the_latest_record_within_its_bytes() -> None:
+    now = [0.0]
+    cache = RecordCache(max_bytes=100, min_age_s=10, clock=lambda: now[0])
     cache.put(record("a"), 40)
+    now[0] = 1
     cache.put(record("b"), 40)
-    assert cache.get("a") == record("a")  # a is now the most recent
-    cache.put(record("c"), 40)  # over 100: b goes
-    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
-    assert (len(cache), cache.nbytes) == (2, 80)
-    cache.put(record("a", steps=3), 30)  # replaces a
-    assert cache.get("a") == record("a", steps=3) and cache.nbytes == 70
+    assert cache.get("a") == record("a") and cache.get("b") == record("b")
+    cache.put(record("c"), 40)  # a and b are in use (younger than 10 s): c is not kept
+    assert cache.get("c") is None and (len(cache), cache.nbytes) == (2, 80)
+    now[0] = 10.5  # a is now older than 10 s, b not yet
+    cache.put(record("c"), 40)
+    assert cache.get("a") is None and cache.get("b") is not None and cache.get("c") is not None
+    cache.put(record("b", steps=3), 30)  # replaces b, now the most recent
+    assert cache.get("b") == record("b", steps=3) and cache.nbytes == 70
     cache.put(record("big"), 101)  # larger than the whole cache: not kept
     assert cache.get("big") is None and cache.nbytes == 70
-    cache.drop("a")
+    cache.drop("b")
     cache.drop("never")
     assert (len(cache), cache.nbytes) == (1, 40)
-    assert (cache.hits, cache.misses) == (4, 2)
+    assert (cache.hits, cache.misses) == (5, 3)
+
+
+def test_a_fleet_larger_than_the_cache_keeps_hitting_on_part_of_it() -> None:
+    """Streams written in a cycle over more than fit: plain LRU would evict each record just
+    before its next use; here the first ones stay and hit on every round."""
+    cache = RecordCache(max_bytes=10 * 40)
+    for _ in range(3):
+        for i in range(25):
+            cache.get(f"s{i}")
+            cache.put(record(f"s{i}"), 40)
+    assert len(cache) == 10 and cache.hits == 2 * 10
 
 
 @pytest.fixture
