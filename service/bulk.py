@@ -308,7 +308,7 @@ class BulkRequest:
                 n += status == "applied"
             applied, duplicates = applied + n, duplicates + len(stream.plan.statuses) - n
             record = stream.record
-            state = engine.status_body(record)
+            fields = engine.status_body(record)
             out_streams.append(
                 _stream_out(
                     sid,
@@ -316,8 +316,8 @@ class BulkRequest:
                     stream.created,
                     record.steps,
                     record.last_timestamp,
-                    state["ready"],
-                    state["needs"],
+                    fields["ready"],
+                    fields["needs"],
                     n,
                     len(stream.plan.statuses) - n,
                     engine.forecast_body(record) if with_forecast else None,
