@@ -3,16 +3,16 @@ can skip reading it back.
 
 Why: a steady-state record is about 140 KB (state, accuracy window, duplicate window), and
 reading it from Redis before every write (the round trip, hiredis, decoding the fields) was a
-fifth of the service's CPU per observation, while it nearly always returned what this very
-process had written a moment before. A hint is never trusted on its own: the compare-and-set
+quarter of the event loop's CPU per bulk observation (``bench.bulk``: 1.43 -> 1.07 ms without
+it), while it nearly always returned what this very process had written a moment before. A hint is never trusted on its own: the compare-and-set
 that writes the next record checks the version and incarnation the hint carries, so a hint
 another replica made stale costs one recomputation from a fresh read
 (:func:`~service.store.base.update_stream`, ``service.bulk``), and an answer that writes
 nothing (every observation a duplicate) is only given from a fresh read. Reads that answer a
 client (``GET``) never use it.
 
-When a record does not fit in ``max_bytes`` (the records' encoded size), the least recently
-used entries make room only if they are older than ``min_age_s``; otherwise the new record is
+When a record does not fit in ``max_bytes`` (the records' encoded size), the entries written
+longest ago make room only if that was more than ``min_age_s`` ago; otherwise the new record is
 not kept. Why not plain LRU: a fleet posts every stream once per tick, a cycle over more streams
 than fit, and LRU would then evict each record just before its next use (no hits, and the
 churn costs a little). This way a fixed part of the fleet stays and hits, and streams that went
@@ -55,7 +55,7 @@ class RecordCache:
 
     def put(self, record: StreamRecord, nbytes: int) -> None:
         """Keep ``record`` (``nbytes``: its encoded size), replacing the stream's older one, if
-        it fits once entries older than ``min_age_s`` are evicted (least recently used first)."""
+        it fits once entries written more than ``min_age_s`` ago are evicted (oldest first)."""
         self.drop(record.stream_id)
         now = self._clock()
         while self._bytes + nbytes > self.max_bytes and self._entries:
