@@ -40,6 +40,7 @@ Where this departs from the reference code (github.com/salesforce/fsnet, ``fsnet
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -119,20 +120,27 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor, dilation: int) -> Ten
     """Causal dilated conv of ``x [b, i, n]`` -> ``[b, o, n]``: output ``t`` sees inputs ``<= t``.
 
     ``weight [o, i, k]`` and ``bias [o]`` are shared; ``weight [b, o, i, k]`` and ``bias
-    [b, o]`` are per stream, run as one grouped conv so a batch needs no Python loop.
+    [b, o]`` are per stream, one product per stream with no Python loop.
+
+    Written as one matrix product over the window's shifted copies (``[b, taps * i, n]``)
+    rather than with ``conv1d``: for a single stream torch runs a dilated conv through its
+    slow reference kernel (about 10x a plain product at d_model 64). Taps that reach further
+    back than the window only ever meet the zero padding, so they are left out (their
+    gradient is zero either way): a block whose dilation is at least the window's length is a
+    1x1 conv, not a conv over a mostly zero input many times the window's length (the
+    reference size's dilation 1024 on a 48-step window).
     """
-    x = F.pad(x, ((weight.shape[-1] - 1) * dilation, 0))  # left pad only: no look-ahead
+    k, n = weight.shape[-1], x.shape[-1]
+    taps = min(k, (n - 1) // dilation + 1)  # tap j looks back (k - 1 - j) * dilation steps
+    if taps == 1:
+        cols = x
+    else:
+        padded = F.pad(x, ((taps - 1) * dilation, 0))  # left pad only: no look-ahead
+        cols = torch.cat([padded[..., j * dilation : j * dilation + n] for j in range(taps)], dim=1)
+    kernel = weight[..., k - taps :].transpose(-1, -2).flatten(-2)  # [(b,) o, taps * i], tap-major
     if weight.dim() == 3:
-        return F.conv1d(x, weight, bias, dilation=dilation)
-    b, o = weight.shape[:2]
-    y = F.conv1d(
-        x.reshape(1, -1, x.shape[-1]),  # [1, b*i, n + pad]
-        weight.flatten(0, 1),  # [b*o, i, k]
-        bias.flatten(),
-        dilation=dilation,
-        groups=b,
-    )
-    return y.view(b, o, -1)
+        return torch.matmul(kernel, cols) + bias[:, None]
+    return torch.baddbmm(bias[..., None], kernel, cols)
 
 
 def init_conv_(weight: Tensor, bias: Tensor) -> None:
@@ -214,7 +222,13 @@ class FSNetConv(nn.Module):
 
     def forward(self, x: Tensor, state: TensorDict) -> Tensor:  # type: ignore[override]
         """``x [b, i, n] -> [b, o, n]`` with each stream's calibration; ``state`` is only read."""
-        u = self.current_calibration(state)  # [b, c]
+        return self.calibrated(x, self.current_calibration(state))
+
+    def calibrated(self, x: Tensor, u: Tensor | None) -> Tensor:
+        """``x [b, i, n] -> [b, o, n]`` with the calibration ``u [b, c]`` already computed
+        (:func:`stacked_calibrations` computes every layer's at once)."""
+        if u is None:
+            raise ValueError("an FSNet conv needs its calibration")
         b, (o, _, k) = x.shape[0], self.weight.shape
         u = u.view(b, o, k + 2)
         scale_w, scale_b, scale_f = 1.0 + u[..., :k], 1.0 + u[..., k], 1.0 + u[..., k + 1]
@@ -228,50 +242,110 @@ class FSNetConv(nn.Module):
         The read runs for every stream and is kept where the trigger is set: no
         data-dependent branch, so a batch of streams is one computation.
         """
-        u = self.calibration(state["grad_long"])  # [b, c]
-        if not self.use_memory:
-            return u
-        cfg = self.fsnet
-        retrieved, _, _ = read_memory(state["memory"], state["q_ema"], cfg.temperature, cfg.top_k)
-        blended = cfg.tau * u + (1.0 - cfg.tau) * retrieved  # fast and slow: tau * own + (1 - tau) * recalled
-        return torch.where(state["trigger"][:, None], blended, u)
+        return stacked_current_calibrations([self], [state])[0]
 
     def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
         """Next state from the gradient of the loss w.r.t. this layer's ``weight``.
 
         ``grads["weight"]`` is ``[o, i, k]`` for a one-stream state, or ``[b, o, i, k]`` with
         one gradient per stream. Other keys are ignored. Order follows the reference: fast
-        EMA, trigger (fast vs the previous slow EMA), slow EMA, query EMA, memory write.
+        EMA, trigger (fast vs the previous slow EMA), slow EMA, query EMA, and on a trigger a
+        memory read at the new query with the blend written back into the slots read.
         """
-        grad = _stream_gradients(grads, state.batch_size[0], self.weight.shape)
-        cfg = self.fsnet
-        with torch.no_grad():
-            g = normalise_gradient(grad.to(state["grad_long"].dtype))  # [b, o, e]
-            short = ema(state["grad_short"], g, cfg.gamma_short)
-            trigger = drift_trigger(short, state["grad_long"], cfg.tau)
-            long = ema(state["grad_long"], g, cfg.gamma_long)
-            entries = {"grad_long": long, "grad_short": short, "trigger": trigger}
-            if self.use_memory:
-                entries |= self._adapt_memory(state, long, trigger)
-        return TensorDict(entries, batch_size=state.batch_size, device=state.device)
-
-    def _adapt_memory(self, state: TensorDict, grad_long: Tensor, trigger: Tensor) -> dict[str, Tensor]:
-        """Update the query EMA; on a trigger, read the memory and write the blend back."""
-        cfg = self.fsnet
-        u = self.calibration(grad_long)  # [b, c]
-        query = ema(state["q_ema"], u, cfg.gamma_short)
-        memory = state["memory"]
-        retrieved, weights, slots = read_memory(memory, query, cfg.temperature, cfg.top_k)
-        blended = cfg.tau * u + (1.0 - cfg.tau) * retrieved
-        written = write_memory(memory, blended, weights, slots, cfg.tau)
-        return {"q_ema": query, "memory": torch.where(trigger[:, None, None], written, memory)}
+        if "weight" not in grads:
+            raise KeyError("FSNet adapt needs the gradient of the conv weight under key 'weight'")
+        return stacked_adapt([self], [state], [grads["weight"]])[0]
 
 
-def _stream_gradients(grads: dict[str, Tensor], batch: int, shape: torch.Size) -> Tensor:
-    """``grads["weight"]`` as ``[b, o, i, k]``; a clear error for a missing or misshapen one."""
-    if "weight" not in grads:
-        raise KeyError("FSNet adapt needs the gradient of the conv weight under key 'weight'")
-    grad = grads["weight"].detach()
+# ---------------------------------------------------------------- every layer at once
+
+
+def stacked_calibrations(layers: Sequence[FSNetConv], grad_long: Tensor) -> Tensor:
+    """``[L, b, o, e] -> [L, b, c]``: each layer's controller on its own slow EMA, as batched
+    products over the layers. The calibration depends on the state only, not on the input, so
+    a TCN's layers need not wait for each other; one small product per layer and step was most
+    of a reference-size (22-conv) forward."""
+    linear = [cast(nn.Linear, layer.controller[0]) for layer in layers]
+    w1 = torch.stack([lin.weight for lin in linear])  # [L, h, e]
+    b1 = torch.stack([lin.bias for lin in linear])  # [L, h]
+    w2 = torch.stack([layer.head.weight for layer in layers])  # [L, k + 2, h]
+    b2 = torch.stack([layer.head.bias for layer in layers])  # [L, k + 2]
+    n_layers, b, o, e = grad_long.shape
+    hidden = F.silu(torch.baddbmm(b1[:, None, :], grad_long.reshape(n_layers, b * o, e), w1.transpose(1, 2)))
+    return torch.baddbmm(b2[:, None, :], hidden, w2.transpose(1, 2)).reshape(n_layers, b, -1)
+
+
+def stacked_current_calibrations(layers: Sequence[FSNetConv], states: Sequence[TensorDict]) -> list[Tensor]:
+    """:meth:`FSNetConv.current_calibration` of every layer (each ``[b, c]``), computed together.
+
+    The layers must be alike (one weight shape, one FSNet configuration, all with or all
+    without memory), as a TCN's are."""
+    _check_alike(layers)
+    u = stacked_calibrations(layers, torch.stack([s["grad_long"] for s in states]))  # [L, b, c]
+    first = layers[0]
+    if not first.use_memory:
+        return list(u.unbind(0))
+    cfg = first.fsnet
+    memory = torch.stack([s["memory"] for s in states]).flatten(0, 1)  # [L * b, s, c]
+    query = torch.stack([s["q_ema"] for s in states]).flatten(0, 1)  # [L * b, c]
+    retrieved, _, _ = read_memory(memory, query, cfg.temperature, cfg.top_k)
+    blended = cfg.tau * u + (1.0 - cfg.tau) * retrieved.view(u.shape)
+    trigger = torch.stack([s["trigger"] for s in states])  # [L, b]
+    return list(torch.where(trigger[..., None], blended, u).unbind(0))
+
+
+def stacked_adapt(
+    layers: Sequence[FSNetConv], states: Sequence[TensorDict], weight_grads: Sequence[Tensor]
+) -> list[TensorDict]:
+    """:meth:`FSNetConv.adapt` of every layer from its conv weight's gradient, computed
+    together (the same steps, in the same order, on the layers stacked along a new leading
+    dimension); returns each layer's next state."""
+    _check_alike(layers)
+    first, n_layers, batch = layers[0], len(layers), states[0].batch_size[0]
+    cfg = first.fsnet
+    dtype = states[0]["grad_long"].dtype
+    with torch.no_grad():
+        grad = torch.stack([_stream_gradients(g, batch, first.weight.shape) for g in weight_grads]).to(
+            dtype
+        )  # [L, b, o, i, k]
+        g = normalise_gradient(grad.flatten(0, 1))  # [L * b, o, e]
+        before_short = torch.stack([s["grad_short"] for s in states]).flatten(0, 1)
+        before_long = torch.stack([s["grad_long"] for s in states]).flatten(0, 1)
+        short = ema(before_short, g, cfg.gamma_short)
+        trigger = drift_trigger(short, before_long, cfg.tau)  # [L * b]
+        long = ema(before_long, g, cfg.gamma_long)
+        entries: dict[str, Tensor] = {"grad_long": long, "grad_short": short, "trigger": trigger}
+        if first.use_memory:
+            u = stacked_calibrations(layers, long.view(n_layers, batch, *long.shape[1:])).flatten(0, 1)
+            query = ema(torch.stack([s["q_ema"] for s in states]).flatten(0, 1), u, cfg.gamma_short)
+            memory = torch.stack([s["memory"] for s in states]).flatten(0, 1)
+            retrieved, weights, slots = read_memory(memory, query, cfg.temperature, cfg.top_k)
+            blended = cfg.tau * u + (1.0 - cfg.tau) * retrieved
+            written = write_memory(memory, blended, weights, slots, cfg.tau)
+            entries |= {"q_ema": query, "memory": torch.where(trigger[:, None, None], written, memory)}
+    per_layer = {k: v.view(n_layers, batch, *v.shape[1:]).unbind(0) for k, v in entries.items()}
+    return [
+        TensorDict({k: v[j] for k, v in per_layer.items()}, batch_size=[batch], device=states[j].device)
+        for j in range(n_layers)
+    ]
+
+
+def _check_alike(layers: Sequence[FSNetConv]) -> None:
+    first = layers[0]
+    for layer in layers[1:]:
+        if (layer.weight.shape, layer.fsnet, layer.use_memory) != (
+            first.weight.shape,
+            first.fsnet,
+            first.use_memory,
+        ):
+            raise ValueError(
+                "stacked FSNet layers need one weight shape, one configuration and one memory setting"
+            )
+
+
+def _stream_gradients(grad: Tensor, batch: int, shape: torch.Size) -> Tensor:
+    """A conv weight's gradient as ``[b, o, i, k]``; a clear error for a misshapen one."""
+    grad = grad.detach()
     if grad.shape == shape:
         grad = grad[None]
     if grad.shape != (batch, *shape):

@@ -659,9 +659,12 @@ def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
     """
     if max_norm <= 0:
         return grads
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))  # type: ignore[arg-type]
+    norms = torch._foreach_norm(list(grads.values()), dtype=torch.float64)  # one call for every tensor
+    norm = torch.linalg.vector_norm(torch.stack(norms))
     factor = float(torch.clamp(max_norm / (norm + 1e-12), max=1.0))
-    return grads if factor == 1.0 else {k: g * factor for k, g in grads.items()}
+    if factor == 1.0:
+        return grads
+    return dict(zip(grads, torch._foreach_mul(list(grads.values()), factor), strict=True))
 
 
 def _forward(

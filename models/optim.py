@@ -36,6 +36,19 @@ def adamw_step(
     names = list(params)
     p = [params[n] for n in names]
     g = [grads[n] for n in names]
+    if step.dim() == 0 and _fusable(p):
+        new_p, m, v = _fused_step(
+            p, g, [exp_avg[n] for n in names], [exp_avg_sq[n] for n in names], t, lr, betas, weight_decay, eps
+        )
+        if anchor is not None and anchor_strength > 0:
+            pull = torch._foreach_sub(p, [anchor[n] for n in names])
+            torch._foreach_add_(new_p, pull, alpha=-lr * anchor_strength)
+        return (
+            dict(zip(names, new_p, strict=True)),
+            dict(zip(names, m, strict=True)),
+            dict(zip(names, v, strict=True)),
+            step,
+        )
     # list-wise (torch._foreach_*) math: one dispatch per operation for all the tensors, not one
     # per tensor; a model has tens of weight tensors, and this runs on every learned pair
     m = torch._foreach_mul([exp_avg[n] for n in names], beta1)
@@ -64,6 +77,52 @@ def adamw_step(
         dict(zip(names, v, strict=True)),
         step,
     )
+
+
+def _fusable(params: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel can take these tensors: one CPU floating dtype."""
+    return (
+        bool(params)
+        and all(x.device.type == "cpu" and x.dtype == params[0].dtype for x in params)
+        and params[0].dtype in (torch.float32, torch.float64)
+    )
+
+
+def _fused_step(
+    p: list[Tensor],
+    g: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    t: Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """One stream's step by torch's fused kernel, on copies (the state passed in stays as it
+    was): one pass per tensor instead of the list-wise step's ten, about 3x faster on the
+    reference-size TCN's 555k weights. The kernel reads the step count after the increment and
+    does not change it, so one tensor serves every weight."""
+    # the kernel walks each tensor's memory in order: every tensor must be contiguous
+    new_p, m, v = ([x.clone(memory_format=torch.contiguous_format) for x in xs] for xs in (p, m, v))
+    g = [x.contiguous() for x in g]
+    beta1, beta2 = betas
+    torch._fused_adamw_(
+        new_p,
+        g,
+        m,
+        v,
+        [],
+        [t] * len(p),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    return new_p, m, v
 
 
 def adam_direction_bound(betas: tuple[float, float] = (0.9, 0.999)) -> float:

@@ -17,6 +17,8 @@ Gradient contract of :meth:`TCNBackbone.adapt`: ``grads`` is keyed like this mod
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from models.base import Backbone, StorePolicy, empty_state
 from models.config import ModelConfig
-from models.fsnet import FSNetConv, causal_conv1d, init_conv_
+from models.fsnet import FSNetConv, causal_conv1d, init_conv_, stacked_adapt, stacked_current_calibrations
 
 ADAPTIVE_MEMORIES = ("fsnet", "fsnet_nomem")
 
@@ -39,9 +41,13 @@ class CausalConv1d(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels))
         init_conv_(self.weight, self.bias)
 
-    def forward(self, x: Tensor, state: TensorDict | None = None) -> Tensor:
-        """``x [b, d, n] -> [b, d, n]``; ``state`` is accepted for a uniform block and unused."""
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [b, d, n] -> [b, d, n]``."""
         return causal_conv1d(x, self.weight, self.bias, self.dilation)
+
+    def calibrated(self, x: Tensor, u: Tensor | None) -> Tensor:
+        """The same interface as :meth:`FSNetConv.calibrated`; a plain conv has no calibration."""
+        return self(x)
 
 
 class ResidualBlock(nn.Module):
@@ -52,10 +58,10 @@ class ResidualBlock(nn.Module):
         self.conv1 = _make_conv(config, dilation)
         self.conv2 = _make_conv(config, dilation)
 
-    def forward(self, x: Tensor, state1: TensorDict | None, state2: TensorDict | None) -> Tensor:
-        """``x [b, d, n] -> [b, d, n]``; the states are the two convs' (None when plain)."""
-        h = self.conv1(F.gelu(x), state1)
-        h = self.conv2(F.gelu(h), state2)
+    def forward(self, x: Tensor, u1: Tensor | None, u2: Tensor | None) -> Tensor:
+        """``x [b, d, n] -> [b, d, n]``; ``u1``, ``u2``: the two convs' FSNet calibrations (None when plain)."""
+        h = cast(CausalConv1d | FSNetConv, self.conv1).calibrated(F.gelu(x), u1)
+        h = cast(CausalConv1d | FSNetConv, self.conv2).calibrated(F.gelu(h), u2)
         return h + x
 
 
@@ -111,14 +117,19 @@ class TCNBackbone(Backbone):
         if self.adaptive and state.batch_size[0] != x.shape[0]:
             raise ValueError(f"state holds {state.batch_size[0]} stream(s) but x holds {x.shape[0]}")
         h = x.transpose(1, 2)  # [b, d, n]
-        for i, block in enumerate(self.blocks):
-            h = block(
-                h, self._layer_state(state, f"block{i}_conv1"), self._layer_state(state, f"block{i}_conv2")
+        u: dict[str, Tensor | None] = dict.fromkeys(self.layer_paths)
+        if self.adaptive:  # every conv's calibration at once: it depends on the state, not on h
+            layers = self.adaptive_layers()
+            u = dict(
+                zip(
+                    layers,
+                    stacked_current_calibrations(list(layers.values()), [state[n] for n in layers]),
+                    strict=True,
+                )
             )
+        for i, block in enumerate(self.blocks):
+            h = block(h, u.get(f"block{i}_conv1"), u.get(f"block{i}_conv2"))
         return self.dropout(h.transpose(1, 2)), state  # [b, n, d]
-
-    def _layer_state(self, state: TensorDict, name: str) -> TensorDict | None:
-        return state[name] if self.adaptive else None
 
     def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
         """Next state of each FSNet conv from its weight gradient (contract in the module doc).
@@ -128,11 +139,15 @@ class TCNBackbone(Backbone):
         """
         if not self.adaptive:
             return state
+        layers = self.adaptive_layers()
+        weight_grads = []
+        for name in layers:
+            key = self.layer_paths[name] + ".weight"
+            if key not in grads:
+                raise KeyError(f"FSNet adapt needs grads[{key!r}] (layer {name})")
+            weight_grads.append(grads[key])
+        adapted = stacked_adapt(list(layers.values()), [state[n] for n in layers], weight_grads)
         next_state = empty_state(state.batch_size[0], state.device)
-        for name, layer in self.adaptive_layers().items():
-            prefix = self.layer_paths[name] + "."
-            own = {k[len(prefix) :]: g for k, g in grads.items() if k.startswith(prefix)}
-            if "weight" not in own:
-                raise KeyError(f"FSNet adapt needs grads[{prefix + 'weight'!r}] (layer {name})")
-            next_state[name] = layer.adapt(state[name], own)
+        for name, layer_state in zip(layers, adapted, strict=True):
+            next_state[name] = layer_state
         return next_state

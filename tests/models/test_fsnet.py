@@ -368,3 +368,28 @@ def test_plain_tcn_has_empty_state_and_no_gradient_learning() -> None:
     assert list(state.keys()) == [] and state.batch_size == torch.Size([2])
     assert not model.learns_from_gradients
     assert model.adapt(state, {}) is state
+
+
+@pytest.mark.parametrize("dilation", [1, 4, 7, 8, 15, 16, 1024])
+def test_causal_conv_drops_only_taps_that_see_padding(dilation: int) -> None:
+    """Taps reaching before the window are dropped: the output and the weight's gradient (zero
+    on the dropped taps) equal torch's conv over the full left padding, shared or per stream."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, D, N, generator=gen, dtype=torch.float64)
+    weight = torch.randn(2, D, D, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, D, generator=gen, dtype=torch.float64)
+    padded = F.pad(x, ((K - 1) * dilation, 0))
+    want = torch.stack(
+        [F.conv1d(padded[i : i + 1], weight[i], bias[i], dilation=dilation)[0] for i in range(2)]
+    )
+    (want_grad,) = torch.autograd.grad(want.square().sum(), weight)
+
+    got = fsnet.causal_conv1d(x, weight, bias, dilation)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), weight)
+    shared = fsnet.causal_conv1d(x[:1], weight[0], bias[0], dilation)
+
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(shared, want[:1], rtol=1e-12, atol=1e-12)
+    seen = min(K, (N - 1) // dilation + 1)  # taps j >= K - seen look inside the window
+    assert bool((got_grad[..., : K - seen] == 0).all()) and bool((got_grad[..., K - seen :] != 0).all())

@@ -150,3 +150,19 @@ def test_older_checkpoints_keep_their_fingerprint() -> None:
     old_digest = hashlib.sha256(json.dumps(old_layout, sort_keys=True).encode()).hexdigest()
     assert ModelConfig.from_dict(old_layout).digest() == old_digest
     assert config.replace(online_anchor=1.0).digest() != old_digest
+
+
+def test_adamw_step_takes_transposed_tensors() -> None:
+    """The fused kernel walks memory in order: transposed (non-contiguous) weights, moments
+    and gradients give the textbook step all the same."""
+    g = torch.Generator().manual_seed(2)
+    rand = lambda: torch.randn(3, 4, generator=g, dtype=torch.float64).t()  # noqa: E731
+    params, grads, avg, anchor = {"w": rand()}, {"w": rand()}, {"w": rand()}, {"w": rand()}
+    avg_sq = {"w": rand().abs()}
+    step = torch.tensor(2)
+    want = _adamw_reference(params, grads, avg, avg_sq, step, 0.1, (0.9, 0.999), 0.1, anchor, 5.0)
+    got = adamw_step(
+        params, grads, avg, avg_sq, step, 0.1, (0.9, 0.999), 0.1, anchor=anchor, anchor_strength=5.0
+    )
+    for w, h in zip(want, got[:3], strict=True):
+        torch.testing.assert_close(h["w"], w["w"], rtol=1e-12, atol=1e-14)
