@@ -30,32 +30,47 @@ def adamw_step(
     al. 2018): with ``|update| <= U`` per coordinate the distance ``|p - p0|`` can never pass
     ``U / anchor_strength`` (when ``lr * anchor_strength < 1``), however many steps are taken.
     """
-    beta1, beta2 = betas
     step = step + 1
     t = step.to(torch.float64)
     names = list(params)
     p = [params[n] for n in names]
     g = [grads[n] for n in names]
+    m, v = [exp_avg[n] for n in names], [exp_avg_sq[n] for n in names]
     if step.dim() == 0 and _fusable(p):
-        new_p, m, v = _fused_step(
-            p, g, [exp_avg[n] for n in names], [exp_avg_sq[n] for n in names], t, lr, betas, weight_decay, eps
-        )
-        if anchor is not None and anchor_strength > 0:
-            pull = torch._foreach_sub(p, [anchor[n] for n in names])
-            torch._foreach_add_(new_p, pull, alpha=-lr * anchor_strength)
-        return (
-            dict(zip(names, new_p, strict=True)),
-            dict(zip(names, m, strict=True)),
-            dict(zip(names, v, strict=True)),
-            step,
-        )
-    # list-wise (torch._foreach_*) math: one dispatch per operation for all the tensors, not one
-    # per tensor; a model has tens of weight tensors, and this runs on every learned pair
-    m = torch._foreach_mul([exp_avg[n] for n in names], beta1)
+        new_p, m, v = _fused_step(p, g, m, v, t, lr, betas, weight_decay, eps)
+    else:
+        new_p, m, v = _listwise_step(p, g, m, v, t, lr, betas, weight_decay, eps)
+    if anchor is not None and anchor_strength > 0:
+        pull = torch._foreach_sub(p, [anchor[n] for n in names])
+        torch._foreach_add_(new_p, pull, alpha=-lr * anchor_strength)
+    return (
+        dict(zip(names, new_p, strict=True)),
+        dict(zip(names, m, strict=True)),
+        dict(zip(names, v, strict=True)),
+        step,
+    )
+
+
+def _listwise_step(
+    p: list[Tensor],
+    g: list[Tensor],
+    exp_avg: list[Tensor],
+    exp_avg_sq: list[Tensor],
+    t: Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The step in list-wise (``torch._foreach_*``) math, one dispatch per operation for all
+    the tensors; ``t`` is a scalar step count or one per stream (``[b]``, each tensor stacked
+    along a leading stream dimension)."""
+    beta1, beta2 = betas
+    m = list(torch._foreach_mul(exp_avg, beta1))
     torch._foreach_add_(m, g, alpha=1 - beta1)
-    v = torch._foreach_mul([exp_avg_sq[n] for n in names], beta2)
+    v = list(torch._foreach_mul(exp_avg_sq, beta2))
     torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-    if step.dim() == 0:
+    if t.dim() == 0:
         denom = torch._foreach_div(v, float(1 - beta2**t))
         update = torch._foreach_div(m, float(1 - beta1**t))
     else:  # [b] streams, each its own bias correction, as [b, 1, ...] per tensor
@@ -66,17 +81,9 @@ def adamw_step(
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
     torch._foreach_div_(update, denom)
-    new_p = torch._foreach_mul(p, 1 - lr * weight_decay)
+    new_p = list(torch._foreach_mul(p, 1 - lr * weight_decay))
     torch._foreach_add_(new_p, update, alpha=-lr)
-    if anchor is not None and anchor_strength > 0:
-        pull = torch._foreach_sub(p, [anchor[n] for n in names])
-        torch._foreach_add_(new_p, pull, alpha=-lr * anchor_strength)
-    return (
-        dict(zip(names, new_p, strict=True)),
-        dict(zip(names, m, strict=True)),
-        dict(zip(names, v, strict=True)),
-        step,
-    )
+    return new_p, m, v
 
 
 def _fusable(params: list[Tensor]) -> bool:
