@@ -58,8 +58,9 @@ _COS_EPS = 1e-6
 
 
 def ema(average: Tensor, value: Tensor, gamma: float) -> Tensor:
-    """One exponential moving average step: ``gamma * average + (1 - gamma) * value``."""
-    return gamma * average + (1.0 - gamma) * value
+    """One exponential moving average step: ``gamma * average + (1 - gamma) * value``, as one
+    ``lerp`` (one pass over the stacked layers' EMAs instead of three)."""
+    return torch.lerp(average, value, 1.0 - gamma)
 
 
 def normalise_gradient(grad: Tensor) -> Tensor:
@@ -260,19 +261,12 @@ class FSNetConv(nn.Module):
 # ---------------------------------------------------------------- every layer at once
 
 
-def stacked_calibrations(layers: Sequence[FSNetConv], grad_long: Tensor) -> Tensor:
-    """``[L, b, o, e] -> [L, b, c]``: each layer's controller on its own slow EMA, as batched
-    products over the layers. The calibration depends on the state only, not on the input, so
-    a TCN's layers need not wait for each other; one small product per layer and step was most
-    of a reference-size (22-conv) forward."""
-    linear = [cast(nn.Linear, layer.controller[0]) for layer in layers]
-    w1 = torch.stack([lin.weight for lin in linear])  # [L, h, e]
-    b1 = torch.stack([lin.bias for lin in linear])  # [L, h]
-    w2 = torch.stack([layer.head.weight for layer in layers])  # [L, k + 2, h]
-    b2 = torch.stack([layer.head.bias for layer in layers])  # [L, k + 2]
-    n_layers, b, o, e = grad_long.shape
-    hidden = F.silu(torch.baddbmm(b1[:, None, :], grad_long.reshape(n_layers, b * o, e), w1.transpose(1, 2)))
-    return torch.baddbmm(b2[:, None, :], hidden, w2.transpose(1, 2)).reshape(n_layers, b, -1)
+def stacked_calibrations(layers: Sequence[FSNetConv], grad_long: Sequence[Tensor]) -> Tensor:
+    """Each layer's controller on its own slow EMA (``[b, o, e]`` each), stacked ``[L, b, c]``.
+
+    The products stay one per layer: stacking the layers' controller weights (and EMAs) for
+    batched products copied more memory per step than the batching saved."""
+    return torch.stack([layer.calibration(g) for layer, g in zip(layers, grad_long, strict=True)])
 
 
 def stacked_current_calibrations(layers: Sequence[FSNetConv], states: Sequence[TensorDict]) -> list[Tensor]:
@@ -281,7 +275,7 @@ def stacked_current_calibrations(layers: Sequence[FSNetConv], states: Sequence[T
     The layers must be alike (one weight shape, one FSNet configuration, all with or all
     without memory), as a TCN's are."""
     _check_alike(layers)
-    u = stacked_calibrations(layers, torch.stack([s["grad_long"] for s in states]))  # [L, b, c]
+    u = stacked_calibrations(layers, [s["grad_long"] for s in states])  # [L, b, c]
     first = layers[0]
     if not first.use_memory:
         return list(u.unbind(0))
@@ -316,7 +310,9 @@ def stacked_adapt(
         long = ema(before_long, g, cfg.gamma_long)
         entries: dict[str, Tensor] = {"grad_long": long, "grad_short": short, "trigger": trigger}
         if first.use_memory:
-            u = stacked_calibrations(layers, long.view(n_layers, batch, *long.shape[1:])).flatten(0, 1)
+            u = stacked_calibrations(layers, long.view(n_layers, batch, *long.shape[1:]).unbind(0)).flatten(
+                0, 1
+            )
             query = ema(torch.stack([s["q_ema"] for s in states]).flatten(0, 1), u, cfg.gamma_short)
             memory = torch.stack([s["memory"] for s in states]).flatten(0, 1)
             retrieved, weights, slots = read_memory(memory, query, cfg.temperature, cfg.top_k)

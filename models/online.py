@@ -28,12 +28,12 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from models import analog, combination, corrector
@@ -520,7 +520,7 @@ def _learn_one(
     source = _stream_params(row) if full else {k: v.detach() for k, v in model.named_parameters()}
     params = {k: v.detach().requires_grad_(True) for k, v in source.items()}
     with torch.enable_grad():
-        forecast, _ = functional_call(model, params, (inputs, row["model"], StorePolicy.NONE))
+        forecast, _ = _call(model, params, (inputs, row["model"], StorePolicy.NONE))
         loss = F.mse_loss(forecast, targets)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     grad_map = {
@@ -613,12 +613,25 @@ def _forecast_one(model: ContinualForecaster) -> Callable[[dict[str, Tensor], Te
     """One stream's forecast ``[p, c_out]`` from its own weights (the body ``vmap`` maps)."""
 
     def one(params: dict[str, Tensor], inputs: Tensor, model_state: TensorDict) -> Tensor:
-        forecast, _ = functional_call(
-            model, params, (inputs[None], model_state.unsqueeze(0), StorePolicy.NONE)
-        )
+        forecast, _ = _call(model, params, (inputs[None], model_state.unsqueeze(0), StorePolicy.NONE))
         return forecast[0]
 
     return one
+
+
+# per model: whether two of its modules share a parameter (see _call)
+_TIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _call(model: nn.Module, params: dict[str, Tensor], args: tuple[Any, ...]) -> Any:
+    """``functional_call`` that looks for tied weights once per model, not on every call
+    (about 1 ms a call at the reference-size TCN's 138 weight tensors); no memcast model
+    ties any, and one that did would still be called with ``tie_weights``."""
+    tied = _TIED.get(model)
+    if tied is None:
+        every = sum(1 for _ in model.named_parameters(remove_duplicate=False))
+        tied = _TIED[model] = every != sum(1 for _ in model.named_parameters())
+    return functional_call(model, params, args, tie_weights=tied)
 
 
 # per model, the store policies whose forward cannot run under vmap (see _forward)
@@ -631,9 +644,7 @@ def _forward_one(
     """One stream's forecast and next component state from its own weights (mapped by ``vmap``)."""
 
     def one(params: dict[str, Tensor], inputs: Tensor, model_state: TensorDict) -> tuple[Tensor, TensorDict]:
-        forecast, next_state = functional_call(
-            model, params, (inputs[None], model_state.unsqueeze(0), policy)
-        )
+        forecast, next_state = _call(model, params, (inputs[None], model_state.unsqueeze(0), policy))
         return forecast[0], next_state.squeeze(0)
 
     return one
@@ -694,9 +705,7 @@ def _forward(
     forecasts, rows = [], []
     for i in range(state.batch_size[0]):
         row = (state if state.batch_size[0] == 1 else state[i : i + 1]).clone(recurse=False)
-        f, row["model"] = functional_call(
-            model, _stream_params(row), (inputs[i : i + 1], row["model"], policy)
-        )
+        f, row["model"] = _call(model, _stream_params(row), (inputs[i : i + 1], row["model"], policy))
         forecasts.append(f)
         rows.append(row)
     if len(rows) == 1:

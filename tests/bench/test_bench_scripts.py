@@ -234,3 +234,13 @@ def test_results_writes_every_table_and_the_acceptance_from_job_files(tmp_path: 
     assert "[4/4" in stdout and "evaluate-regimes-delayed-ogd" in stdout
     assert (jobs_dir / "evaluate-regimes-delayed-served.json").stat().st_mtime_ns == kept
     assert "It kept the jobs of `python -m bench.results --quick --jobs 2" in page.read_text()
+
+
+def test_step_cost_reports_each_config_against_its_weights(tmp_path: Path) -> None:
+    out = tmp_path / "step_cost.json"
+    stdout = run_script("step_cost.py", "--configs", "ogd,fsnet_ref_size", "--steps", "2", "--out", str(out))
+    rows = {r["config"]: r for r in read(out)["rows"]}
+    assert set(rows) == {"ogd", "fsnet_ref_size"}
+    assert 500_000 < rows["fsnet_ref_size"]["weights"] < 600_000 and rows["ogd"]["weights"] < 20_000
+    assert all(r["steps"] == 2 and r["cpu_ms_per_step"] > 0 for r in rows.values())
+    assert "| fsnet_ref_size | tcn+fsnet, d_model 64 x 11 | 551,666 |" in stdout

@@ -1,0 +1,128 @@
+"""The cost of one online learning step against the number of weights it updates.
+
+One stream, one thread, ``full_model`` with delayed feedback (each observation learns from the
+pair it matured, then forecasts the next horizon), on the shapes of the FSNet paper's ETTh2-M
+60 -> 1 online test (seq_len 60, pred_len 1, 7 channels), for memcast's tcn baselines at their
+default size and at the size of the FSNet reference code (a TCN of width 64 and 11 dilated
+blocks, ~0.55M weights with the adapters). Random weights: the cost of a step does not depend
+on their values. A data set's values do not matter either; a daily sine with noise is fed.
+
+The reference code itself is not part of this repository; compare a run of it with these rows
+on the same machine, or compare two memcast commits side by side by running this module from
+each checkout (``PYTHONPATH=<checkout> python -m bench.step_cost``), alternating.
+
+    python -m bench.step_cost --out runs/bench/step_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench._common import machine_info, now_iso, single_thread, write_json
+from models import ContinualForecaster, ModelConfig, UpdateMode, init_stream_state, observe
+
+SEQ_LEN, PRED_LEN, CHANNELS = 60, 1, 7
+REFERENCE_SIZE = {"d_model": 64, "n_layers": 11}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "ogd": {"backbone": "tcn", "memory": "none"},
+    "fsnet": {"backbone": "tcn", "memory": "fsnet"},
+    "ogd_ref_size": {"backbone": "tcn", "memory": "none", **REFERENCE_SIZE},
+    "fsnet_ref_size": {"backbone": "tcn", "memory": "fsnet", **REFERENCE_SIZE},
+    "titans": {},  # the default model (lstm + titans memory), full_model
+}
+
+
+def build(name: str) -> ContinualForecaster:
+    torch.manual_seed(0)
+    config = ModelConfig(seq_len=SEQ_LEN, pred_len=PRED_LEN, channels=CHANNELS, **CONFIGS[name])
+    model = ContinualForecaster(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def series(steps: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(steps, dtype=torch.float32)[:, None]
+    phase = torch.rand(1, CHANNELS, generator=g) * 2 * math.pi
+    return torch.sin(2 * math.pi * t / 24 + phase) + 0.2 * torch.randn(steps, CHANNELS, generator=g)
+
+
+def measure(name: str, steps: int, warm: int = 10) -> dict[str, Any]:
+    """``steps`` timed observations after the window filled and ``warm`` learning steps."""
+    model = build(name)
+    mode = UpdateMode.FULL_MODEL
+    start = SEQ_LEN + PRED_LEN + warm
+    data = series(start + steps)
+    state = init_stream_state(model, 1, mode)
+    for i in range(start):
+        state, _ = observe(model, state, data[None, i], mode)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(start, start + steps):
+        state, _ = observe(model, state, data[None, i], mode)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    config = model.config
+    return {
+        "config": name,
+        "model": f"{config.backbone}+{config.memory}, d_model {config.d_model} x {config.n_layers}",
+        "weights": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "cpu_ms_per_step": 1000 * cpu / steps,
+        "steps_per_s": steps / wall,
+        "cpu_steps_per_s": steps / cpu,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| config | model | weights | CPU ms / step | steps / s (CPU) | steps / s (wall) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['model']} | {r['weights']:,} | {r['cpu_ms_per_step']:.2f} "
+            f"| {r['cpu_steps_per_s']:.1f} | {r['steps_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per config")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/step_cost.json"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    single_thread()
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
+    rows = []
+    for name in names:
+        rows.append(measure(name, args.steps))
+        r = rows[-1]
+        print(
+            f"step_cost {name:15s} {r['weights']:>8,} weights  {r['cpu_ms_per_step']:7.2f} ms/step",
+            flush=True,
+        )
+    write_json(
+        args.out,
+        {"when": now_iso(), "machine": machine_info(), "shapes": [SEQ_LEN, PRED_LEN, CHANNELS], "rows": rows},
+    )
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
