@@ -133,12 +133,15 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor, dilation: int) -> Ten
     """
     k, n = weight.shape[-1], x.shape[-1]
     taps = min(k, (n - 1) // dilation + 1)  # tap j looks back (k - 1 - j) * dilation steps
+    padded = F.pad(x, ((taps - 1) * dilation, 0))  # left pad only: no look-ahead
+    if weight.dim() == 3 and dilation == 1:  # torch's own undilated conv is the faster one
+        return F.conv1d(padded, weight[..., k - taps :], bias)
     if taps == 1:
-        cols = x
-    else:
-        padded = F.pad(x, ((taps - 1) * dilation, 0))  # left pad only: no look-ahead
-        cols = torch.cat([padded[..., j * dilation : j * dilation + n] for j in range(taps)], dim=1)
-    kernel = weight[..., k - taps :].transpose(-1, -2).flatten(-2)  # [(b,) o, taps * i], tap-major
+        cols = x[..., None, :]
+    else:  # [b, i, taps, n]: input channel-major, as the weight's [o, i, k] is laid out
+        cols = torch.stack([padded[..., j * dilation : j * dilation + n] for j in range(taps)], dim=-2)
+    cols = cols.flatten(-3, -2)  # [b, i * taps, n]
+    kernel = weight[..., k - taps :].flatten(-2)  # [(b,) o, i * taps]
     if weight.dim() == 3:
         return torch.matmul(kernel, cols) + bias[:, None]
     return torch.baddbmm(bias[..., None], kernel, cols)
