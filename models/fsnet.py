@@ -283,12 +283,20 @@ def stacked_current_calibrations(layers: Sequence[FSNetConv], states: Sequence[T
     if not first.use_memory:
         return list(u.unbind(0))
     cfg = first.fsnet
+    trigger = torch.stack([s["trigger"] for s in states])  # [L, b]
+    if not may_be_set(trigger):  # a read no stream keeps: the where below would return u
+        return list(u.unbind(0))
     memory = torch.stack([s["memory"] for s in states]).flatten(0, 1)  # [L * b, s, c]
     query = torch.stack([s["q_ema"] for s in states]).flatten(0, 1)  # [L * b, c]
     retrieved, _, _ = read_memory(memory, query, cfg.temperature, cfg.top_k)
     blended = cfg.tau * u + (1.0 - cfg.tau) * retrieved.view(u.shape)
-    trigger = torch.stack([s["trigger"] for s in states])  # [L, b]
     return list(torch.where(trigger[..., None], blended, u).unbind(0))
+
+
+def may_be_set(flags: Tensor) -> bool:
+    """Whether any of ``flags`` is set, so that work kept only where one is can be skipped when
+    none is (drift triggers are rare); always true under ``vmap``, where values cannot steer."""
+    return torch._C._functorch.is_batchedtensor(flags) or bool(flags.any())
 
 
 def stacked_adapt(
@@ -317,12 +325,16 @@ def stacked_adapt(
                 0, 1
             )
             query = ema(torch.stack([s["q_ema"] for s in states]).flatten(0, 1), u, cfg.gamma_short)
-            memory = torch.stack([s["memory"] for s in states]).flatten(0, 1)
-            retrieved, weights, slots = read_memory(memory, query, cfg.temperature, cfg.top_k)
-            blended = cfg.tau * u + (1.0 - cfg.tau) * retrieved
-            written = write_memory(memory, blended, weights, slots, cfg.tau)
-            entries |= {"q_ema": query, "memory": torch.where(trigger[:, None, None], written, memory)}
+            entries["q_ema"] = query
+            if may_be_set(trigger):  # else every memory stays as it is
+                memory = torch.stack([s["memory"] for s in states]).flatten(0, 1)
+                retrieved, weights, slots = read_memory(memory, query, cfg.temperature, cfg.top_k)
+                blended = cfg.tau * u + (1.0 - cfg.tau) * retrieved
+                written = write_memory(memory, blended, weights, slots, cfg.tau)
+                entries["memory"] = torch.where(trigger[:, None, None], written, memory)
     per_layer = {k: v.view(n_layers, batch, *v.shape[1:]).unbind(0) for k, v in entries.items()}
+    if first.use_memory and "memory" not in per_layer:
+        per_layer["memory"] = tuple(s["memory"] for s in states)
     return [
         TensorDict({k: v[j] for k, v in per_layer.items()}, batch_size=[batch], device=states[j].device)
         for j in range(n_layers)

@@ -343,6 +343,30 @@ def test_fsnet_reads_memory_through_the_patched_name(monkeypatch: pytest.MonkeyP
     assert calls
 
 
+def test_no_trigger_skips_the_memory_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no stream triggered the forward and adapt never touch the memory, and give what
+    the full computation (the read run and discarded by the trigger) gives."""
+    model = _backbone("fsnet")
+    state = _random_state(model, batch=1)
+    for name in model.layer_paths:
+        state[name]["trigger"] = torch.zeros(1, dtype=torch.bool)
+    x = torch.randn(1, N, D, dtype=torch.float64)
+    grads = {k: 1e-3 * g for k, g in _weight_grads(model, x, state).items()}
+    reads: list[int] = []
+    real = fsnet.read_memory
+    monkeypatch.setattr(fsnet, "read_memory", lambda *a, **k: reads.append(1) or real(*a, **k))
+    quick = model(x, state, StorePolicy.NONE)[0], model.adapt(state, grads)
+    assert not reads
+    assert not any(bool(quick[1][name]["trigger"].any()) for name in model.layer_paths)  # still none
+    monkeypatch.setattr(fsnet, "may_be_set", lambda flags: True)
+    full = model(x, state, StorePolicy.NONE)[0], model.adapt(state, grads)
+    assert reads
+    torch.testing.assert_close(quick[0], full[0], rtol=0, atol=0)
+    for name in model.layer_paths:
+        for key in ("grad_long", "grad_short", "q_ema", "memory", "trigger"):
+            torch.testing.assert_close(quick[1][name][key], full[1][name][key], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- 6. causality
 
 
