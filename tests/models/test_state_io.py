@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from models import UpdateMode, init_stream_state, model_fingerprint, observe_many
+from models import UpdateMode, init_stream_state, model_fingerprint, observe_many, state_io
 from models.state_io import (
     FingerprintMismatchError,
     StateFormatError,
@@ -61,6 +61,26 @@ def test_batched_codec_equals_one_stream_at_a_time(combo: tuple[str, str, str], 
     assert_equal(decoded, state)
     for i, blob in enumerate(blobs):  # one stream alone (a batch of one)
         assert_equal(states_from_bytes([blob], fp), state[i : i + 1])
+
+
+def test_a_layout_met_before_encodes_from_its_remembered_header() -> None:
+    """Later batches of a layout (any size, other values) reuse the first one's header: each
+    blob still equals the one-stream codec's, and a changed value reaches the bytes."""
+    state, fp = warm(COMBOS[0], UpdateMode.MEMORY_ONLY, combine=True)
+    state_io._HEADERS.clear()
+    states_to_bytes(state, fp, {"model": "m"})  # fills the cache
+    assert len(state_io._HEADERS) == 1
+    changed = state.clone()
+    changed["history"] = changed["history"] + 1.0
+    for batch in (changed, changed[1:2]):
+        blobs = states_to_bytes(batch, fp, {"model": "m"})
+        for i, got in enumerate(blobs):
+            want = state_to_bytes(batch[i : i + 1], fp, {"model": "m"})
+            assert read_metadata(got) == read_metadata(want) and data(got) == data(want)
+        assert_equal(states_from_bytes(blobs, fp), batch)
+    assert len(state_io._HEADERS) == 1
+    states_to_bytes(changed, fp, {"model": "another"})  # other metadata: another header
+    assert len(state_io._HEADERS) == 2
 
 
 def test_blobs_of_different_layouts_or_models_are_refused_together() -> None:
