@@ -1,4 +1,5 @@
-"""docs/benchmarks.md and its plots, from the JSON files of floor.py, load.py and accuracy.py.
+"""docs/benchmarks.md and its plots, from the JSON files of floor.py, load.py, accuracy.py and
+step_cost.py.
 
     python -m bench.report --floor runs/bench/quick/floor.json --load runs/bench/quick/load.json \\
         --accuracy runs/bench/quick/accuracy.json --out docs/benchmarks.md
@@ -16,6 +17,7 @@ from bench._accuracy_report import accuracy_section, headline_accuracy
 from bench._format import table
 from bench._plots import plot_load
 from bench._speed_report import findings, floor_section, headline, load_section
+from bench.step_cost import section as step_cost_section
 
 SOAK_LINK = [
     "## Soak",
@@ -60,11 +62,12 @@ def write_report(
     floor: dict[str, Any] | None,
     load: dict[str, Any] | None,
     acc: dict[str, Any] | None,
+    step_cost: dict[str, Any] | None,
     commands: list[str],
     mode: str,
     wall_s: float | None = None,
 ) -> Path:
-    sources = [s for s in (floor, load, acc) if s is not None]
+    sources = [s for s in (floor, load, acc, step_cost) if s is not None]
     if not sources:
         raise SystemExit("nothing to report")
     img_dir = out.parent / "img"
@@ -95,6 +98,8 @@ def write_report(
         lines += accuracy_section(acc)
     if floor is not None:
         lines += floor_section(floor)
+    if step_cost is not None:
+        lines += step_cost_section(step_cost)
     if load is not None:
         plot_load(load, img_dir)
         lines += load_section(load, floor, "img")
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor", type=Path)
     p.add_argument("--load", type=Path)
     p.add_argument("--accuracy", type=Path)
+    p.add_argument("--step-cost", type=Path)
     p.add_argument("--mode", default="full", choices=["quick", "full"])
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     p.add_argument("--command", action="append", default=[], help="a command to list first (repeatable)")
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     def read(path: Path | None) -> dict[str, Any] | None:
         return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
-    parts = [read(args.floor), read(args.load), read(args.accuracy)]
+    parts = [read(args.floor), read(args.load), read(args.accuracy), read(args.step_cost)]
     root = str(Path(__file__).resolve().parents[1]) + "/"
     commands = args.command + [s["command"].replace(root, "") for s in parts if s is not None]
     write_report(args.out, *parts, commands=commands, mode=args.mode, wall_s=args.wall_s)

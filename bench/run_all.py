@@ -20,7 +20,7 @@ from pathlib import Path
 from bench._common import ROOT, bench_csv, child_env, ensure_checkpoint
 from bench.report import main as report_main
 
-PARTS = ("floor", "load", "accuracy")
+PARTS = ("floor", "load", "accuracy", "step_cost")
 
 QUICK = {
     "floor": ["--configs", "titans", "--batches", "1,8,64,256", "--budget", "0.5", "--max-steps", "30",
@@ -29,6 +29,7 @@ QUICK = {
              "--store-budget", "150"],
     "accuracy": ["--max-steps", "100", "--epochs", "1", "--max-train-windows", "64", "--quick",
                  "--river-val-steps", "150"],
+    "step_cost": ["--steps", "30"],
 }  # fmt: skip
 FULL = {
     "floor": ["--configs", "titans,fsnet,fsnet_nomem,titans_mal,none,fsnet_ref_size,ogd_ref_size", "--batches", "1,8,64,256", "--budget", "3",
@@ -36,6 +37,7 @@ FULL = {
     "load": ["--streams", "1,100,1000", "--concurrency", "1,16,64", "--cell-seconds", "20", "--cell-obs", "20000",
              "--store-budget", "3600"],
     "accuracy": [],
+    "step_cost": ["--steps", "200"],
 }  # fmt: skip
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         report_args += ["--wall-s", f"{wall:.1f}"]
     for part, path in outputs.items():
         if path.is_file():
-            report_args += [f"--{part}", str(path)]
+            report_args += [f"--{part.replace('_', '-')}", str(path)]
     report_main(report_args)
     print(f"run_all: {mode} run finished in {wall:.0f} s; report {args.out}")
     return 0

@@ -93,6 +93,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def section(result: dict[str, Any]) -> list[str]:
+    """The report's section (``bench.report``)."""
+    shapes = result["shapes"]
+    return [
+        "## The cost of a learning step",
+        "",
+        f"`python -m bench.step_cost`: one stream, one thread, `full_model` with delayed feedback "
+        f"(learn from the matured pair, then forecast), seq_len {shapes['seq_len']}, pred_len "
+        f"{shapes['pred_len']}, {shapes['channels']} channels (the FSNet paper's ETTh2-M 60 -> 1 "
+        "online test), random weights. `_ref_size`: the size of the FSNet reference code (a TCN "
+        "of width 64 and 11 dilated blocks). CPU time per step is less sensitive to other jobs "
+        "than wall time.",
+        "",
+        table(result["rows"]),
+        "",
+    ]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
@@ -116,10 +134,15 @@ def main(argv: list[str] | None = None) -> int:
             f"step_cost {name:15s} {r['weights']:>8,} weights  {r['cpu_ms_per_step']:7.2f} ms/step",
             flush=True,
         )
-    write_json(
-        args.out,
-        {"when": now_iso(), "machine": machine_info(), "shapes": [SEQ_LEN, PRED_LEN, CHANNELS], "rows": rows},
-    )
+    result = {
+        "kind": "step_cost",
+        "date": now_iso(),
+        "machine": machine_info(),
+        "shapes": {"seq_len": SEQ_LEN, "pred_len": PRED_LEN, "channels": CHANNELS},
+        "command": " ".join(["python", *sys.argv]),
+        "rows": rows,
+    }
+    write_json(args.out, result)
     print(table(rows))
     return 0
 

@@ -61,12 +61,12 @@ def tiny_checkpoint(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Run floor, load and accuracy once on tiny inputs; their JSON files by part."""
+    """Run floor, load, accuracy and step_cost once on tiny inputs; their JSON files by part."""
     work = tmp_path_factory.mktemp("bench")
     csv = write_synthetic_csv(work / "tiny.csv", rows=400, channels=2, seed=1)
     checkpoint = tiny_checkpoint(work / "checkpoints" / "tiny")
     results = work / "quick"
-    out = {part: results / f"{part}.json" for part in ("floor", "load", "accuracy")}
+    out = {part: results / f"{part}.json" for part in ("floor", "load", "accuracy", "step_cost")}
     run_script(
         "floor.py",
         *("--checkpoint", str(checkpoint), "--configs", "titans,fsnet", "--batches", "1,3"),
@@ -84,6 +84,9 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         *("--data", str(csv), "--seq-len", "16", "--horizons", "1,4", "--max-steps", "6"),
         *("--epochs", "1", "--max-train-windows", "16", "--quick", "--river-val-steps", "4"),
         *("--work", str(work / "accuracy"), "--out", str(out["accuracy"])),
+    )
+    run_script(
+        "step_cost.py", "--configs", "ogd,fsnet_ref_size", "--steps", "2", "--out", str(out["step_cost"])
     )
     return out
 
@@ -141,11 +144,18 @@ def test_report_writes_markdown_and_plots(outputs: dict[str, Path], tmp_path: Pa
     out = tmp_path / "docs" / "benchmarks.md"
     args = ["--mode", "quick", "--out", str(out)]
     for part, path in outputs.items():
-        args += [f"--{part}", str(path)]
+        args += [f"--{part.replace('_', '-')}", str(path)]
     assert report_main(args) == 0
     text = out.read_text()
-    headings = ("## Headline", "## Accuracy", "## Compute floor", "## Service", "### Memory", "## Commands")
-    assert all(heading in text for heading in headings)
+    headings = (
+        "## Headline",
+        "## Accuracy",
+        "## Compute floor",
+        "## The cost of a learning step",
+        "## Service",
+    )
+    assert all(heading in text for heading in (*headings, "### Memory", "## Commands"))
+    assert "| fsnet_ref_size | tcn+fsnet, d_model 64 x 11 | 551,666 |" in text
     assert "ETTh1 was not found" in text and "capped at 6" in text
     assert (tmp_path / "docs" / "img" / "bench_latency.png").stat().st_size > 0
     assert (tmp_path / "docs" / "img" / "bench_throughput.png").stat().st_size > 0
@@ -155,7 +165,8 @@ def test_run_all_rebuilds_report_from_existing_results(outputs: dict[str, Path],
     work = outputs["floor"].parents[1]
     out = tmp_path / "benchmarks.md"
     stdout = run_script("run_all.py", "--quick", "--report-only", "--work", str(work), "--out", str(out))
-    assert "report" in stdout and "## Service" in out.read_text()
+    text = out.read_text()
+    assert "report" in stdout and "## Service" in text and "## The cost of a learning step" in text
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not on PATH")
@@ -236,11 +247,9 @@ def test_results_writes_every_table_and_the_acceptance_from_job_files(tmp_path: 
     assert "It kept the jobs of `python -m bench.results --quick --jobs 2" in page.read_text()
 
 
-def test_step_cost_reports_each_config_against_its_weights(tmp_path: Path) -> None:
-    out = tmp_path / "step_cost.json"
-    stdout = run_script("step_cost.py", "--configs", "ogd,fsnet_ref_size", "--steps", "2", "--out", str(out))
-    rows = {r["config"]: r for r in read(out)["rows"]}
-    assert set(rows) == {"ogd", "fsnet_ref_size"}
+def test_step_cost_reports_each_config_against_its_weights(outputs: dict[str, Path]) -> None:
+    result = read(outputs["step_cost"])
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"ogd", "fsnet_ref_size"} and result["shapes"]["channels"] == 7
     assert 500_000 < rows["fsnet_ref_size"]["weights"] < 600_000 and rows["ogd"]["weights"] < 20_000
     assert all(r["steps"] == 2 and r["cpu_ms_per_step"] > 0 for r in rows.values())
-    assert "| fsnet_ref_size | tcn+fsnet, d_model 64 x 11 | 551,666 |" in stdout
