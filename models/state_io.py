@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,10 +106,11 @@ def states_to_bytes(
     rows = _rows(flat, order, b)  # [b, data bytes]
     if rows is None or first[header_end:] != rows[0].tobytes():
         return [st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta) for i in range(b)]
-    if len(_HEADERS) >= _MAX_HEADERS:
-        _HEADERS.pop(next(iter(_HEADERS)))
     prefix = first[:header_end]
-    _HEADERS[signature] = (prefix, order)
+    with _HEADERS_LOCK:  # (the service's model threads encode side by side)
+        if len(_HEADERS) >= _MAX_HEADERS:
+            _HEADERS.pop(next(iter(_HEADERS)))
+        _HEADERS[signature] = (prefix, order)
     return [first, *(prefix + rows[i].tobytes() for i in range(1, b))]
 
 
@@ -116,6 +118,7 @@ def states_to_bytes(
 # a model and mode has one, so a handful serve a server (a single stream's save was ~60% of its encoding)
 _HEADERS: dict[tuple[object, ...], tuple[bytes, list[str]]] = {}
 _MAX_HEADERS = 256
+_HEADERS_LOCK = threading.Lock()
 
 
 def states_from_bytes(blobs: Sequence[bytes], fingerprint: str | None = None) -> TensorDict:
