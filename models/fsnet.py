@@ -52,6 +52,7 @@ from models.config import ConfigError, FSNetConfig
 
 CONTROLLER_HIDDEN = 64  # the reference controller's width
 _COS_EPS = 1e-6
+_NORM_EPS = 1e-12  # F.normalize's
 
 
 # ---------------------------------------------------------------- pure state-update functions
@@ -67,9 +68,11 @@ def normalise_gradient(grad: Tensor) -> Tensor:
     """``[b, o, i, k] -> [b, o, e]``: unit norm over input channels, as the reference does.
 
     Gradient magnitudes drift by orders of magnitude during online learning; the controller
-    and the drift test should see directions only.
+    and the drift test should see directions only. (``F.normalize``'s norm over a middle
+    dimension took twice as long as this sum of squares on the stacked layers.)
     """
-    return F.normalize(grad, dim=2).flatten(2)
+    norm = grad.square().sum(dim=2, keepdim=True).sqrt().clamp_min(_NORM_EPS)
+    return (grad / norm).flatten(2)
 
 
 def drift_trigger(short: Tensor, long: Tensor, tau: float) -> Tensor:
@@ -77,7 +80,9 @@ def drift_trigger(short: Tensor, long: Tensor, tau: float) -> Tensor:
 
     A zero EMA (a fresh stream) has cosine 0 and never triggers.
     """
-    cos = F.cosine_similarity(short.flatten(1), long.flatten(1), dim=1, eps=_COS_EPS)
+    short, long = short.flatten(1), long.flatten(1)
+    norms = torch.linalg.vector_norm(short, dim=1) * torch.linalg.vector_norm(long, dim=1)
+    cos = torch.linalg.vecdot(short, long) / norms.clamp_min(_COS_EPS)
     return cos < -tau
 
 
