@@ -239,8 +239,8 @@ class FSNetConv(nn.Module):
         if u is None:
             raise ValueError("an FSNet conv needs its calibration")
         b, (o, _, k) = x.shape[0], self.weight.shape
-        u = u.view(b, o, k + 2)
-        scale_w, scale_b, scale_f = 1.0 + u[..., :k], 1.0 + u[..., k], 1.0 + u[..., k + 1]
+        scales = u.view(b, o, k + 2) + 1.0  # offsets around identity
+        scale_w, scale_b, scale_f = scales[..., :k], scales[..., k], scales[..., k + 1]
         weight = self.weight[None] * scale_w[:, :, None, :]  # [b, o, i, k]
         y = causal_conv1d(x, weight, self.bias[None] * scale_b, self.dilation)  # [b, o, n]
         return scale_f[..., None] * y
