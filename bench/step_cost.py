@@ -3,9 +3,11 @@
 One stream, one thread, ``full_model`` with delayed feedback (each observation learns from the
 pair it matured, then forecasts the next horizon), on the shapes of the FSNet paper's ETTh2-M
 60 -> 1 online test (seq_len 60, pred_len 1, 7 channels), for memcast's tcn baselines at their
-default size and at the size of the FSNet reference code (a TCN of width 64 and 11 dilated
-blocks, ~0.55M weights with the adapters). Random weights: the cost of a step does not depend
-on their values. A data set's values do not matter either; a daily sine with noise is fed.
+default size, at the FSNet reference code's width and depth (a TCN of width 64 and 11 dilated
+blocks, ~0.55M weights with the adapters: ``_ref_size``) and at the reference's count of trained
+weights (its last block is 320 wide: 1.02M for FSNet, 0.64M for its OGD: ``_ref_weights``).
+Random weights: the cost of a step does not depend on their values; nor does the data's (a
+daily sine with noise is fed).
 
 The reference code itself is not part of this repository; compare a run of it with these rows
 on the same machine, or compare two memcast commits side by side by running this module from
@@ -35,6 +37,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fsnet": {"backbone": "tcn", "memory": "fsnet"},
     "ogd_ref_size": {"backbone": "tcn", "memory": "none", **REFERENCE_SIZE},
     "fsnet_ref_size": {"backbone": "tcn", "memory": "fsnet", **REFERENCE_SIZE},
+    # as many trained weights as the reference code's models (FSNet 1,018,045, its TS2Vec encoder
+    # for OGD 640,327), whose last block is 320 wide: memcast's blocks are one width, so wider
+    "ogd_ref_weights": {"backbone": "tcn", "memory": "none", "d_model": 98, "n_layers": 11},
+    "fsnet_ref_weights": {"backbone": "tcn", "memory": "fsnet", "d_model": 96, "n_layers": 11},
     "titans": {},  # the default model (lstm + titans memory), full_model
 }
 
