@@ -51,6 +51,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from models.base import replaced
 from models.corrector import EPS, ERROR_CLIP
 
 KEY_LEN = 24  # rows compared: a day of hourly values (at most the window)
@@ -96,12 +97,15 @@ def push(state: TensorDict, base: Tensor, analog: Tensor, has: Tensor) -> Tensor
     """Keep the forecast ``base [b, p, c]`` just mixed with the analog forecast ``analog``
     (``has [b]``: whether there is one) until their pair matures, ``pred_len`` observations
     later (the oldest ones drop out)."""
-    out = state.clone(recurse=False)
-    for key, new in (("pending_base", base), ("pending", analog)):
-        old = state[key]
-        out[key] = torch.cat([old[:, 1:], new.to(old.dtype)[:, None]], dim=1)
-    out["pending_has"] = torch.cat([state["pending_has"][:, 1:], has[:, None]], dim=1)
-    return out
+    changed = {
+        key: torch.cat([old[:, 1:], new.to(old.dtype)[:, None]], dim=1)
+        for key, new, old in (
+            ("pending_base", base, state["pending_base"]),
+            ("pending", analog, state["pending"]),
+            ("pending_has", has, state["pending_has"]),
+        )
+    }
+    return replaced(state, changed)  # (not clone and set: this runs at every observation)
 
 
 def matured(state: TensorDict) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,10 +117,13 @@ def matured(state: TensorDict) -> tuple[Tensor, Tensor, Tensor]:
 def append(state: TensorDict, values: Tensor) -> TensorDict:
     """The archive after observing ``values [b, c]`` (the oldest row drops out)."""
     archive = state["archive"]
-    out = state.clone(recurse=False)
-    out["archive"] = torch.cat([archive[:, :, 1:], values.to(archive.dtype)[:, :, None]], dim=2)
-    out["filled"] = (state["filled"] + 1).clamp(max=archive.shape[2])
-    return out
+    return replaced(
+        state,
+        {
+            "archive": torch.cat([archive[:, :, 1:], values.to(archive.dtype)[:, :, None]], dim=2),
+            "filled": (state["filled"] + 1).clamp(max=archive.shape[2]),
+        },
+    )
 
 
 def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, Tensor]:
@@ -188,10 +195,9 @@ def update(
     gap = (analog.to(num.dtype) - forecast_.to(num.dtype)) / std  # [b, p, c]
     residual = ((target.to(num.dtype) - forecast_.to(num.dtype)) / std).clamp(-ERROR_CLIP, ERROR_CLIP)
     learns = has if mask is None else has & mask
-    out = state.clone(recurse=False)
-    out["num"] = FORGET * num + (gap * residual).sum(dim=-1)
-    out["den"] = FORGET * den + (gap * gap).sum(dim=-1)
+    new_num = FORGET * num + (gap * residual).sum(dim=-1)
+    new_den = FORGET * den + (gap * gap).sum(dim=-1)
     if not bool(learns.all()):
-        out["num"] = torch.where(learns[:, None], out["num"], num)
-        out["den"] = torch.where(learns[:, None], out["den"], den)
-    return out
+        new_num = torch.where(learns[:, None], new_num, num)
+        new_den = torch.where(learns[:, None], new_den, den)
+    return replaced(state, {"num": new_num, "den": new_den})

@@ -335,7 +335,7 @@ class NeuralMemory(MemoryUnit):
         ``[b, n]``: how badly the memory already knows ``x`` (eq 12, per head mean)."""
         tokens = self._token_inputs(x)
         b, h, n, e = tokens["keys"].shape
-        params = self._absolute({k: w.flatten(0, 1) for k, w in state["weights"].items()})
+        params = self._absolute_rows(state["weights"])
         pred = self._memory_fn(params, tokens["keys"].flatten(0, 1))  # [s, n, e]
         err = (pred - tokens["values"].flatten(0, 1)).pow(2).mean(-1)
         return err.view(b, h, n).mean(1)
@@ -343,20 +343,28 @@ class NeuralMemory(MemoryUnit):
     def memory_weights(self, state: TensorDict) -> dict[str, Tensor]:
         """The committed memory weights of each stream, ``{name: [b, h, *w]}`` (pretrained +
         the stream's learned change)."""
-        b = state.batch_size[0]
-        flat = self._absolute({k: w.flatten(0, 1) for k, w in state["weights"].items()})
-        return {k: w.unflatten(0, (b, self.heads)) for k, w in flat.items()}
+        model = self.memory_model  # the pretrained weights broadcast over the streams
+        return {k: state["weights"][k] + getattr(model, k) for k in self._weight_names}
 
     def _split(self, t: Tensor) -> Tensor:
-        """``[b, n, h*e] -> [b, h, n, e]``."""
-        return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+        """``[b, n, h*e] -> [b, h, n, e]`` (``view``: ``unflatten``'s Python wrapper cost more
+        than the view itself, on the online step's hot path several times)."""
+        return t.view(*t.shape[:-1], self.heads, self.dim_head).transpose(1, 2)
 
     def _absolute(self, delta: Params) -> Params:
         """Memory weights ``[s, *w]`` from a learned change ``[s, *w]``: pretrained + change."""
         h, model = self.heads, self.memory_model  # the pretrained weights broadcast over the streams
         return {
-            k: (delta[k].unflatten(0, (-1, h)) + getattr(model, k)).flatten(0, 1) for k in self._weight_names
+            k: (delta[k].reshape(-1, h, *delta[k].shape[1:]) + getattr(model, k)).flatten(0, 1)
+            for k in self._weight_names
         }
+
+    def _absolute_rows(self, delta: Mapping[str, Tensor]) -> Params:
+        """:meth:`_absolute` of a change ``[b, h, *w]`` as the state holds it: the same sums,
+        without flattening the change only to split it again (the reads and the store of every
+        online step start from the state's weights)."""
+        model = self.memory_model
+        return {k: (delta[k] + getattr(model, k)).flatten(0, 1) for k in self._weight_names}
 
     def _queries(self, x: Tensor) -> Tensor:
         """Retrieval queries ``[b, h, n, e]`` of the features ``x [b, n, d]``."""
@@ -367,7 +375,7 @@ class NeuralMemory(MemoryUnit):
         """``out = W_o RMSNorm(M(q))`` per head (eq 15)."""
         b, n, _ = x.shape
         q = self._queries(x)  # [b, h, n, e]
-        params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
+        params = self._absolute_rows(weights)  # [s, *w]
         y = _norm(self.out_norm, self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
         return F.linear(
             y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2), self.to_out.weight
@@ -390,7 +398,7 @@ class NeuralMemory(MemoryUnit):
         b, n, _ = x.shape
         h, e = self.heads, self.dim_head
         q = self._queries(x)  # [b, h, n, e]
-        params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
+        params = self._absolute_rows(weights)  # [s, *w]
         depth = len(params)
         inputs, pre = [q.flatten(0, 1)], []  # each layer's input, and the hidden pre-activations
         m = inputs[0]
@@ -417,7 +425,7 @@ class NeuralMemory(MemoryUnit):
                 grads[f"w{i}"] = _mm(inputs[i].transpose(-1, -2), g)  # [s, i, o]
                 if i:
                     g = _mm(g, params[f"w{i}"].transpose(-1, -2)) * _gelu_grad(pre[i - 1])
-            return {k: grads[k].unflatten(0, (b, h)) for k in params}
+            return {k: grads[k].view(b, h, *grads[k].shape[1:]) for k in params}
 
         return out, vjp
 
@@ -469,25 +477,28 @@ class NeuralMemory(MemoryUnit):
         and ``batch_size`` 1, the default; the online step stores one token): the same
         operations on the same shapes, without the chunking and the per-stream bookkeeping,
         which cost more than the arithmetic of one token."""
-        h = self.heads
+        b, h = tokens["keys"].shape[:2]
+        # the recurrences run on the state's own [b, h, *w] shape (elementwise, the same numbers
+        # as on [s, *w]); only the gradients are taken on stacks of matrices
         committed, latest, momentum = (
-            {k: w.flatten(0, 1) for k, w in state[part].items()}
+            {k: cast(Tensor, w) for k, w in state[part].items()}
             for part in ("weights", "pending", "momentum")
         )
         keys, values, lr = (tokens[f].flatten(0, 1) for f in ("keys", "values", "lr"))  # [s, n, *]
-        eta, alpha = (torch.sigmoid(tokens[f].flatten(0, 1)) for f in ("momentum", "decay"))  # [s, n]
+        eta, alpha = (torch.sigmoid(tokens[f]) for f in ("momentum", "decay"))  # [b, h, n]
         if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
             eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
         for c in range(keys.shape[1]):
             one = slice(c, c + 1)  # token c as a chunk of one token
-            grads = self._token_grads(self._absolute(committed), keys[:, one], values[:, one], lr[:, one])
-            gate, keep = eta[:, c, None, None], 1 - alpha[:, c, None, None]
+            grads = self._token_grads(
+                self._absolute_rows(committed), keys[:, one], values[:, one], lr[:, one]
+            )
+            gate, keep = eta[:, :, c, None, None], 1 - alpha[:, :, c, None, None]
             for name, g in grads.items():
-                momentum[name] = gate * momentum[name] - g  # eq 14
+                momentum[name] = gate * momentum[name] - g.reshape(b, h, *g.shape[1:])  # eq 14
                 latest[name] = keep * latest[name] + momentum[name]  # eq 13
             committed = dict(latest)
-        parts = {"weights": committed, "pending": latest, "momentum": momentum}
-        return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
+        return {"weights": committed, "pending": latest, "momentum": momentum}
 
     def _token_grads(self, params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Params:
         """The gradients ``[s, *w]`` of one chunk, ``keys values [s, t, e]``, ``lr [s, t]``."""
