@@ -51,7 +51,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from models.base import replaced
+from models.base import as_dtype, replaced
 from models.corrector import EPS, ERROR_CLIP
 
 KEY_LEN = 24  # rows compared: a day of hourly values (at most the window)
@@ -98,7 +98,7 @@ def push(state: TensorDict, base: Tensor, analog: Tensor, has: Tensor) -> Tensor
     (``has [b]``: whether there is one) until their pair matures, ``pred_len`` observations
     later (the oldest ones drop out)."""
     changed = {
-        key: torch.cat([old[:, 1:], new.to(old.dtype)[:, None]], dim=1)
+        key: torch.cat([old[:, 1:], as_dtype(new, old.dtype)[:, None]], dim=1)
         for key, new, old in (
             ("pending_base", base, state["pending_base"]),
             ("pending", analog, state["pending"]),
@@ -120,7 +120,7 @@ def append(state: TensorDict, values: Tensor) -> TensorDict:
     return replaced(
         state,
         {
-            "archive": torch.cat([archive[:, :, 1:], values.to(archive.dtype)[:, :, None]], dim=2),
+            "archive": torch.cat([archive[:, :, 1:], as_dtype(values, archive.dtype)[:, :, None]], dim=2),
             "filled": (state["filled"] + 1).clamp(max=archive.shape[2]),
         },
     )
@@ -137,7 +137,7 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
     has = state["filled"] >= key_len + pred_len + k - 1  # [b] at least k of them
     if not bool(has.any()):
         return window.new_zeros(b, pred_len, c), has
-    key = window[:, -key_len:].to(archive.dtype).transpose(1, 2).contiguous()  # [b, c, key_len]
+    key = as_dtype(window[:, -key_len:], archive.dtype).transpose(1, 2).contiguous()  # [b, c, key_len]
     past = archive[:, :, : rows - pred_len]  # candidate m covers rows m .. m + key_len - 1
     # |w_m - key|^2 = |w_m|^2 - 2 w_m . key + |key|^2 ranks as |w_m|^2 - 2 w_m . key; both sums
     # over a window are sums along diagonals: of the rows' energies, and of the products of
@@ -158,7 +158,7 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
     steps = (nearest + key_len - 1)[..., None] + ahead
     paths = torch.gather(archive, 2, steps.reshape(b, 1, -1).expand(-1, c, -1)).view(b, c, k, pred_len + 1)
     continuation = (paths[..., 1:] - paths[..., :1]).mean(dim=2).transpose(1, 2)  # [b, p, c]
-    analog = window[:, -1:].to(archive.dtype) + continuation
+    analog = as_dtype(window[:, -1:], archive.dtype) + continuation
     if not bool(has.all()):
         analog = torch.where(has[:, None, None], analog, torch.zeros_like(analog))
     return analog, has
@@ -172,10 +172,10 @@ def beta(state: TensorDict) -> Tensor:
 def mix(state: TensorDict, forecast_: Tensor, analog: Tensor, has: Tensor) -> Tensor:
     """``forecast_ [b, p, c]`` moved toward the analog forecast by each stream's beta (unchanged
     for a stream without an analog forecast)."""
-    weight = beta(state).to(forecast_.dtype)[..., None]  # [b, p, 1]
+    weight = as_dtype(beta(state), forecast_.dtype)[..., None]  # [b, p, 1]
     if not bool(has.all()):
         weight = weight * has[:, None, None].to(weight.dtype)
-    return forecast_ + weight * (analog.to(forecast_.dtype) - forecast_)
+    return forecast_ + weight * (as_dtype(analog, forecast_.dtype) - forecast_)
 
 
 def update(
@@ -191,9 +191,11 @@ def update(
     ``analog`` of ``window [b, n, c]``, observed ``target [b, p, c]``. Streams without an analog
     forecast (``has`` false) or masked out are unchanged."""
     num, den = state["num"], state["den"]
-    std = (window.to(num.dtype).var(dim=1, keepdim=True, correction=0) + EPS).sqrt()  # [b, 1, c]
-    gap = (analog.to(num.dtype) - forecast_.to(num.dtype)) / std  # [b, p, c]
-    residual = ((target.to(num.dtype) - forecast_.to(num.dtype)) / std).clamp(-ERROR_CLIP, ERROR_CLIP)
+    std = (as_dtype(window, num.dtype).var(dim=1, keepdim=True, correction=0) + EPS).sqrt()  # [b, 1, c]
+    gap = (as_dtype(analog, num.dtype) - as_dtype(forecast_, num.dtype)) / std  # [b, p, c]
+    residual = ((as_dtype(target, num.dtype) - as_dtype(forecast_, num.dtype)) / std).clamp(
+        -ERROR_CLIP, ERROR_CLIP
+    )
     learns = has if mask is None else has & mask
     new_num = FORGET * num + (gap * residual).sum(dim=-1)
     new_den = FORGET * den + (gap * gap).sum(dim=-1)

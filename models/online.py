@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from models import analog, combination, corrector
-from models.base import StatePath, StorePolicy, replaced
+from models.base import StatePath, StorePolicy, as_dtype, replaced
 from models.forecaster import ContinualForecaster, Encoded
 from models.optim import adamw_step
 
@@ -207,20 +207,23 @@ def observe(
     forecasts of the next horizon (:func:`models.combination.step`), which is what is returned.
     """
     cfg = model.config
-    history = torch.cat([state["history"][:, 1:], values.to(state["history"].dtype)[:, None]], dim=1)
-    state = replaced(state, {"history": history, "count": state["count"] + 1})
+    history = torch.cat([state["history"][:, 1:], as_dtype(values, state["history"].dtype)[:, None]], dim=1)
+    count = state["count"] + 1
+    state = replaced(state, {"history": history, "count": count})
     inputs = window(model, state)
+    # the fewest and the most observations of a stream: one reduction answers whether any or
+    # every stream has a matured pair or a full window (most calls: all of them, or none)
+    fewest, most = (int(n) for n in torch.aminmax(count))
     encoded: list[Encoded] | None = None  # the matured pair's window's and inputs', when shared
     before = now = None
     if mode is not UpdateMode.NONE and feedback is Feedback.DELAYED:
-        matured = state["count"] >= cfg.seq_len + cfg.pred_len
-        if bool(matured.any()):
+        if most >= cfg.seq_len + cfg.pred_len:  # some stream's pair matured
             past, target = history[:, : cfg.seq_len], model.forecast_channels(history[:, cfg.seq_len :])
             if _forecasts_to_learn(model, state, mode):
                 encoded = model.encode_together([past, inputs], state["model"])
                 before, now = encoded if encoded is not None else (None, None)
-            every = bool(matured.all())  # (no mask then: each part skips its per-stream selection)
-            mask = None if every else matured
+            # every stream's did: no mask (each part skips its per-stream selection)
+            mask = None if fewest >= cfg.seq_len + cfg.pred_len else count >= cfg.seq_len + cfg.pred_len
             state = learn(model, state, past, target, mode, mask=mask, encoded=before, observed=True)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
     combined = combines(state)  # every forecast is an expert's: the combination scores them all
@@ -246,12 +249,14 @@ def observe(
         )
         changed["analog"] = archive
         forecast = analog.mix(archive, forecast, found, has)
-    ready = is_ready(model, state)
+    ready = None if fewest >= cfg.seq_len else is_ready(model, state)  # None: every stream's window is full
     if stores:
-        changed["model"] = _where(ready, stored["model"], state["model"])
+        changed["model"] = (
+            stored["model"] if ready is None else _where(ready, stored["model"], state["model"])
+        )
     if combined:
         experts = _experts(model, state, forecast, frozen)
-        value = model.forecast_channels(values).to(forecast.dtype)
+        value = as_dtype(model.forecast_channels(values), forecast.dtype)
         forecast, changed["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
     return replaced(state, changed), forecast
 
