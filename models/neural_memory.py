@@ -477,28 +477,27 @@ class NeuralMemory(MemoryUnit):
         and ``batch_size`` 1, the default; the online step stores one token): the same
         operations on the same shapes, without the chunking and the per-stream bookkeeping,
         which cost more than the arithmetic of one token."""
-        b, h = tokens["keys"].shape[:2]
-        # the recurrences run on the state's own [b, h, *w] shape (elementwise, the same numbers
-        # as on [s, *w]); only the gradients are taken on stacks of matrices
+        h = self.heads
+        # (on [s, *w]: the same shapes as _learn, so pretraining's gradients through this loop
+        # are the same numbers too)
         committed, latest, momentum = (
-            {k: cast(Tensor, w) for k, w in state[part].items()}
+            {k: w.flatten(0, 1) for k, w in state[part].items()}
             for part in ("weights", "pending", "momentum")
         )
         keys, values, lr = (tokens[f].flatten(0, 1) for f in ("keys", "values", "lr"))  # [s, n, *]
-        eta, alpha = (torch.sigmoid(tokens[f]) for f in ("momentum", "decay"))  # [b, h, n]
+        eta, alpha = (torch.sigmoid(tokens[f].flatten(0, 1)) for f in ("momentum", "decay"))  # [s, n]
         if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
             eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
         for c in range(keys.shape[1]):
             one = slice(c, c + 1)  # token c as a chunk of one token
-            grads = self._token_grads(
-                self._absolute_rows(committed), keys[:, one], values[:, one], lr[:, one]
-            )
-            gate, keep = eta[:, :, c, None, None], 1 - alpha[:, :, c, None, None]
+            grads = self._token_grads(self._absolute(committed), keys[:, one], values[:, one], lr[:, one])
+            gate, keep = eta[:, c, None, None], 1 - alpha[:, c, None, None]
             for name, g in grads.items():
-                momentum[name] = gate * momentum[name] - g.reshape(b, h, *g.shape[1:])  # eq 14
+                momentum[name] = gate * momentum[name] - g  # eq 14
                 latest[name] = keep * latest[name] + momentum[name]  # eq 13
             committed = dict(latest)
-        return {"weights": committed, "pending": latest, "momentum": momentum}
+        parts = {"weights": committed, "pending": latest, "momentum": momentum}
+        return {part: {k: w.view(-1, h, *w.shape[1:]) for k, w in ws.items()} for part, ws in parts.items()}
 
     def _token_grads(self, params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Params:
         """The gradients ``[s, *w]`` of one chunk, ``keys values [s, t, e]``, ``lr [s, t]``."""
