@@ -134,8 +134,10 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
     key_len = min(KEY_LEN, window.shape[1])
     k = NEIGHBOURS
     # candidates: windows of key_len rows whose next pred_len rows are observed, all written
-    has = state["filled"] >= key_len + pred_len + k - 1  # [b] at least k of them
-    if not bool(has.any()):
+    needed = key_len + pred_len + k - 1  # rows written for at least k of them
+    has = state["filled"] >= needed  # [b]
+    fewest, most = (int(n) for n in torch.aminmax(state["filled"]))  # (one reduction, three checks)
+    if most < needed:
         return window.new_zeros(b, pred_len, c), has
     key = as_dtype(window[:, -key_len:], archive.dtype).transpose(1, 2).contiguous()  # [b, c, key_len]
     past = archive[:, :, : rows - pred_len]  # candidate m covers rows m .. m + key_len - 1
@@ -143,23 +145,24 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
     # over a window are sums along diagonals: of the rows' energies, and of the products of
     # every key row with every archive row (one batched matrix product, no copy per window)
     count, length = past.shape[2] - key_len + 1, past.shape[2]
-    rows_sq = (past * past).sum(dim=1)  # [b, r - p]
+    rows_sq = past * past
+    rows_sq = rows_sq[:, 0] if c == 1 else rows_sq.sum(dim=1)  # [b, r - p] (one channel: no sum)
     energy = rows_sq.as_strided((b, key_len, count), (length, 1, 1)).sum(dim=1)  # [b, m]
     products = torch.bmm(key.transpose(1, 2), past)  # [b, key_len, r - p]: key row i . archive row j
     dot = products.as_strided((b, key_len, count), (key_len * length, length + 1, 1)).sum(dim=1)  # [b, m]
     distance = energy.sub(dot, alpha=2.0)
-    if int(state["filled"].min()) < rows:  # rows not written yet are no candidates
+    if fewest < rows:  # rows not written yet are no candidates
         first = rows - state["filled"]  # [b] oldest row written
         unwritten = torch.arange(distance.shape[1], device=archive.device)[None] < first[:, None]
         distance = distance.masked_fill(unwritten, float("inf"))
     nearest = distance.topk(k, dim=1, largest=False).indices  # [b, k]
     # each neighbour's rows from its last one to the end of its future, [b, k, p + 1]
-    ahead = torch.arange(pred_len + 1, device=archive.device)
-    steps = (nearest + key_len - 1)[..., None] + ahead
+    ahead = torch.arange(key_len - 1, key_len + pred_len, device=archive.device)
+    steps = nearest[..., None] + ahead
     paths = torch.gather(archive, 2, steps.reshape(b, 1, -1).expand(-1, c, -1)).view(b, c, k, pred_len + 1)
     continuation = (paths[..., 1:] - paths[..., :1]).mean(dim=2).transpose(1, 2)  # [b, p, c]
     analog = as_dtype(window[:, -1:], archive.dtype) + continuation
-    if not bool(has.all()):
+    if fewest < needed:
         analog = torch.where(has[:, None, None], analog, torch.zeros_like(analog))
     return analog, has
 
