@@ -25,6 +25,7 @@ learned from when its last value arrives, and never before.
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections.abc import Callable
 from enum import StrEnum
@@ -446,9 +447,26 @@ def _clipped_steps(grads: dict[K, Tensor], max_norm: float, lr: float) -> dict[K
         return {k: lr * g for k, g in grads.items()}
     flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)  # [k, all weights]
     norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)  # [k]
+    if norm.shape[0] == 1 and not norm.requires_grad and first.dtype in _ROUND_TO:
+        # one stream, the usual call (no graph to keep): the float64 steps below on a Python
+        # float (the same IEEE operations, ``max_norm / t`` being ``t.reciprocal() * max_norm``)
+        # and the scale rounded to the gradients' dtype as ``.to`` rounds it, in place of five
+        # tensor operations
+        clip = min((1.0 / (float(norm) + 1e-12)) * max_norm, 1.0)
+        step = _ROUND_TO[first.dtype](clip * lr)
+        return {k: g * step for k, g in grads.items()}
     factor = torch.clamp(max_norm / (norm + 1e-12), max=1.0)  # [k]
     scale = (factor * lr).to(first.dtype)
     return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (as ``torch.Tensor.to(torch.float32)`` rounds)."""
+    return cast(float, struct.unpack("f", struct.pack("f", x))[0])
+
+
+# dtypes whose rounding of a Python float :func:`_clipped_steps` does without a tensor
+_ROUND_TO: dict[torch.dtype, Callable[[float], float]] = {torch.float32: _float32, torch.float64: float}
 
 
 def _outcome_gradient(
