@@ -488,10 +488,17 @@ class NeuralMemory(MemoryUnit):
         eta, alpha = (torch.sigmoid(tokens[f].flatten(0, 1)) for f in ("momentum", "decay"))  # [s, n]
         if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
             eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
-        for c in range(keys.shape[1]):
-            one = slice(c, c + 1)  # token c as a chunk of one token
-            grads = self._token_grads(self._absolute(committed), keys[:, one], values[:, one], lr[:, one])
-            gate, keep = eta[:, c, None, None], 1 - alpha[:, c, None, None]
+        gates, keeps = eta.unsqueeze(-1), (1 - alpha).unsqueeze(-1)  # [s, n, 1]
+        n = keys.shape[1]
+        for c in range(n):
+            # token c as a chunk of one token (a single token, the online step's: as it is)
+            one = slice(c, c + 1)
+            k, v, theta, gate, keep = (
+                (keys, values, lr, gates, keeps)
+                if n == 1
+                else (keys[:, one], values[:, one], lr[:, one], gates[:, one], keeps[:, one])
+            )
+            grads = self._token_grads(self._absolute(committed), k, v, theta)
             for name, g in grads.items():
                 momentum[name] = gate * momentum[name] - g  # eq 14
                 latest[name] = keep * latest[name] + momentum[name]  # eq 13
