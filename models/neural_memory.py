@@ -477,18 +477,26 @@ class NeuralMemory(MemoryUnit):
         and ``batch_size`` 1, the default; the online step stores one token): the same
         operations on the same shapes, without the chunking and the per-stream bookkeeping,
         which cost more than the arithmetic of one token."""
-        h = self.heads
-        # (on [s, *w]: the same shapes as _learn, so pretraining's gradients through this loop
-        # are the same numbers too)
+        b, h = tokens["keys"].shape[:2]
+        # With a graph (pretraining) the recurrences run on [s, *w], the shapes of _learn, whose
+        # gradients through this loop they then give bit for bit (on [b, h, *w] the broadcast
+        # gates' gradients round differently). Online (no graph) they run on the state's own
+        # [b, h, *w]: elementwise, the same numbers, without reshaping the three parts' weights
+        # into [s, *w] and back (a dozen operations per stored token).
+        flat = torch.is_grad_enabled()
+
+        def shaped(t: Tensor) -> Tensor:
+            return t.flatten(0, 1) if flat else t
+
         committed, latest, momentum = (
-            {k: w.flatten(0, 1) for k, w in state[part].items()}
+            {k: shaped(cast(Tensor, w)) for k, w in state[part].items()}
             for part in ("weights", "pending", "momentum")
         )
         keys, values, lr = (tokens[f].flatten(0, 1) for f in ("keys", "values", "lr"))  # [s, n, *]
-        eta, alpha = (torch.sigmoid(tokens[f].flatten(0, 1)) for f in ("momentum", "decay"))  # [s, n]
+        eta, alpha = (torch.sigmoid(shaped(tokens[f])) for f in ("momentum", "decay"))  # [s | b, h, n]
         if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
             eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
-        gates, keeps = eta.unsqueeze(-1), (1 - alpha).unsqueeze(-1)  # [s, n, 1]
+        gates, keeps = eta.unsqueeze(-1), (1 - alpha).unsqueeze(-1)  # [s | b, h, n, 1]
         n = keys.shape[1]
         for c in range(n):
             # token c as a chunk of one token (a single token, the online step's: as it is)
@@ -496,15 +504,19 @@ class NeuralMemory(MemoryUnit):
             k, v, theta, gate, keep = (
                 (keys, values, lr, gates, keeps)
                 if n == 1
-                else (keys[:, one], values[:, one], lr[:, one], gates[:, one], keeps[:, one])
+                else (keys[:, one], values[:, one], lr[:, one], gates[..., one, :], keeps[..., one, :])
             )
-            grads = self._token_grads(self._absolute(committed), k, v, theta)
+            absolute = self._absolute(committed) if flat else self._absolute_rows(committed)
+            grads = self._token_grads(absolute, k, v, theta)  # [s, *w]
             for name, g in grads.items():
+                g = g if flat else g.view(b, h, *g.shape[1:])
                 momentum[name] = gate * momentum[name] - g  # eq 14
                 latest[name] = keep * latest[name] + momentum[name]  # eq 13
             committed = dict(latest)
         parts = {"weights": committed, "pending": latest, "momentum": momentum}
-        return {part: {k: w.view(-1, h, *w.shape[1:]) for k, w in ws.items()} for part, ws in parts.items()}
+        if not flat:
+            return parts
+        return {part: {k: w.view(b, h, *w.shape[1:]) for k, w in ws.items()} for part, ws in parts.items()}
 
     def _token_grads(self, params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Params:
         """The gradients ``[s, *w]`` of one chunk, ``keys values [s, t, e]``, ``lr [s, t]``."""
