@@ -139,7 +139,9 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
     fewest, most = (int(n) for n in torch.aminmax(state["filled"]))  # (one reduction, three checks)
     if most < needed:
         return window.new_zeros(b, pred_len, c), has
-    key = as_dtype(window[:, -key_len:], archive.dtype).transpose(1, 2).contiguous()  # [b, c, key_len]
+    key = as_dtype(window[:, -key_len:], archive.dtype)  # [b, key_len, c]
+    if c > 1:  # (one channel: one product per entry, rounded alike whatever the layout)
+        key = key.transpose(1, 2).contiguous().transpose(1, 2)
     past = archive[:, :, : rows - pred_len]  # candidate m covers rows m .. m + key_len - 1
     # |w_m - key|^2 = |w_m|^2 - 2 w_m . key + |key|^2 ranks as |w_m|^2 - 2 w_m . key; both sums
     # over a window are sums along diagonals: of the rows' energies, and of the products of
@@ -148,7 +150,7 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
     rows_sq = past * past
     rows_sq = rows_sq[:, 0] if c == 1 else rows_sq.sum(dim=1)  # [b, r - p] (one channel: no sum)
     energy = rows_sq.as_strided((b, key_len, count), (length, 1, 1)).sum(dim=1)  # [b, m]
-    products = torch.bmm(key.transpose(1, 2), past)  # [b, key_len, r - p]: key row i . archive row j
+    products = torch.bmm(key, past)  # [b, key_len, r - p]: key row i . archive row j
     dot = products.as_strided((b, key_len, count), (key_len * length, length + 1, 1)).sum(dim=1)  # [b, m]
     distance = energy.sub(dot, alpha=2.0)
     if fewest < rows:  # rows not written yet are no candidates

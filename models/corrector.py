@@ -63,7 +63,7 @@ def features(window: Tensor, forecast: Tensor) -> tuple[Tensor, Tensor]:
     std = (var + EPS).sqrt()
     x = ((window - mean) / std).transpose(1, 2)  # [b, c, n]
     f = ((forecast - mean) / std).transpose(1, 2)  # [b, c, p]
-    ones = torch.ones_like(x[..., :1])
+    ones = x.new_ones(x.shape[0], x.shape[1], 1)
     return torch.cat([x, ones, f], dim=-1), std[:, 0]
 
 

@@ -168,8 +168,8 @@ class ContinualForecaster(nn.Module):
         b = windows[0].shape[0]
         x, mean, std = self._normalise(torch.cat(windows))
         features, _ = self.backbone(self.embed(x), state["backbone"], StorePolicy.NONE)
-        rows = [slice(i * b, (i + 1) * b) for i in range(len(windows))]
-        return [Encoded(x[r], mean[r], std[r], features[r]) for r in rows]
+        parts = zip(*(t.split(b) for t in (x, mean, std, features)), strict=True)  # (views: no copies)
+        return [Encoded(*part) for part in parts]
 
     def _encode(
         self, window: Tensor, state: TensorDict, store: StorePolicy, encoded: Encoded | None

@@ -349,7 +349,22 @@ class NeuralMemory(MemoryUnit):
     def _split(self, t: Tensor) -> Tensor:
         """``[b, n, h*e] -> [b, h, n, e]`` (``view``: ``unflatten``'s Python wrapper cost more
         than the view itself, on the online step's hot path several times)."""
+        if t.shape[1] == 1:  # one token (the online step's): the heads' dim moves by a view alone
+            return t.view(t.shape[0], self.heads, 1, self.dim_head)
         return t.view(*t.shape[:-1], self.heads, self.dim_head).transpose(1, 2)
+
+    def _merge(self, y: Tensor, b: int, n: int) -> Tensor:
+        """``[s, n, e] -> [b, n, h*e]``, the heads side by side (one view for one token)."""
+        if n == 1:
+            return y.view(b, 1, self.heads * self.dim_head)
+        return y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2)
+
+    def _unmerge(self, g: Tensor) -> Tensor:
+        """``[b, n, h*e] -> [s, n, e]``, :meth:`_merge` undone (``g`` contiguous)."""
+        b, n, _ = g.shape
+        if n == 1:
+            return g.view(b * self.heads, 1, self.dim_head)
+        return g.view(b, n, self.heads, self.dim_head).transpose(1, 2).flatten(0, 1)
 
     def _absolute(self, delta: Params) -> Params:
         """Memory weights ``[s, *w]`` from a learned change ``[s, *w]``: pretrained + change."""
@@ -377,9 +392,7 @@ class NeuralMemory(MemoryUnit):
         q = self._queries(x)  # [b, h, n, e]
         params = self._absolute_rows(weights)  # [s, *w]
         y = _norm(self.out_norm, self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
-        return F.linear(
-            y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2), self.to_out.weight
-        )
+        return F.linear(self._merge(y, b, n), self.to_out.weight)
 
     @property
     def writes_read_gradient(self) -> bool:
@@ -396,7 +409,7 @@ class NeuralMemory(MemoryUnit):
         and autograd's graph bookkeeping cost several times the dozen small tensor operations
         it needs (as for :meth:`MLPMemory.chunk_grads`)."""
         b, n, _ = x.shape
-        h, e = self.heads, self.dim_head
+        h = self.heads
         q = self._queries(x)  # [b, h, n, e]
         params = self._absolute_rows(weights)  # [s, *w]
         depth = len(params)
@@ -413,10 +426,10 @@ class NeuralMemory(MemoryUnit):
         # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2, in F.rms_norm's own steps (the
         # same numbers), so that the gradient reuses r
         r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
-        out = F.linear((m * r * gain).view(b, h, n, e).transpose(1, 2).flatten(2), self.to_out.weight)
+        out = F.linear(self._merge(m * r * gain, b, n), self.to_out.weight)
 
         def vjp(grad_out: Tensor) -> Params:
-            g = (grad_out @ self.to_out.weight).view(b, n, h, e).transpose(1, 2).flatten(0, 1)  # [s, n, e]
+            g = self._unmerge(grad_out @ self.to_out.weight)  # [s, n, e]
             # dm = r gain dz - r^3 m mean_e(gain dz m)
             gz = g * gain
             g = r * gz - m * r.pow(3) * (gz * m).mean(-1, keepdim=True)
