@@ -9,6 +9,7 @@ untrained model forecasts the last value, the baseline every method must beat.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -257,7 +258,7 @@ class ContinualForecaster(nn.Module):
         retrieved, vjp = memory.read_with_vjp(shown, state["memory"]["weights"])
         forecast = self._output((shown + retrieved)[:, -1], x, mean, std)
         # d mean((forecast - targets)^2) / d forecast, for each stream's own loss
-        grad = (forecast - targets) * (2.0 / forecast[0].numel())
+        grad = (forecast - targets) * (2.0 / math.prod(forecast.shape[1:]))
         if mask is not None:
             grad = torch.where(mask[:, None, None], grad, torch.zeros_like(grad))
         grad_head = (grad * self.forecast_channels(std)).flatten(1)  # [b, pred_len * c_out]

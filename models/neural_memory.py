@@ -118,7 +118,11 @@ def _mlp_grads(weights: list[Tensor], keys: Tensor, values: Tensor, lr: Tensor) 
         else:
             x = h
     # d/dy of sum(lr * mean_e((y - v)^2)) / t
-    g = (x - values) * (2.0 * lr / (keys.shape[-1] * keys.shape[-2]))[..., None]
+    tokens = keys.shape[-1] * keys.shape[-2]
+    if math.frexp(2.0 / tokens)[0] == 0.5:  # a power of two: lr times it is 2 lr / tokens exactly
+        g = (x - values) * (lr[..., None] * (2.0 / tokens))
+    else:
+        g = (x - values) * (2.0 * lr / tokens)[..., None]
     grads: Params = {}
     for i in range(depth - 1, -1, -1):
         grads[f"w{i}"] = _mm(inputs[i].transpose(-1, -2), g)  # [*, i, o]
@@ -659,7 +663,8 @@ def _lr_map(logits: Tensor, min_lr: float, max_lr: float) -> Tensor:
     order of magnitude between ``min_lr`` and ``max_lr`` (reached); constant when they meet."""
     if max_lr <= min_lr or max_lr <= 0:
         return torch.full_like(logits, max(max_lr, 0.0))
-    return max_lr * torch.exp(-math.log(max_lr / min_lr) * (1 - torch.sigmoid(logits)))
+    theta = torch.exp(-math.log(max_lr / min_lr) * (1 - torch.sigmoid(logits)))
+    return theta if max_lr == 1.0 else max_lr * theta  # (the default 1: no product)
 
 
 def _lr_logit(theta: float, min_lr: float, max_lr: float) -> float:
