@@ -51,7 +51,8 @@ class LSTMBackbone(Backbone):
         # online step's two windows; the weights are looked up by name, as the module's own
         # check does, so weights swapped in (torch.func.functional_call) are the ones used
         zeros = x.new_zeros(lstm.num_layers, x.shape[0], lstm.hidden_size)
-        weights = [getattr(lstm, name) for name in self._weight_names]
+        params = lstm._parameters  # (nn.Module's own table, without a __getattr__ call per weight)
+        weights = [cast(Tensor, params[name]) for name in self._weight_names]
         features, _, _ = torch.lstm(
             x, (zeros, zeros), weights, True, lstm.num_layers, lstm.dropout, lstm.training, False, True
         )

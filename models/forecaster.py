@@ -166,10 +166,11 @@ class ContinualForecaster(nn.Module):
         newest), and one LSTM pass over both costs little more than one over either."""
         if not self._stateless_backbone:
             return None
-        b = windows[0].shape[0]
         x, mean, std = self._normalise(torch.cat(windows))
-        features, _ = self.backbone(self.embed(x), state["backbone"], StorePolicy.NONE)
-        parts = zip(*(t.split(b) for t in (x, mean, std, features)), strict=True)  # (views: no copies)
+        embedded = F.linear(x, self.embed.weight, self.embed.bias)  # (self.embed's function, no module call)
+        features, _ = self.backbone(embedded, state["backbone"], StorePolicy.NONE)
+        # views, no copies (chunk: split's equal parts without its Python wrapper)
+        parts = zip(*(t.chunk(len(windows)) for t in (x, mean, std, features)), strict=True)
         return [Encoded(*part) for part in parts]
 
     def _encode(

@@ -450,10 +450,9 @@ class NeuralMemory(MemoryUnit):
         """Keys, values (eq 11), learning rates theta and gate logits of each token,
         ``[b, h, n, e]`` / ``[b, h, n]``."""
         xn = _norm(self.store_norm, x)
-        inner = self.heads * self.dim_head
         # one matrix product for the keys and values, one for the three gates: a token's store
         # is a handful of tiny products, where each call's overhead is most of the cost
-        keys, values = F.linear(xn, torch.cat([self.to_k.weight, self.to_v.weight])).split(inner, dim=-1)
+        keys, values = F.linear(xn, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, dim=-1)
         lr, momentum, decay = self._gates(xn)  # [b, n, h] each
         return {
             "keys": _unit_rms(self._split(keys)),
@@ -471,7 +470,7 @@ class NeuralMemory(MemoryUnit):
             return tuple(layer.bias.expand(*xn.shape[:-1], self.heads) for layer in layers)
         weight = torch.cat([layer.weight for layer in layers])  # [3h, d]
         bias = torch.cat([layer.bias for layer in layers])
-        return F.linear(xn, weight, bias).split(self.heads, dim=-1)
+        return F.linear(xn, weight, bias).chunk(3, dim=-1)  # (split's equal parts, no Python wrapper)
 
     def _store(self, x: Tensor, state: TensorDict) -> TensorDict:
         """Learn from ``x [b, m, d]`` after the buffered tokens; return the next state."""
