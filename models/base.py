@@ -184,6 +184,14 @@ class MemoryUnit(StatefulModule):
         fresh = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         return self(x, fresh, StorePolicy.NONE)[0]
 
+    def forward_and_fresh(
+        self, x: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict, Tensor]:
+        """The forward pass's output and next state, and :meth:`read_fresh` of the same ``x``
+        (a combining stream's adapted and frozen reads of its newest token)."""
+        out, next_state = self(x, state, store)
+        return out, next_state, self.read_fresh(x)
+
     @abstractmethod
     def forward(  # type: ignore[override]
         self, x: Tensor, state: TensorDict, store: StorePolicy

@@ -197,13 +197,26 @@ class ContinualForecaster(nn.Module):
             return forecast, next_state, self(window, fresh, StorePolicy.NONE)[0]
         (x, mean, std, features), backbone_state = self._encode(window, state, store, encoded)
         changed = {"backbone": backbone_state}
+        memory, fusion = self.memory, self.fusion
+        if memory is not None and fusion is not None and store is not StorePolicy.WINDOW:
+            # both reads see the last token only (as _fused_last): the memory reads it twice
+            # from one set of queries
+            shown = features[:, -1:]
+            retrieved, stored, fresh_read = memory.forward_and_fresh(shown, state["memory"], store)
+            changed["memory"] = stored
+            adapted_last, fresh_last = fusion(shown, retrieved)[:, -1], fusion(shown, fresh_read)[:, -1]
+            forecast, frozen = (
+                self._output(adapted_last, x, mean, std),
+                self._output(fresh_last, x, mean, std),
+            )
+            return forecast, replaced(state, changed), frozen
         last, memory_state = self._fused_last(features, state, store)
-        if memory_state is None or self.memory is None or self.fusion is None:
+        if memory_state is None or memory is None or fusion is None:
             frozen_last = last  # no memory: the frozen forecast is the same
         else:
             changed["memory"] = memory_state
             shown = features[:, -1:]  # as _fused_last without storing: the last token only
-            frozen_last = self.fusion(shown, self.memory.read_fresh(shown))[:, -1]
+            frozen_last = fusion(shown, memory.read_fresh(shown))[:, -1]
         forecast, frozen = self._output(last, x, mean, std), self._output(frozen_last, x, mean, std)
         return forecast, replaced(state, changed), frozen
 

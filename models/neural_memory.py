@@ -301,19 +301,36 @@ class NeuralMemory(MemoryUnit):
         The next state keeps the autograd graph (pretraining backpropagates through the
         inner loop); callers that run online detach it or run under ``torch.no_grad``.
         """
+        state = self._stored(x, state, store)
+        return self._read(x, state["weights"]), state
+
+    def _stored(self, x: Tensor, state: TensorDict, store: StorePolicy) -> TensorDict:
+        """The state after storing the tokens of ``x`` that ``store`` selects."""
         store = StorePolicy(store)
         if store is StorePolicy.WINDOW:
-            state = self._store(x, state)
-        elif store is StorePolicy.LAST:
-            state = self._store(x[:, -1:], state)
-        return self._read(x, state["weights"]), state
+            return self._store(x, state)
+        if store is StorePolicy.LAST:
+            return self._store(x[:, -1:], state)
+        return state
 
     def read_fresh(self, x: Tensor) -> Tensor:
         """:meth:`MemoryUnit.read_fresh`: a fresh state's read depends only on its weights (no
         learned change yet), so only they are made, not the whole state (every online step of
         a combining stream reads it)."""
-        zeros = {k: x.new_zeros(x.shape[0], *getattr(self.memory_model, k).shape) for k in self._weight_names}
-        return self._read(x, zeros)
+        return self._read(x, self._fresh_weights(x))
+
+    def forward_and_fresh(
+        self, x: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict, Tensor]:
+        """:meth:`MemoryUnit.forward_and_fresh`: both reads of ``x`` from one set of queries
+        (they depend on ``x`` only, not on the weights read)."""
+        state = self._stored(x, state, store)
+        q = self._queries(x)
+        return self._read(x, state["weights"], q), state, self._read(x, self._fresh_weights(x), q)
+
+    def _fresh_weights(self, x: Tensor) -> dict[str, Tensor]:
+        """A fresh state's learned change (none) for the streams of ``x``."""
+        return {k: x.new_zeros(x.shape[0], *getattr(self.memory_model, k).shape) for k in self._weight_names}
 
     def outcome_paths(self) -> tuple[StatePath, ...]:
         """The stream's learned change of the memory weights (``weights``, what retrieval reads):
@@ -390,10 +407,11 @@ class NeuralMemory(MemoryUnit):
         to_q = self.to_q if self.to_q is not None else self.to_k
         return _unit_rms(self._split(F.linear(_norm(self.retrieve_norm, x), to_q.weight)))
 
-    def _read(self, x: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
-        """``out = W_o RMSNorm(M(q))`` per head (eq 15)."""
+    def _read(self, x: Tensor, weights: Mapping[str, Tensor], q: Tensor | None = None) -> Tensor:
+        """``out = W_o RMSNorm(M(q))`` per head (eq 15); ``q``: :meth:`_queries` of ``x``, when
+        the caller has them."""
         b, n, _ = x.shape
-        q = self._queries(x)  # [b, h, n, e]
+        q = self._queries(x) if q is None else q  # [b, h, n, e]
         params = self._absolute_rows(weights)  # [s, *w]
         y = _norm(self.out_norm, self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
         return F.linear(self._merge(y, b, n), self.to_out.weight)
