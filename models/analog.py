@@ -51,6 +51,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
+from models.base import as_dtype, replaced
 from models.corrector import EPS, ERROR_CLIP
 
 KEY_LEN = 24  # rows compared: a day of hourly values (at most the window)
@@ -96,12 +97,15 @@ def push(state: TensorDict, base: Tensor, analog: Tensor, has: Tensor) -> Tensor
     """Keep the forecast ``base [b, p, c]`` just mixed with the analog forecast ``analog``
     (``has [b]``: whether there is one) until their pair matures, ``pred_len`` observations
     later (the oldest ones drop out)."""
-    out = state.clone(recurse=False)
-    for key, new in (("pending_base", base), ("pending", analog)):
-        old = state[key]
-        out[key] = torch.cat([old[:, 1:], new.to(old.dtype)[:, None]], dim=1)
-    out["pending_has"] = torch.cat([state["pending_has"][:, 1:], has[:, None]], dim=1)
-    return out
+    changed = {
+        key: torch.cat([old[:, 1:], as_dtype(new, old.dtype)[:, None]], dim=1)
+        for key, new, old in (
+            ("pending_base", base, state["pending_base"]),
+            ("pending", analog, state["pending"]),
+            ("pending_has", has, state["pending_has"]),
+        )
+    }
+    return replaced(state, changed)  # (not clone and set: this runs at every observation)
 
 
 def matured(state: TensorDict) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,10 +117,13 @@ def matured(state: TensorDict) -> tuple[Tensor, Tensor, Tensor]:
 def append(state: TensorDict, values: Tensor) -> TensorDict:
     """The archive after observing ``values [b, c]`` (the oldest row drops out)."""
     archive = state["archive"]
-    out = state.clone(recurse=False)
-    out["archive"] = torch.cat([archive[:, :, 1:], values.to(archive.dtype)[:, :, None]], dim=2)
-    out["filled"] = (state["filled"] + 1).clamp(max=archive.shape[2])
-    return out
+    return replaced(
+        state,
+        {
+            "archive": torch.cat([archive[:, :, 1:], as_dtype(values, archive.dtype)[:, :, None]], dim=2),
+            "filled": (state["filled"] + 1).clamp(max=archive.shape[2]),
+        },
+    )
 
 
 def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, Tensor]:
@@ -127,32 +134,37 @@ def forecast(state: TensorDict, window: Tensor, pred_len: int) -> tuple[Tensor, 
     key_len = min(KEY_LEN, window.shape[1])
     k = NEIGHBOURS
     # candidates: windows of key_len rows whose next pred_len rows are observed, all written
-    has = state["filled"] >= key_len + pred_len + k - 1  # [b] at least k of them
-    if not bool(has.any()):
+    needed = key_len + pred_len + k - 1  # rows written for at least k of them
+    has = state["filled"] >= needed  # [b]
+    fewest, most = (int(n) for n in torch.aminmax(state["filled"]))  # (one reduction, three checks)
+    if most < needed:
         return window.new_zeros(b, pred_len, c), has
-    key = window[:, -key_len:].to(archive.dtype).transpose(1, 2).contiguous()  # [b, c, key_len]
+    key = as_dtype(window[:, -key_len:], archive.dtype)  # [b, key_len, c]
+    if c > 1:  # (one channel: one product per entry, rounded alike whatever the layout)
+        key = key.transpose(1, 2).contiguous().transpose(1, 2)
     past = archive[:, :, : rows - pred_len]  # candidate m covers rows m .. m + key_len - 1
     # |w_m - key|^2 = |w_m|^2 - 2 w_m . key + |key|^2 ranks as |w_m|^2 - 2 w_m . key; both sums
     # over a window are sums along diagonals: of the rows' energies, and of the products of
     # every key row with every archive row (one batched matrix product, no copy per window)
     count, length = past.shape[2] - key_len + 1, past.shape[2]
-    rows_sq = (past * past).sum(dim=1)  # [b, r - p]
+    rows_sq = past * past
+    rows_sq = rows_sq[:, 0] if c == 1 else rows_sq.sum(dim=1)  # [b, r - p] (one channel: no sum)
     energy = rows_sq.as_strided((b, key_len, count), (length, 1, 1)).sum(dim=1)  # [b, m]
-    products = torch.bmm(key.transpose(1, 2), past)  # [b, key_len, r - p]: key row i . archive row j
+    products = torch.bmm(key, past)  # [b, key_len, r - p]: key row i . archive row j
     dot = products.as_strided((b, key_len, count), (key_len * length, length + 1, 1)).sum(dim=1)  # [b, m]
     distance = energy.sub(dot, alpha=2.0)
-    if int(state["filled"].min()) < rows:  # rows not written yet are no candidates
+    if fewest < rows:  # rows not written yet are no candidates
         first = rows - state["filled"]  # [b] oldest row written
         unwritten = torch.arange(distance.shape[1], device=archive.device)[None] < first[:, None]
         distance = distance.masked_fill(unwritten, float("inf"))
     nearest = distance.topk(k, dim=1, largest=False).indices  # [b, k]
     # each neighbour's rows from its last one to the end of its future, [b, k, p + 1]
-    ahead = torch.arange(pred_len + 1, device=archive.device)
-    steps = (nearest + key_len - 1)[..., None] + ahead
+    ahead = torch.arange(key_len - 1, key_len + pred_len, device=archive.device)
+    steps = nearest[..., None] + ahead
     paths = torch.gather(archive, 2, steps.reshape(b, 1, -1).expand(-1, c, -1)).view(b, c, k, pred_len + 1)
     continuation = (paths[..., 1:] - paths[..., :1]).mean(dim=2).transpose(1, 2)  # [b, p, c]
-    analog = window[:, -1:].to(archive.dtype) + continuation
-    if not bool(has.all()):
+    analog = as_dtype(window[:, -1:], archive.dtype) + continuation
+    if fewest < needed:
         analog = torch.where(has[:, None, None], analog, torch.zeros_like(analog))
     return analog, has
 
@@ -165,10 +177,10 @@ def beta(state: TensorDict) -> Tensor:
 def mix(state: TensorDict, forecast_: Tensor, analog: Tensor, has: Tensor) -> Tensor:
     """``forecast_ [b, p, c]`` moved toward the analog forecast by each stream's beta (unchanged
     for a stream without an analog forecast)."""
-    weight = beta(state).to(forecast_.dtype)[..., None]  # [b, p, 1]
+    weight = as_dtype(beta(state), forecast_.dtype)[..., None]  # [b, p, 1]
     if not bool(has.all()):
         weight = weight * has[:, None, None].to(weight.dtype)
-    return forecast_ + weight * (analog.to(forecast_.dtype) - forecast_)
+    return forecast_ + weight * (as_dtype(analog, forecast_.dtype) - forecast_)
 
 
 def update(
@@ -184,14 +196,15 @@ def update(
     ``analog`` of ``window [b, n, c]``, observed ``target [b, p, c]``. Streams without an analog
     forecast (``has`` false) or masked out are unchanged."""
     num, den = state["num"], state["den"]
-    std = (window.to(num.dtype).var(dim=1, keepdim=True, correction=0) + EPS).sqrt()  # [b, 1, c]
-    gap = (analog.to(num.dtype) - forecast_.to(num.dtype)) / std  # [b, p, c]
-    residual = ((target.to(num.dtype) - forecast_.to(num.dtype)) / std).clamp(-ERROR_CLIP, ERROR_CLIP)
+    std = (as_dtype(window, num.dtype).var(dim=1, keepdim=True, correction=0) + EPS).sqrt()  # [b, 1, c]
+    gap = (as_dtype(analog, num.dtype) - as_dtype(forecast_, num.dtype)) / std  # [b, p, c]
+    residual = ((as_dtype(target, num.dtype) - as_dtype(forecast_, num.dtype)) / std).clamp(
+        -ERROR_CLIP, ERROR_CLIP
+    )
     learns = has if mask is None else has & mask
-    out = state.clone(recurse=False)
-    out["num"] = FORGET * num + (gap * residual).sum(dim=-1)
-    out["den"] = FORGET * den + (gap * gap).sum(dim=-1)
+    new_num = FORGET * num + (gap * residual).sum(dim=-1)
+    new_den = FORGET * den + (gap * gap).sum(dim=-1)
     if not bool(learns.all()):
-        out["num"] = torch.where(learns[:, None], out["num"], num)
-        out["den"] = torch.where(learns[:, None], out["den"], den)
-    return out
+        new_num = torch.where(learns[:, None], new_num, num)
+        new_den = torch.where(learns[:, None], new_den, den)
+    return replaced(state, {"num": new_num, "den": new_den})

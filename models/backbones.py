@@ -31,13 +31,31 @@ class LSTMBackbone(Backbone):
             batch_first=True,
             dropout=config.dropout if config.n_layers > 1 else 0.0,
         )
+        # nn.LSTM's own order of its weights (the layout aten::lstm reads)
+        self._weight_names = tuple(
+            f"{kind}_l{layer}"
+            for layer in range(config.n_layers)
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        )
 
     def forward(  # type: ignore[override]
         self, x: Tensor, state: TensorDict, store: StorePolicy
     ) -> tuple[Tensor, TensorDict]:
-        if _under_vmap(x, cast(Tensor, self.lstm.weight_ih_l0)):
+        lstm = self.lstm
+        if _under_vmap(x, cast(Tensor, lstm.weight_ih_l0)):
             return self._recurrence(x), state
-        features, _ = self.lstm(x)  # [b, n, d]
+        if x.device.type != "cpu":  # (nn.LSTM keeps cuDNN's weights in one flat buffer)
+            return lstm(x)[0], state  # [b, n, d]
+        # what nn.LSTM's forward calls for a batch-first [b, n, d] input and zero initial state,
+        # without its checks and bookkeeping, which cost a quarter of the kernel's time on the
+        # online step's two windows; the weights are looked up by name, as the module's own
+        # check does, so weights swapped in (torch.func.functional_call) are the ones used
+        zeros = x.new_zeros(lstm.num_layers, x.shape[0], lstm.hidden_size)
+        params = lstm._parameters  # (nn.Module's own table, without a __getattr__ call per weight)
+        weights = [cast(Tensor, params[name]) for name in self._weight_names]
+        features, _, _ = torch.lstm(
+            x, (zeros, zeros), weights, True, lstm.num_layers, lstm.dropout, lstm.training, False, True
+        )
         return features, state
 
     def _recurrence(self, x: Tensor) -> Tensor:

@@ -56,6 +56,13 @@ def replaced(td: TensorDict, entries: Mapping[str, Tensor | TensorDict]) -> Tens
     return TensorDict._new_unsafe(source=source, batch_size=td.batch_size, device=td.device, nested=False)
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` has that dtype already (the usual case: the
+    online step converts some twenty tensors to the state's dtype, each call a dispatch that
+    returns ``t`` itself)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def tree(entries: Mapping[str, object], batch_size: torch.Size, device: torch.device | None) -> TensorDict:
     """A ``TensorDict`` of ``entries`` (nested dicts become nested ``TensorDict`` nodes) whose
     tensors are trusted to have the leading ``batch_size``: built without the per-entry checks
@@ -176,6 +183,14 @@ class MemoryUnit(StatefulModule):
         the frozen checkpoint retrieves, the combination's ``frozen`` expert)."""
         fresh = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         return self(x, fresh, StorePolicy.NONE)[0]
+
+    def forward_and_fresh(
+        self, x: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict, Tensor]:
+        """The forward pass's output and next state, and :meth:`read_fresh` of the same ``x``
+        (a combining stream's adapted and frozen reads of its newest token)."""
+        out, next_state = self(x, state, store)
+        return out, next_state, self.read_fresh(x)
 
     @abstractmethod
     def forward(  # type: ignore[override]

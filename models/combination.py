@@ -57,7 +57,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from models.base import replaced
+from models.base import as_dtype, replaced
 
 EXPERTS = ("frozen", "adapted", "last_value")  # the experts a stream state's combination weighs
 
@@ -114,7 +114,7 @@ def update(
     where ``mask [b, h]`` is false leave that stream's horizon step unchanged."""
     lw, scale = state["log_weights"], state["scale"]
     mask = torch.ones_like(scale, dtype=torch.bool) if mask is None else mask
-    losses = losses.to(lw.dtype)
+    losses = as_dtype(losses, lw.dtype)
     if cfg.normalise:
         mean = losses.mean(dim=-1)  # [b, h]
         scale = torch.where(scale > 0, cfg.scale_decay * scale + (1 - cfg.scale_decay) * mean, mean)
@@ -142,7 +142,7 @@ def matured_losses(state: TensorDict, value: Tensor) -> tuple[Tensor, Tensor]:
     past = state["past"]  # [b, j, e, h, c]
     pred_len = past.shape[1]
     due = past.diagonal(dim1=1, dim2=3)  # [b, e, c, h]: age j = h
-    err = due - value.to(past.dtype)[:, None, :, None]
+    err = due - as_dtype(value, past.dtype)[:, None, :, None]
     losses = err.pow(2).mean(dim=2).transpose(1, 2)  # [b, h, e]
     exists = torch.arange(pred_len, device=past.device)[None] < state["made"][:, None]  # [b, h]
     return losses, exists
@@ -158,7 +158,7 @@ def observe(state: TensorDict, value: Tensor, cfg: CombinationConfig) -> TensorD
 def combine(state: TensorDict, forecasts: Tensor) -> tuple[Tensor, TensorDict]:
     """The combined forecast ``[b, h, c]`` of ``forecasts [b, e, h, c]``; the next state keeps
     them so their errors can be learned from once observed."""
-    past = torch.cat([forecasts.to(state["past"].dtype)[:, None], state["past"][:, :-1]], dim=1)
+    past = torch.cat([as_dtype(forecasts, state["past"].dtype)[:, None], state["past"][:, :-1]], dim=1)
     return mix(state["log_weights"], forecasts), replaced(state, {"past": past, "made": state["made"] + 1})
 
 

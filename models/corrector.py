@@ -38,7 +38,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from models.base import replaced
+from models.base import as_dtype, replaced
 
 EPS = 1e-5  # the forecaster's RevIN epsilon: the same normalised units
 ERROR_CLIP = 10.0  # largest residual (in window standard deviations) one pair can teach
@@ -63,16 +63,16 @@ def features(window: Tensor, forecast: Tensor) -> tuple[Tensor, Tensor]:
     std = (var + EPS).sqrt()
     x = ((window - mean) / std).transpose(1, 2)  # [b, c, n]
     f = ((forecast - mean) / std).transpose(1, 2)  # [b, c, p]
-    ones = torch.ones_like(x[..., :1])
+    ones = x.new_ones(x.shape[0], x.shape[1], 1)
     return torch.cat([x, ones, f], dim=-1), std[:, 0]
 
 
 def correct(state: TensorDict, window: Tensor, forecast: Tensor) -> Tensor:
     """The corrected forecast ``[b, p, c]`` of ``forecast`` made from ``window [b, n, c]``."""
     weights = state["weights"]
-    phi, std = features(window.to(weights.dtype), forecast.to(weights.dtype))
+    phi, std = features(as_dtype(window, weights.dtype), as_dtype(forecast, weights.dtype))
     correction = torch.bmm(phi, weights) * std[..., None]  # [b, c, p]
-    return forecast + correction.transpose(1, 2).to(forecast.dtype)
+    return forecast + as_dtype(correction.transpose(1, 2), forecast.dtype)
 
 
 def update(
@@ -87,8 +87,12 @@ def update(
     ``forecast [b, p, c]`` from ``window [b, n, c]``, and the observed ``target [b, p, c]``.
     Streams where ``mask [b]`` is false are unchanged."""
     weights = state["weights"]
-    phi, std = features(window.to(weights.dtype), forecast.to(weights.dtype))  # [b, c, f], [b, c]
-    residual = (target.to(weights.dtype) - forecast.to(weights.dtype)).transpose(1, 2) / std[..., None]
+    phi, std = features(
+        as_dtype(window, weights.dtype), as_dtype(forecast, weights.dtype)
+    )  # [b, c, f], [b, c]
+    residual = (as_dtype(target, weights.dtype) - as_dtype(forecast, weights.dtype)).transpose(1, 2) / std[
+        ..., None
+    ]
     error = (residual - torch.bmm(phi, weights)).clamp(-ERROR_CLIP, ERROR_CLIP)  # [b, c, p]
     energy = phi.pow(2).sum(dim=(1, 2)) + EPS  # [b]
     step = lr * torch.bmm(phi.transpose(1, 2), error) / energy[:, None, None]  # [b, f, p]

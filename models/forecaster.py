@@ -9,6 +9,7 @@ untrained model forecasts the last value, the baseline every method must beat.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -165,11 +166,12 @@ class ContinualForecaster(nn.Module):
         newest), and one LSTM pass over both costs little more than one over either."""
         if not self._stateless_backbone:
             return None
-        b = windows[0].shape[0]
         x, mean, std = self._normalise(torch.cat(windows))
-        features, _ = self.backbone(self.embed(x), state["backbone"], StorePolicy.NONE)
-        rows = [slice(i * b, (i + 1) * b) for i in range(len(windows))]
-        return [Encoded(x[r], mean[r], std[r], features[r]) for r in rows]
+        embedded = F.linear(x, self.embed.weight, self.embed.bias)  # (self.embed's function, no module call)
+        features, _ = self.backbone(embedded, state["backbone"], StorePolicy.NONE)
+        # views, no copies (chunk: split's equal parts without its Python wrapper)
+        parts = zip(*(t.chunk(len(windows)) for t in (x, mean, std, features)), strict=True)
+        return [Encoded(*part) for part in parts]
 
     def _encode(
         self, window: Tensor, state: TensorDict, store: StorePolicy, encoded: Encoded | None
@@ -195,13 +197,26 @@ class ContinualForecaster(nn.Module):
             return forecast, next_state, self(window, fresh, StorePolicy.NONE)[0]
         (x, mean, std, features), backbone_state = self._encode(window, state, store, encoded)
         changed = {"backbone": backbone_state}
+        memory, fusion = self.memory, self.fusion
+        if memory is not None and fusion is not None and store is not StorePolicy.WINDOW:
+            # both reads see the last token only (as _fused_last): the memory reads it twice
+            # from one set of queries
+            shown = features[:, -1:]
+            retrieved, stored, fresh_read = memory.forward_and_fresh(shown, state["memory"], store)
+            changed["memory"] = stored
+            adapted_last, fresh_last = fusion(shown, retrieved)[:, -1], fusion(shown, fresh_read)[:, -1]
+            forecast, frozen = (
+                self._output(adapted_last, x, mean, std),
+                self._output(fresh_last, x, mean, std),
+            )
+            return forecast, replaced(state, changed), frozen
         last, memory_state = self._fused_last(features, state, store)
-        if memory_state is None or self.memory is None or self.fusion is None:
+        if memory_state is None or memory is None or fusion is None:
             frozen_last = last  # no memory: the frozen forecast is the same
         else:
             changed["memory"] = memory_state
             shown = features[:, -1:]  # as _fused_last without storing: the last token only
-            frozen_last = self.fusion(shown, self.memory.read_fresh(shown))[:, -1]
+            frozen_last = fusion(shown, memory.read_fresh(shown))[:, -1]
         forecast, frozen = self._output(last, x, mean, std), self._output(frozen_last, x, mean, std)
         return forecast, replaced(state, changed), frozen
 
@@ -257,7 +272,7 @@ class ContinualForecaster(nn.Module):
         retrieved, vjp = memory.read_with_vjp(shown, state["memory"]["weights"])
         forecast = self._output((shown + retrieved)[:, -1], x, mean, std)
         # d mean((forecast - targets)^2) / d forecast, for each stream's own loss
-        grad = (forecast - targets) * (2.0 / forecast[0].numel())
+        grad = (forecast - targets) * (2.0 / math.prod(forecast.shape[1:]))
         if mask is not None:
             grad = torch.where(mask[:, None, None], grad, torch.zeros_like(grad))
         grad_head = (grad * self.forecast_channels(std)).flatten(1)  # [b, pred_len * c_out]

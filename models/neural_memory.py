@@ -118,7 +118,11 @@ def _mlp_grads(weights: list[Tensor], keys: Tensor, values: Tensor, lr: Tensor) 
         else:
             x = h
     # d/dy of sum(lr * mean_e((y - v)^2)) / t
-    g = (x - values) * (2.0 * lr / (keys.shape[-1] * keys.shape[-2]))[..., None]
+    tokens = keys.shape[-1] * keys.shape[-2]
+    if math.frexp(2.0 / tokens)[0] == 0.5:  # a power of two: lr times it is 2 lr / tokens exactly
+        g = (x - values) * (lr[..., None] * (2.0 / tokens))
+    else:
+        g = (x - values) * (2.0 * lr / tokens)[..., None]
     grads: Params = {}
     for i in range(depth - 1, -1, -1):
         grads[f"w{i}"] = _mm(inputs[i].transpose(-1, -2), g)  # [*, i, o]
@@ -297,19 +301,36 @@ class NeuralMemory(MemoryUnit):
         The next state keeps the autograd graph (pretraining backpropagates through the
         inner loop); callers that run online detach it or run under ``torch.no_grad``.
         """
+        state = self._stored(x, state, store)
+        return self._read(x, state["weights"]), state
+
+    def _stored(self, x: Tensor, state: TensorDict, store: StorePolicy) -> TensorDict:
+        """The state after storing the tokens of ``x`` that ``store`` selects."""
         store = StorePolicy(store)
         if store is StorePolicy.WINDOW:
-            state = self._store(x, state)
-        elif store is StorePolicy.LAST:
-            state = self._store(x[:, -1:], state)
-        return self._read(x, state["weights"]), state
+            return self._store(x, state)
+        if store is StorePolicy.LAST:
+            return self._store(x[:, -1:], state)
+        return state
 
     def read_fresh(self, x: Tensor) -> Tensor:
         """:meth:`MemoryUnit.read_fresh`: a fresh state's read depends only on its weights (no
         learned change yet), so only they are made, not the whole state (every online step of
         a combining stream reads it)."""
-        zeros = {k: x.new_zeros(x.shape[0], *getattr(self.memory_model, k).shape) for k in self._weight_names}
-        return self._read(x, zeros)
+        return self._read(x, self._fresh_weights(x))
+
+    def forward_and_fresh(
+        self, x: Tensor, state: TensorDict, store: StorePolicy
+    ) -> tuple[Tensor, TensorDict, Tensor]:
+        """:meth:`MemoryUnit.forward_and_fresh`: both reads of ``x`` from one set of queries
+        (they depend on ``x`` only, not on the weights read)."""
+        state = self._stored(x, state, store)
+        q = self._queries(x)
+        return self._read(x, state["weights"], q), state, self._read(x, self._fresh_weights(x), q)
+
+    def _fresh_weights(self, x: Tensor) -> dict[str, Tensor]:
+        """A fresh state's learned change (none) for the streams of ``x``."""
+        return {k: x.new_zeros(x.shape[0], *getattr(self.memory_model, k).shape) for k in self._weight_names}
 
     def outcome_paths(self) -> tuple[StatePath, ...]:
         """The stream's learned change of the memory weights (``weights``, what retrieval reads):
@@ -335,7 +356,7 @@ class NeuralMemory(MemoryUnit):
         ``[b, n]``: how badly the memory already knows ``x`` (eq 12, per head mean)."""
         tokens = self._token_inputs(x)
         b, h, n, e = tokens["keys"].shape
-        params = self._absolute({k: w.flatten(0, 1) for k, w in state["weights"].items()})
+        params = self._absolute_rows(state["weights"])
         pred = self._memory_fn(params, tokens["keys"].flatten(0, 1))  # [s, n, e]
         err = (pred - tokens["values"].flatten(0, 1)).pow(2).mean(-1)
         return err.view(b, h, n).mean(1)
@@ -343,35 +364,57 @@ class NeuralMemory(MemoryUnit):
     def memory_weights(self, state: TensorDict) -> dict[str, Tensor]:
         """The committed memory weights of each stream, ``{name: [b, h, *w]}`` (pretrained +
         the stream's learned change)."""
-        b = state.batch_size[0]
-        flat = self._absolute({k: w.flatten(0, 1) for k, w in state["weights"].items()})
-        return {k: w.unflatten(0, (b, self.heads)) for k, w in flat.items()}
+        model = self.memory_model  # the pretrained weights broadcast over the streams
+        return {k: state["weights"][k] + getattr(model, k) for k in self._weight_names}
 
     def _split(self, t: Tensor) -> Tensor:
-        """``[b, n, h*e] -> [b, h, n, e]``."""
-        return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+        """``[b, n, h*e] -> [b, h, n, e]`` (``view``: ``unflatten``'s Python wrapper cost more
+        than the view itself, on the online step's hot path several times)."""
+        if t.shape[1] == 1:  # one token (the online step's): the heads' dim moves by a view alone
+            return t.view(t.shape[0], self.heads, 1, self.dim_head)
+        return t.view(*t.shape[:-1], self.heads, self.dim_head).transpose(1, 2)
+
+    def _merge(self, y: Tensor, b: int, n: int) -> Tensor:
+        """``[s, n, e] -> [b, n, h*e]``, the heads side by side (one view for one token)."""
+        if n == 1:
+            return y.view(b, 1, self.heads * self.dim_head)
+        return y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2)
+
+    def _unmerge(self, g: Tensor) -> Tensor:
+        """``[b, n, h*e] -> [s, n, e]``, :meth:`_merge` undone (``g`` contiguous)."""
+        b, n, _ = g.shape
+        if n == 1:
+            return g.view(b * self.heads, 1, self.dim_head)
+        return g.view(b, n, self.heads, self.dim_head).transpose(1, 2).flatten(0, 1)
 
     def _absolute(self, delta: Params) -> Params:
         """Memory weights ``[s, *w]`` from a learned change ``[s, *w]``: pretrained + change."""
         h, model = self.heads, self.memory_model  # the pretrained weights broadcast over the streams
         return {
-            k: (delta[k].unflatten(0, (-1, h)) + getattr(model, k)).flatten(0, 1) for k in self._weight_names
+            k: (delta[k].reshape(-1, h, *delta[k].shape[1:]) + getattr(model, k)).flatten(0, 1)
+            for k in self._weight_names
         }
+
+    def _absolute_rows(self, delta: Mapping[str, Tensor]) -> Params:
+        """:meth:`_absolute` of a change ``[b, h, *w]`` as the state holds it: the same sums,
+        without flattening the change only to split it again (the reads and the store of every
+        online step start from the state's weights)."""
+        model = self.memory_model
+        return {k: (delta[k] + getattr(model, k)).flatten(0, 1) for k in self._weight_names}
 
     def _queries(self, x: Tensor) -> Tensor:
         """Retrieval queries ``[b, h, n, e]`` of the features ``x [b, n, d]``."""
         to_q = self.to_q if self.to_q is not None else self.to_k
         return _unit_rms(self._split(F.linear(_norm(self.retrieve_norm, x), to_q.weight)))
 
-    def _read(self, x: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
-        """``out = W_o RMSNorm(M(q))`` per head (eq 15)."""
+    def _read(self, x: Tensor, weights: Mapping[str, Tensor], q: Tensor | None = None) -> Tensor:
+        """``out = W_o RMSNorm(M(q))`` per head (eq 15); ``q``: :meth:`_queries` of ``x``, when
+        the caller has them."""
         b, n, _ = x.shape
-        q = self._queries(x)  # [b, h, n, e]
-        params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
+        q = self._queries(x) if q is None else q  # [b, h, n, e]
+        params = self._absolute_rows(weights)  # [s, *w]
         y = _norm(self.out_norm, self._memory_fn(params, q.flatten(0, 1)))  # [s, n, e]
-        return F.linear(
-            y.view(b, self.heads, n, self.dim_head).transpose(1, 2).flatten(2), self.to_out.weight
-        )
+        return F.linear(self._merge(y, b, n), self.to_out.weight)
 
     @property
     def writes_read_gradient(self) -> bool:
@@ -388,9 +431,9 @@ class NeuralMemory(MemoryUnit):
         and autograd's graph bookkeeping cost several times the dozen small tensor operations
         it needs (as for :meth:`MLPMemory.chunk_grads`)."""
         b, n, _ = x.shape
-        h, e = self.heads, self.dim_head
+        h = self.heads
         q = self._queries(x)  # [b, h, n, e]
-        params = self._absolute({k: w.flatten(0, 1) for k, w in weights.items()})  # [s, *w]
+        params = self._absolute_rows(weights)  # [s, *w]
         depth = len(params)
         inputs, pre = [q.flatten(0, 1)], []  # each layer's input, and the hidden pre-activations
         m = inputs[0]
@@ -405,10 +448,10 @@ class NeuralMemory(MemoryUnit):
         # RMSNorm z = gain * m * r, r = (mean_e m^2 + eps)^-1/2, in F.rms_norm's own steps (the
         # same numbers), so that the gradient reuses r
         r = torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + norm_eps)
-        out = F.linear((m * r * gain).view(b, h, n, e).transpose(1, 2).flatten(2), self.to_out.weight)
+        out = F.linear(self._merge(m * r * gain, b, n), self.to_out.weight)
 
         def vjp(grad_out: Tensor) -> Params:
-            g = (grad_out @ self.to_out.weight).view(b, n, h, e).transpose(1, 2).flatten(0, 1)  # [s, n, e]
+            g = self._unmerge(grad_out @ self.to_out.weight)  # [s, n, e]
             # dm = r gain dz - r^3 m mean_e(gain dz m)
             gz = g * gain
             g = r * gz - m * r.pow(3) * (gz * m).mean(-1, keepdim=True)
@@ -417,7 +460,7 @@ class NeuralMemory(MemoryUnit):
                 grads[f"w{i}"] = _mm(inputs[i].transpose(-1, -2), g)  # [s, i, o]
                 if i:
                     g = _mm(g, params[f"w{i}"].transpose(-1, -2)) * _gelu_grad(pre[i - 1])
-            return {k: grads[k].unflatten(0, (b, h)) for k in params}
+            return {k: grads[k].view(b, h, *grads[k].shape[1:]) for k in params}
 
         return out, vjp
 
@@ -425,10 +468,9 @@ class NeuralMemory(MemoryUnit):
         """Keys, values (eq 11), learning rates theta and gate logits of each token,
         ``[b, h, n, e]`` / ``[b, h, n]``."""
         xn = _norm(self.store_norm, x)
-        inner = self.heads * self.dim_head
         # one matrix product for the keys and values, one for the three gates: a token's store
         # is a handful of tiny products, where each call's overhead is most of the cost
-        keys, values = F.linear(xn, torch.cat([self.to_k.weight, self.to_v.weight])).split(inner, dim=-1)
+        keys, values = F.linear(xn, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, dim=-1)
         lr, momentum, decay = self._gates(xn)  # [b, n, h] each
         return {
             "keys": _unit_rms(self._split(keys)),
@@ -446,7 +488,7 @@ class NeuralMemory(MemoryUnit):
             return tuple(layer.bias.expand(*xn.shape[:-1], self.heads) for layer in layers)
         weight = torch.cat([layer.weight for layer in layers])  # [3h, d]
         bias = torch.cat([layer.bias for layer in layers])
-        return F.linear(xn, weight, bias).split(self.heads, dim=-1)
+        return F.linear(xn, weight, bias).chunk(3, dim=-1)  # (split's equal parts, no Python wrapper)
 
     def _store(self, x: Tensor, state: TensorDict) -> TensorDict:
         """Learn from ``x [b, m, d]`` after the buffered tokens; return the next state."""
@@ -469,25 +511,46 @@ class NeuralMemory(MemoryUnit):
         and ``batch_size`` 1, the default; the online step stores one token): the same
         operations on the same shapes, without the chunking and the per-stream bookkeeping,
         which cost more than the arithmetic of one token."""
-        h = self.heads
+        b, h = tokens["keys"].shape[:2]
+        # With a graph (pretraining) the recurrences run on [s, *w], the shapes of _learn, whose
+        # gradients through this loop they then give bit for bit (on [b, h, *w] the broadcast
+        # gates' gradients round differently). Online (no graph) they run on the state's own
+        # [b, h, *w]: elementwise, the same numbers, without reshaping the three parts' weights
+        # into [s, *w] and back (a dozen operations per stored token).
+        flat = torch.is_grad_enabled()
+
+        def shaped(t: Tensor) -> Tensor:
+            return t.flatten(0, 1) if flat else t
+
         committed, latest, momentum = (
-            {k: w.flatten(0, 1) for k, w in state[part].items()}
+            {k: shaped(cast(Tensor, w)) for k, w in state[part].items()}
             for part in ("weights", "pending", "momentum")
         )
         keys, values, lr = (tokens[f].flatten(0, 1) for f in ("keys", "values", "lr"))  # [s, n, *]
-        eta, alpha = (torch.sigmoid(tokens[f].flatten(0, 1)) for f in ("momentum", "decay"))  # [s, n]
+        eta, alpha = (torch.sigmoid(shaped(tokens[f])) for f in ("momentum", "decay"))  # [s | b, h, n]
         if self.variant == "mlp":  # plain gradient steps: no momentum, no forgetting
             eta, alpha = torch.zeros_like(eta), torch.zeros_like(alpha)
-        for c in range(keys.shape[1]):
-            one = slice(c, c + 1)  # token c as a chunk of one token
-            grads = self._token_grads(self._absolute(committed), keys[:, one], values[:, one], lr[:, one])
-            gate, keep = eta[:, c, None, None], 1 - alpha[:, c, None, None]
+        gates, keeps = eta.unsqueeze(-1), (1 - alpha).unsqueeze(-1)  # [s | b, h, n, 1]
+        n = keys.shape[1]
+        for c in range(n):
+            # token c as a chunk of one token (a single token, the online step's: as it is)
+            one = slice(c, c + 1)
+            k, v, theta, gate, keep = (
+                (keys, values, lr, gates, keeps)
+                if n == 1
+                else (keys[:, one], values[:, one], lr[:, one], gates[..., one, :], keeps[..., one, :])
+            )
+            absolute = self._absolute(committed) if flat else self._absolute_rows(committed)
+            grads = self._token_grads(absolute, k, v, theta)  # [s, *w]
             for name, g in grads.items():
+                g = g if flat else g.view(b, h, *g.shape[1:])
                 momentum[name] = gate * momentum[name] - g  # eq 14
                 latest[name] = keep * latest[name] + momentum[name]  # eq 13
             committed = dict(latest)
         parts = {"weights": committed, "pending": latest, "momentum": momentum}
-        return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
+        if not flat:
+            return parts
+        return {part: {k: w.view(b, h, *w.shape[1:]) for k, w in ws.items()} for part, ws in parts.items()}
 
     def _token_grads(self, params: Params, keys: Tensor, values: Tensor, lr: Tensor) -> Params:
         """The gradients ``[s, *w]`` of one chunk, ``keys values [s, t, e]``, ``lr [s, t]``."""
@@ -617,7 +680,8 @@ def _lr_map(logits: Tensor, min_lr: float, max_lr: float) -> Tensor:
     order of magnitude between ``min_lr`` and ``max_lr`` (reached); constant when they meet."""
     if max_lr <= min_lr or max_lr <= 0:
         return torch.full_like(logits, max(max_lr, 0.0))
-    return max_lr * torch.exp(-math.log(max_lr / min_lr) * (1 - torch.sigmoid(logits)))
+    theta = torch.exp(-math.log(max_lr / min_lr) * (1 - torch.sigmoid(logits)))
+    return theta if max_lr == 1.0 else max_lr * theta  # (the default 1: no product)
 
 
 def _lr_logit(theta: float, min_lr: float, max_lr: float) -> float:

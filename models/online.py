@@ -25,6 +25,7 @@ learned from when its last value arrives, and never before.
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections.abc import Callable
 from enum import StrEnum
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from models import analog, combination, corrector
-from models.base import StatePath, StorePolicy, replaced
+from models.base import StatePath, StorePolicy, as_dtype, replaced
 from models.forecaster import ContinualForecaster, Encoded
 from models.optim import adamw_step
 
@@ -207,20 +208,23 @@ def observe(
     forecasts of the next horizon (:func:`models.combination.step`), which is what is returned.
     """
     cfg = model.config
-    history = torch.cat([state["history"][:, 1:], values.to(state["history"].dtype)[:, None]], dim=1)
-    state = replaced(state, {"history": history, "count": state["count"] + 1})
+    history = torch.cat([state["history"][:, 1:], as_dtype(values, state["history"].dtype)[:, None]], dim=1)
+    count = state["count"] + 1
+    state = replaced(state, {"history": history, "count": count})
     inputs = window(model, state)
+    # the fewest and the most observations of a stream: one reduction answers whether any or
+    # every stream has a matured pair or a full window (most calls: all of them, or none)
+    fewest, most = (int(n) for n in torch.aminmax(count))
     encoded: list[Encoded] | None = None  # the matured pair's window's and inputs', when shared
     before = now = None
     if mode is not UpdateMode.NONE and feedback is Feedback.DELAYED:
-        matured = state["count"] >= cfg.seq_len + cfg.pred_len
-        if bool(matured.any()):
+        if most >= cfg.seq_len + cfg.pred_len:  # some stream's pair matured
             past, target = history[:, : cfg.seq_len], model.forecast_channels(history[:, cfg.seq_len :])
             if _forecasts_to_learn(model, state, mode):
                 encoded = model.encode_together([past, inputs], state["model"])
                 before, now = encoded if encoded is not None else (None, None)
-            every = bool(matured.all())  # (no mask then: each part skips its per-stream selection)
-            mask = None if every else matured
+            # every stream's did: no mask (each part skips its per-stream selection)
+            mask = None if fewest >= cfg.seq_len + cfg.pred_len else count >= cfg.seq_len + cfg.pred_len
             state = learn(model, state, past, target, mode, mask=mask, encoded=before, observed=True)
     stores = mode is not UpdateMode.NONE and stores_tokens(model)
     combined = combines(state)  # every forecast is an expert's: the combination scores them all
@@ -246,12 +250,14 @@ def observe(
         )
         changed["analog"] = archive
         forecast = analog.mix(archive, forecast, found, has)
-    ready = is_ready(model, state)
+    ready = None if fewest >= cfg.seq_len else is_ready(model, state)  # None: every stream's window is full
     if stores:
-        changed["model"] = _where(ready, stored["model"], state["model"])
+        changed["model"] = (
+            stored["model"] if ready is None else _where(ready, stored["model"], state["model"])
+        )
     if combined:
         experts = _experts(model, state, forecast, frozen)
-        value = model.forecast_channels(values).to(forecast.dtype)
+        value = as_dtype(model.forecast_channels(values), forecast.dtype)
         forecast, changed["combo"] = combination.step(state["combo"], value, experts, COMBINATION, ready)
     return replaced(state, changed), forecast
 
@@ -441,9 +447,26 @@ def _clipped_steps(grads: dict[K, Tensor], max_norm: float, lr: float) -> dict[K
         return {k: lr * g for k, g in grads.items()}
     flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)  # [k, all weights]
     norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)  # [k]
+    if norm.shape[0] == 1 and not norm.requires_grad and first.dtype in _ROUND_TO:
+        # one stream, the usual call (no graph to keep): the float64 steps below on a Python
+        # float (the same IEEE operations, ``max_norm / t`` being ``t.reciprocal() * max_norm``)
+        # and the scale rounded to the gradients' dtype as ``.to`` rounds it, in place of five
+        # tensor operations
+        clip = min((1.0 / (float(norm) + 1e-12)) * max_norm, 1.0)
+        step = _ROUND_TO[first.dtype](clip * lr)
+        return {k: g * step for k, g in grads.items()}
     factor = torch.clamp(max_norm / (norm + 1e-12), max=1.0)  # [k]
     scale = (factor * lr).to(first.dtype)
     return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (as ``torch.Tensor.to(torch.float32)`` rounds)."""
+    return cast(float, struct.unpack("f", struct.pack("f", x))[0])
+
+
+# dtypes whose rounding of a Python float :func:`_clipped_steps` does without a tensor
+_ROUND_TO: dict[torch.dtype, Callable[[float], float]] = {torch.float32: _float32, torch.float64: float}
 
 
 def _outcome_gradient(

@@ -178,3 +178,19 @@ def test_written_out_outcome_gradient_equals_autograd(
         assert grad.abs().sum() > 0, path
         torch.testing.assert_close(written[1][path], grad, rtol=1e-5, atol=1e-7)
         assert torch.equal(written[1][path][1], torch.zeros_like(grad[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [0.01, 10.0], ids=["within", "clipped"])
+def test_one_stream_clipped_steps_equal_the_batched_ones(dtype: torch.dtype, size: float) -> None:
+    """One stream's outcome step is scaled with Python floats (``_clipped_steps``), batches of
+    streams with tensors: the same numbers bit for bit, whether the clip binds or not."""
+    torch.manual_seed(2)
+    grads = {("a",): size * torch.randn(2, 3, 4, dtype=dtype), ("b",): size * torch.randn(2, 5, dtype=dtype)}
+    batched = online._clipped_steps(grads, 1.0, -0.03)  # two streams: the tensor path
+    for i in range(2):
+        alone = online._clipped_steps({k: g[i : i + 1] for k, g in grads.items()}, 1.0, -0.03)
+        for k, g in batched.items():
+            assert torch.equal(alone[k], g[i : i + 1]), (k, i)
+    norms = torch.linalg.vector_norm(torch.cat([g.flatten(1) for g in grads.values()], 1), dim=1)
+    assert bool((norms > 1.0).all()) == (size > 1.0)  # the clip binds in the "clipped" case only
