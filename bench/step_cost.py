@@ -108,9 +108,11 @@ def section(result: dict[str, Any]) -> list[str]:
         f"`python -m bench.step_cost`: one stream, one thread, `full_model` with delayed feedback "
         f"(learn from the matured pair, then forecast), seq_len {shapes['seq_len']}, pred_len "
         f"{shapes['pred_len']}, {shapes['channels']} channels (the FSNet paper's ETTh2-M 60 -> 1 "
-        "online test), random weights. `_ref_size`: the size of the FSNet reference code (a TCN "
-        "of width 64 and 11 dilated blocks). CPU time per step is less sensitive to other jobs "
-        "than wall time.",
+        "online test), random weights. `_ref_size`: the FSNet reference code's width and depth (a "
+        "TCN of width 64 and 11 dilated blocks); `_ref_weights`: as many trained weights as the "
+        "reference's models (its last block is 320 wide, memcast's blocks are one width). CPU "
+        "time per step is less sensitive to other jobs than wall time; the reference code itself "
+        "is compared side by side in [bulk.md](bulk.md).",
         "",
         table(result["rows"]),
         "",
