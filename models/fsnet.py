@@ -235,7 +235,7 @@ class FSNetConv(nn.Module):
 
     def calibrated(self, x: Tensor, u: Tensor | None) -> Tensor:
         """``x [b, i, n] -> [b, o, n]`` with the calibration ``u [b, c]`` already computed
-        (:func:`stacked_calibrations` computes every layer's at once)."""
+        (:func:`stacked_current_calibrations` computes every layer's together)."""
         if u is None:
             raise ValueError("an FSNet conv needs its calibration")
         b, (o, _, k) = x.shape[0], self.weight.shape
