@@ -19,7 +19,6 @@ each checkout (``PYTHONPATH=<checkout> python -m bench.step_cost``), alternating
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,9 @@ from typing import Any
 import torch
 
 from bench._common import machine_info, now_iso, single_thread, write_json
+from bench._format import num
+from bench._format import table as markdown_table
+from bench.floor import series
 from models import ContinualForecaster, ModelConfig, UpdateMode, init_stream_state, observe
 
 SEQ_LEN, PRED_LEN, CHANNELS = 60, 1, 7
@@ -54,19 +56,12 @@ def build(name: str) -> ContinualForecaster:
     return model
 
 
-def series(steps: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(steps, dtype=torch.float32)[:, None]
-    phase = torch.rand(1, CHANNELS, generator=g) * 2 * math.pi
-    return torch.sin(2 * math.pi * t / 24 + phase) + 0.2 * torch.randn(steps, CHANNELS, generator=g)
-
-
 def measure(name: str, steps: int, warm: int = 10) -> dict[str, Any]:
     """``steps`` timed observations after the window filled and ``warm`` learning steps."""
     model = build(name)
     mode = UpdateMode.FULL_MODEL
     start = SEQ_LEN + PRED_LEN + warm
-    data = series(start + steps)
+    data = series(start + steps, CHANNELS)  # bench.floor's: daily cycles plus noise
     state = init_stream_state(model, 1, mode)
     for i in range(start):
         state, _ = observe(model, state, data[None, i], mode)
@@ -87,16 +82,19 @@ def measure(name: str, steps: int, warm: int = 10) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| config | model | weights | CPU ms / step | steps / s (CPU) | steps / s (wall) |",
-        "|---|---|---|---|---|---|",
+    header = ["config", "model", "weights", "CPU ms / step", "steps / s (CPU)", "steps / s (wall)"]
+    cells = [
+        [
+            r["config"],
+            r["model"],
+            num(r["weights"]),
+            num(r["cpu_ms_per_step"], 2),
+            num(r["cpu_steps_per_s"]),
+            num(r["steps_per_s"]),
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['model']} | {r['weights']:,} | {r['cpu_ms_per_step']:.2f} "
-            f"| {r['cpu_steps_per_s']:.1f} | {r['steps_per_s']:.1f} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(header, cells))
 
 
 def section(result: dict[str, Any]) -> list[str]:

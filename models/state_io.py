@@ -94,24 +94,33 @@ def states_to_bytes(
     if b == 0:
         return []
     signature = (tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in flat.items()), tuple(meta.items()))
-    known = _HEADERS.get(signature)
-    if known is not None:  # a layout met before: its header, then each stream's bytes
-        prefix, order = known
-        rows = _rows(flat, order, b)
-        if rows is not None:
-            return [prefix + rows[i].tobytes() for i in range(b)]
+    known = _HEADERS.get(signature)  # a layout met before: its header, then each stream's bytes
+    if known is None:
+        known = _learn_header(flat, meta, b)
+        if known is None:  # a layout the shortcut does not reproduce: one save per stream
+            return [
+                st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta) for i in range(b)
+            ]
+        with _HEADERS_LOCK:  # (the service's model threads encode side by side)
+            if len(_HEADERS) >= _MAX_HEADERS:
+                _HEADERS.pop(next(iter(_HEADERS)))
+            _HEADERS[signature] = known
+    prefix, order = known
+    rows = _rows(flat, order, b)  # [b, data bytes]; the signature holds the keys, so never None
+    assert rows is not None
+    return [prefix + rows[i].tobytes() for i in range(b)]
+
+
+def _learn_header(flat: dict[str, Tensor], meta: dict[str, str], b: int) -> tuple[bytes, list[str]] | None:
+    """The header and key order of the layout of ``flat``, from a safetensors save of its first
+    stream; None unless that stream's bytes, in that order, are what the save wrote after it."""
     first = st_save({k: v[0:1].clone() for k, v in flat.items()}, metadata=meta)
     header_end, layout = _layout(first)
     order = [key for key, _, _ in layout]
-    rows = _rows(flat, order, b)  # [b, data bytes]
+    rows = _rows({k: v[0:1] for k, v in flat.items()}, order, 1)
     if rows is None or first[header_end:] != rows[0].tobytes():
-        return [st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta) for i in range(b)]
-    prefix = first[:header_end]
-    with _HEADERS_LOCK:  # (the service's model threads encode side by side)
-        if len(_HEADERS) >= _MAX_HEADERS:
-            _HEADERS.pop(next(iter(_HEADERS)))
-        _HEADERS[signature] = (prefix, order)
-    return [first, *(prefix + rows[i].tobytes() for i in range(1, b))]
+        return None
+    return first[:header_end], order
 
 
 # layouts met by states_to_bytes: (keys, dtypes, shapes, metadata) -> (header bytes, key order);
