@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,13 +21,6 @@ import torch
 
 from models.intervals import DEFAULT_LEVELS, IntervalState, check_levels, init_state, update
 from service import schemas
-
-
-@dataclass(frozen=True)
-class Band:
-    level: float
-    lower: list[list[float]]  # [p][c]
-    upper: list[list[float]]  # [p][c]
 
 
 def initial(levels: Sequence[float] = DEFAULT_LEVELS) -> dict[str, Any]:
@@ -127,64 +119,26 @@ def _tensor(values: Sequence[Any], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float64).reshape(shape))
 
 
-def bands(data: dict[str, Any] | None, forecast: Sequence[Sequence[float]]) -> list[Band]:
-    """The intervals of ``forecast [p][c]`` at each level, ascending; an empty list before the
-    first matured error. A step with no interval yet has NaN bounds.
+def _bounds(data: dict[str, Any] | None, forecast: Sequence[Sequence[float]]) -> tuple[list[Any], ...]:
+    """The levels ascending, the bounds ``lower, upper [l][p][c]`` of ``forecast [p][c]`` at
+    each and whether a level's step is shown ``[l][p]`` (once an error has matured in each of
+    its columns), as nested lists; no levels before the first matured error.
 
-    ``models.intervals.bounds`` in plain floats (float64 either way, so the same numbers): it
-    runs for every stream of every response, where a few hundred products cost less than
-    building tensors for them."""
+    ``models.intervals.bounds`` in numpy (float64 either way, so the same numbers): it runs for
+    every stream of every response, where building torch tensors for a few hundred products
+    costs more than the products."""
     if data is None or data.get("ratio") is None:
-        return []
-    levels: list[float] = data["levels"]
-    cells = [
-        [(f, r, s if n > 0 else math.nan) for f, r, s, n in zip(f_row, r_row, s_row, n_row, strict=True)]
-        for f_row, r_row, s_row, n_row in zip(
-            forecast, data["ratio"], data["scale"], data["count"], strict=True
-        )
-    ]
-    out = []
-    for i in sorted(range(len(levels)), key=lambda i: levels[i]):
-        lower = [[f - r[i] * s for f, r, s in row] for row in cells]
-        upper = [[f + r[i] * s for f, r, s in row] for row in cells]
-        out.append(Band(float(levels[i]), lower, upper))
-    return out
-
-
-def forecast(
-    targets: Sequence[str],
-    values: Sequence[Sequence[float]],
-    stamps: Sequence[schemas.TimestampOut | None],
-    data: dict[str, Any] | None,
-) -> schemas.Forecast:
-    """The forecast ``values [p][c]`` as a response body, with the bounds learned so far: every
-    level in ``intervals``, the highest also as ``lower``/``upper`` (what the stream page draws)."""
-    found = bands(data, values)
-    rows = []
-    # model_construct: these are the service's own numbers, checked when they were learned;
-    # validating a few hundred of them again for every stream of every response costs more
-    # than the rest of the response
-    for k, row in enumerate(values):
-        ready = [b for b in found if not any(math.isnan(v) for v in b.lower[k])]
-        levels = [
-            schemas.Interval.model_construct(
-                level=b.level,
-                lower=dict(zip(targets, b.lower[k], strict=True)),
-                upper=dict(zip(targets, b.upper[k], strict=True)),
-            )
-            for b in ready
-        ]
-        rows.append(
-            schemas.ForecastRow.model_construct(
-                step=k + 1,
-                timestamp=stamps[k],
-                values=dict(zip(targets, row, strict=True)),
-                lower=levels[-1].lower if levels else None,
-                upper=levels[-1].upper if levels else None,
-                intervals=levels,
-            )
-        )
-    return schemas.Forecast.model_construct(columns=list(targets), levels=sorted(_levels(data)), rows=rows)
+        return [], [], [], []
+    levels = np.asarray(data["levels"], dtype=np.float64)
+    order = np.argsort(levels, kind="stable")
+    count = np.asarray(data["count"], dtype=np.float64)
+    scale = np.where(count > 0, np.asarray(data["scale"], dtype=np.float64), math.nan)  # [p, c]
+    ratio = np.asarray(data["ratio"], dtype=np.float64)[..., order]  # [p, c, l]
+    radius = np.moveaxis(ratio * scale[..., None], -1, 0)  # [l, p, c]
+    f = np.asarray(forecast, dtype=np.float64)
+    lower = f - radius
+    ready = np.logical_not(np.isnan(lower).any(axis=2)).tolist()  # [l][p]
+    return levels[order].tolist(), lower.tolist(), (f + radius).tolist(), ready
 
 
 def forecast_body(
@@ -193,33 +147,45 @@ def forecast_body(
     stamps: Sequence[schemas.TimestampOut | None],
     data: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """:func:`forecast` as the JSON-ready dict ``schemas.Forecast`` dumps to, without
-    pydantic models (for bulk responses: one per stream, where building and serialising the
-    models cost more than the rest of the stream's work); ``tests/service/test_intervals.py``
-    holds the two equal."""
-    found = bands(data, values)
+    """The forecast ``values [p][c]`` as the JSON-ready dict ``schemas.Forecast`` dumps to, with
+    the bounds learned so far: every level in ``intervals``, the highest also as
+    ``lower``/``upper`` (what the stream page draws). Plain dicts: a bulk response holds one per
+    stream, where building and serialising pydantic models cost more than the rest of the
+    stream's work."""
+    levels, lower, upper, ready = _bounds(data, values)
+    bands = list(zip(levels, lower, upper, ready, strict=True))
     rows = []
     for k, row in enumerate(values):
-        levels = [
+        shown = [
             {
-                "level": b.level,
-                "lower": dict(zip(targets, b.lower[k], strict=True)),
-                "upper": dict(zip(targets, b.upper[k], strict=True)),
+                "level": level,
+                "lower": dict(zip(targets, lo[k], strict=True)),
+                "upper": dict(zip(targets, up[k], strict=True)),
             }
-            for b in found
-            if not any(math.isnan(v) for v in b.lower[k])
+            for level, lo, up, has in bands
+            if has[k]
         ]
         rows.append(
             {
                 "step": k + 1,
                 "timestamp": stamps[k],
                 "values": dict(zip(targets, row, strict=True)),
-                "lower": levels[-1]["lower"] if levels else None,
-                "upper": levels[-1]["upper"] if levels else None,
-                "intervals": levels,
+                "lower": shown[-1]["lower"] if shown else None,
+                "upper": shown[-1]["upper"] if shown else None,
+                "intervals": shown,
             }
         )
     return {"columns": list(targets), "levels": sorted(_levels(data)), "rows": rows}
+
+
+def forecast(
+    targets: Sequence[str],
+    values: Sequence[Sequence[float]],
+    stamps: Sequence[schemas.TimestampOut | None],
+    data: dict[str, Any] | None,
+) -> schemas.Forecast:
+    """:func:`forecast_body` as the response model of the one-stream endpoints."""
+    return schemas.Forecast.model_validate(forecast_body(targets, values, stamps, data))
 
 
 def _levels(data: dict[str, Any] | None) -> list[float]:

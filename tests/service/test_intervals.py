@@ -15,7 +15,7 @@ import torch
 
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.intervals import DEFAULT_LEVELS, IntervalState, init_state, replay, update
-from service import intervals
+from service import intervals, schemas
 from service.settings import Settings
 from service.store import StreamRecord
 from tests.service.conftest import PRED_LEN, SEQ_LEN, Api, running, series
@@ -121,22 +121,21 @@ async def test_exported_stream_imports_with_its_intervals(api: Api) -> None:
     assert a == b and a["rows"][0]["intervals"]
 
 
-async def test_forecast_body_equals_the_forecast_model(api: Api) -> None:
-    """Bulk responses build the forecast as dicts (``intervals.forecast_body``): the same JSON
-    as the ``schemas.Forecast`` the one-stream endpoints return, before and after bounds are
-    learned, with a step still without bounds."""
+async def test_forecast_body_is_the_forecast_schema(api: Api) -> None:
+    """Responses build the forecast as dicts (``intervals.forecast_body``): valid
+    ``schemas.Forecast`` JSON that dumps back to itself, before and after bounds are learned,
+    with a step still without bounds (none listed for it)."""
     await served_forecasts(api, "s", series(N), interval_levels=[0.9, 0.5])
     record = await api.record("s")
     engine = api.app.state.engine
-    for data in (
-        None,
-        record.intervals,
-        {**record.intervals, "count": [[0.0, 0.0], *record.intervals["count"][1:]]},
-    ):
-        shown = record.replace(intervals=data)
-        model = engine.forecast_of(shown)
-        assert model is not None
-        assert engine.forecast_body(shown) == model.model_dump(mode="json")
+    step_one_unseen = {**record.intervals, "count": [[0.0, 0.0], *record.intervals["count"][1:]]}
+    for data, first_levels in ((None, []), (record.intervals, [0.5, 0.9]), (step_one_unseen, [])):
+        body = engine.forecast_body(record.replace(intervals=data))
+        assert body is not None
+        assert schemas.Forecast.model_validate(body).model_dump(mode="json") == body
+        assert [i["level"] for i in body["rows"][0]["intervals"]] == first_levels
+        assert (body["rows"][0]["lower"] is None) == (not first_levels)
+        assert [i["level"] for i in body["rows"][1]["intervals"]] == ([0.5, 0.9] if data else [])
 
 
 def _learn_alone(
