@@ -374,6 +374,125 @@ def advance(
     )
 
 
+def advance_many(
+    accs: Sequence[Accuracy],
+    spec: Spec,
+    steps_before: Sequence[int],
+    rows: Sequence[Sequence[Sequence[float]]],
+    forecasts: Sequence[Sequence[Sequence[float]] | None],
+) -> list[tuple[Accuracy, Scored]]:
+    """:func:`advance` for several streams of one spec (a bulk request's), equal to calling it
+    for each (``tests/service/test_accuracy.py``).
+
+    Why: scoring is a few dozen array operations on arrays of a few dozen values, so one call
+    per stream cost more than everything else a stream's observation needs on the event loop
+    but the response. The common case (one new row and a forecast to keep, a full window of
+    the spec's size, as many pending forecasts and matured values as the other streams: every
+    stream in steady state) is scored for all such streams in one set of operations; the rest
+    one by one."""
+    out: list[tuple[Accuracy, Scored] | None] = [None] * len(accs)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, acc in enumerate(accs):
+        if _batchable(acc, spec, rows[i], forecasts[i]):
+            assert acc.pending is not None and acc.matured is not None
+            groups.setdefault((len(acc.pending), len(acc.matured)), []).append(i)
+        else:
+            out[i] = advance(acc, spec, steps_before[i], rows[i], forecasts[i])
+    for members in groups.values():
+        for i, result in zip(
+            members, _advance_batch(accs, spec, steps_before, rows, forecasts, members), strict=True
+        ):
+            out[i] = result
+    return out  # type: ignore[return-value]
+
+
+def _batchable(
+    acc: Accuracy, spec: Spec, rows: Sequence[Sequence[float]], forecast: Sequence[Sequence[float]] | None
+) -> bool:
+    return (
+        len(rows) == 1
+        and forecast is not None
+        and spec.keep > 0
+        and acc.pending is not None
+        and acc.matured is not None
+        and acc.totals is not None
+        and acc.window is not None
+        and acc.window.data.shape[:2] == (spec.pred_len, spec.window)
+    )
+
+
+def _advance_batch(
+    accs: Sequence[Accuracy],
+    spec: Spec,
+    steps_before: Sequence[int],
+    rows: Sequence[Sequence[Sequence[float]]],
+    forecasts: Sequence[Sequence[Sequence[float]] | None],
+    members: list[int],
+) -> list[tuple[Accuracy, Scored]]:
+    """:func:`advance`'s loop body for ``members`` at once (axis ``b``), each with one row, ``k``
+    pending forecasts and ``m`` matured values (see :func:`advance_many`)."""
+    p, c, size = spec.pred_len, len(spec.targets), spec.window
+    pending = [accs[i].pending for i in members]
+    matured = [accs[i].matured for i in members]
+    origin = np.stack([q.origin for q in pending])  # type: ignore[union-attr]  # [b, k]
+    made_all = np.stack([q.forecast for q in pending])  # type: ignore[union-attr]  # [b, k, p, c]
+    last = np.stack([q.last for q in pending])  # type: ignore[union-attr]  # [b, k, c]
+    totals = np.stack([accs[i].totals for i in members])  # type: ignore[misc]  # [b, p, 5]
+    data = np.stack([accs[i].window.data for i in members])  # type: ignore[union-attr]  # [b, p, size, 4]
+    inserted = np.array([accs[i].window.inserted for i in members], dtype=np.int64)  # type: ignore[union-attr]
+    observed = np.array([rows[i][0] for i in members], dtype=np.float64)[
+        :, np.array(spec.targets, dtype=np.int64)
+    ]
+    s = np.array([steps_before[i] for i in members], dtype=np.int64) + 1  # [b]
+    b, k = origin.shape
+    streams = np.arange(b)[:, None]
+    step = s[:, None] - origin - 1  # [b, k]
+    made = made_all[streams, np.arange(k)[None, :], step]  # [b, k, c]
+    errors, naive = made - observed[:, None], last - observed[:, None]
+    abs_errors, abs_naive = np.abs(errors), np.abs(naive)
+    sums = np.empty((b, k, 5))
+    sums[..., 0] = c
+    sums[..., 1] = abs_errors.sum(2)
+    sums[..., 2] = (errors**2).sum(2)
+    sums[..., 3] = abs_naive.sum(2)
+    sums[..., 4] = (naive**2).sum(2)
+    totals[streams, step] += sums  # a stream's steps are distinct
+    data[streams, step, inserted[streams, step] % size] = sums[..., 1:] / c
+    inserted[streams, step] += 1
+    row_errors = np.full((b, p, c), math.nan)
+    row_errors[streams, step] = abs_errors
+    std = np.array(spec.std, dtype=np.float64)
+    scaled, scaled_naive = (
+        (abs_errors / std).reshape(b, -1).tolist(),
+        (abs_naive / std).reshape(b, -1).tolist(),
+    )
+    closest = np.argmin(step, axis=1)  # [b]
+    new_step = step[np.arange(b), closest] + 1
+    new_values = made[np.arange(b), closest]  # [b, c]
+    live = origin + p > s[:, None]  # [b, k]
+    forecast = np.array([forecasts[i] for i in members], dtype=np.float64).reshape(b, 1, p, c)
+    keep = spec.keep
+    out = []
+    for j in range(b):
+        alive = live[j]
+        acc = Accuracy(
+            pending=Pending(
+                np.append(origin[j][alive], s[j]),
+                np.concatenate([made_all[j][alive], forecast[j]]),
+                np.concatenate([last[j][alive], observed[j : j + 1]]),
+            ),
+            totals=totals[j].copy(),
+            window=Ring(data[j].copy(), tuple(inserted[j].tolist())),
+            matured=MaturedRows(
+                np.append(matured[j].index, s[j])[-keep:],  # type: ignore[union-attr]
+                np.append(matured[j].step, new_step[j])[-keep:],  # type: ignore[union-attr]
+                np.concatenate([matured[j].values, new_values[j : j + 1]])[-keep:],  # type: ignore[union-attr]
+            ),
+        )
+        out.append((acc, Scored(scaled[j], scaled_naive[j], [row_errors[j].tolist()])))
+    return out
+
+
 @dataclass(frozen=True)
 class Summary:
     """MAE and MSE of the served and of the last-value forecasts over some scored values."""

@@ -23,7 +23,7 @@ from models.combination import EXPERTS
 from models.online import UpdateMode
 from models.state_io import STATE_SCHEMA_VERSION
 from service import intervals, schemas
-from service.accuracy import Accuracy, Scored, Spec, advance, history_rows, report
+from service.accuracy import Accuracy, Scored, Spec, advance_many, history_rows, report
 from service.batching import Batcher
 from service.compute import Step, combination_weights, compute, recent_values
 from service.errors import (
@@ -364,23 +364,24 @@ class Engine:
         stream; the interval radii are learned for all streams of a model at once
         (:func:`service.intervals.learn_many`, equal to learning them one by one)."""
         outcomes: list[tuple[StreamRecord, Scored] | ServiceError | None] = [None] * len(work)
-        scored_by_model: dict[str, list[tuple[int, Accuracy, Scored]]] = {}
+        by_model: dict[str, list[int]] = {}
         for k, (record, plan, step, model) in enumerate(work):
             try:
                 self._check_dating(record, plan, step, prefix)
             except InvalidObservation as exc:
                 outcomes[k] = exc
                 continue
-            scores, scored = advance(
-                Accuracy.from_json(record.accuracy),
+            by_model.setdefault(model.name, []).append(k)
+        for members in by_model.values():
+            model = work[members[0]][3]
+            scores_of = advance_many(
+                [Accuracy.from_json(work[k][0].accuracy) for k in members],
                 self.accuracy_spec(model),
-                record.steps,
-                plan.rows,
-                step.forecast,
+                [work[k][0].steps for k in members],
+                [work[k][1].rows for k in members],
+                [work[k][2].forecast for k in members],
             )
-            scored_by_model.setdefault(model.name, []).append((k, scores, scored))
-        for entries in scored_by_model.values():
-            model = work[entries[0][0]][3]
+            entries = [(k, scores, scored) for k, (scores, scored) in zip(members, scores_of, strict=True)]
             learned = intervals.learn_many(
                 [work[k][0].intervals for k, _, _ in entries],
                 model.pred_len,

@@ -5,16 +5,19 @@ since creation and over the recent window, on either store and through the cross
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import torch
 
 from models import Feedback, UpdateMode
 from models.checkpoint import Checkpoint, load_checkpoint
-from service.accuracy import Accuracy, Spec, advance, recent
+from service import accuracy
+from service.accuracy import Accuracy, Spec, advance, advance_many, recent
 from service.settings import Settings
 from service.store import StreamRecord
 from tests.service.conftest import PRED_LEN, SEQ_LEN, Api, running, series
@@ -168,6 +171,42 @@ def test_accuracy_round_trips_json_and_bounds_its_size() -> None:
     assert len(acc.pending) == 3 and len(acc.matured) == 5
     assert scored.errors == [1.0 / 2.0, 0.0, 0.0]  # steps 3, 2, 1 of the pending forecasts, / std
     assert acc.totals[0][0] == 19 and acc.totals[0][1] == 0.0 and acc.totals[2][1] == 17.0
+
+
+def test_advance_many_equals_advancing_each_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams at every stage (fresh, warming up, steady state with different windows, several
+    rows at once, no forecast kept) scored together equal each scored alone, bit for bit, over
+    many rounds; the steady-state ones are scored as one batch."""
+    spec = Spec(targets=(2, 0), std=(2.0, 0.5), pred_len=4, window=6, keep=7)
+    rng = random.Random(3)
+    batches: list[int] = []
+    batch = accuracy._advance_batch
+    monkeypatch.setattr(accuracy, "_advance_batch", lambda *a: batches.append(len(a[-1])) or batch(*a))
+    accs, steps = [Accuracy() for _ in range(9)], [0] * 9
+    for round_ in range(40):
+        rows, forecasts = [], []
+        for i in range(9):
+            n = 0 if (i == 7 and round_ % 3 == 0) else 3 if (i == 8 and round_ % 4 == 0) else 1
+            rows.append([[rng.gauss(0, 3) for _ in range(3)] for _ in range(n)])
+            forecasts.append(
+                None if i == 6 and round_ % 5 == 0 else [[rng.gauss(0, 3)] * 2 for _ in range(4)]
+            )
+        if round_ == 0:
+            accs[:4] = [advance(Accuracy(), spec, 0, [[1.0, 2.0, 3.0]], [[0.5, 0.5]] * 4)[0]] * 4
+            steps[:4] = [1] * 4
+        together = advance_many(accs, spec, steps, rows, forecasts)
+        for i in range(9):
+            alone, scored = advance(accs[i], spec, steps[i], rows[i], forecasts[i])
+            acc_many, scored_many = together[i]
+            assert orjson.dumps(acc_many.to_json()) == orjson.dumps(alone.to_json()), (round_, i)
+            assert scored_many.errors == scored.errors, (round_, i)
+            assert scored_many.last_value_errors == scored.last_value_errors, (round_, i)
+            assert np.array_equal(
+                np.array(scored_many.abs_errors), np.array(scored.abs_errors), equal_nan=True
+            ), (round_, i)
+            accs[i], steps[i] = acc_many, steps[i] + len(rows[i])
+    assert all(len(a.pending or ()) == 4 for a in accs[:6]) and accs[0].window.filled() == [6] * 4  # type: ignore[union-attr]
+    assert max(batches) >= 6 and sum(batches) > 200
 
 
 def test_ring_reads_the_window_of_older_records_and_follows_the_setting() -> None:
