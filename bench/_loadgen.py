@@ -72,15 +72,24 @@ class Probe:
         return int(total)
 
     def cpu(self) -> tuple[float, float]:
-        """(CPU seconds of the main thread: event loop, HTTP, validation, store client;
-        CPU seconds of the other threads: model computation, state encoding)."""
+        """(CPU seconds of the main threads: event loop, HTTP, validation, store client;
+        CPU seconds of the other threads: model computation, state encoding), summed over the
+        server and its worker processes (``MEMCAST_PROCESSES``)."""
         main = other = 0.0
-        for t in self.process.threads():
-            if t.id == self.process.pid:
-                main += t.user_time + t.system_time
-            else:
-                other += t.user_time + t.system_time
+        for process in (self.process, *self.process.children(recursive=True)):
+            for t in process.threads():
+                if t.id == process.pid:
+                    main += t.user_time + t.system_time
+                else:
+                    other += t.user_time + t.system_time
         return main, other
+
+    def redis_cpu(self) -> float | None:
+        """CPU seconds Redis has used (its own ``INFO cpu``, every thread)."""
+        if self.redis is None:
+            return None
+        info = self.redis.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
     def commandstats(self) -> dict[str, int]:
         if self.redis is None:
@@ -328,18 +337,20 @@ async def client_main(spec: dict[str, Any]) -> dict[str, Any]:
                 for c in spec["concurrency"]:
                     if c > n or time.time() > spec["deadline"]:
                         continue
-                    stats0, batch0, cpu0, mine0 = (
+                    stats0, batch0, cpu0, mine0, redis0 = (
                         probe.commandstats(),
                         await batch_histogram(client),
                         probe.cpu(),
                         me.cpu_times(),
+                        probe.redis_cpu(),
                     )
                     cell = await run_cell(spec["url"], streams, n, c, mode, spec)
-                    stats1, batch1, cpu1, mine1 = (
+                    stats1, batch1, cpu1, mine1, redis1 = (
                         probe.commandstats(),
                         await batch_histogram(client),
                         probe.cpu(),
                         me.cpu_times(),
+                        probe.redis_cpu(),
                     )
                     obs = max(cell["observations"], 1)
                     trips, commands, per_command = round_trips(stats0, stats1)
@@ -356,6 +367,7 @@ async def client_main(spec: dict[str, Any]) -> dict[str, Any]:
                         server_loop_cpu_s=cpu1[0] - cpu0[0],
                         server_model_cpu_s=cpu1[1] - cpu0[1],
                         client_cpu_s=(mine1.user + mine1.system) - (mine0.user + mine0.system),
+                        redis_cpu_s=redis1 - redis0 if redis0 is not None and redis1 is not None else None,
                         rss_bytes=probe.rss(),
                     )
                     result["cells"].append(cell)
@@ -363,8 +375,13 @@ async def client_main(spec: dict[str, Any]) -> dict[str, Any]:
                     print(
                         f"  {mode:12s} N={n:<5d} C={c:<3d} {cell['obs_per_s']:8.1f} obs/s  p50 {lat['p50']:7.1f} "
                         f"p95 {lat['p95']:7.1f} p99 {lat['p99']:7.1f} ms  errors {cell['errors']}  "
-                        f"state {cell['state_bytes']} B"
-                        + (f"  redis {cell['redis_round_trips_per_obs']:.2f} rt/obs" if probe.redis else ""),
+                        f"state {cell['state_bytes']} B  server CPU {cell['server_cpu_s'] * 1000 / obs:.2f} ms/obs"
+                        + (
+                            f"  redis {cell['redis_round_trips_per_obs']:.2f} rt/obs, "
+                            f"CPU {cell['redis_cpu_s'] * 1000 / obs:.2f} ms/obs"
+                            if probe.redis
+                            else ""
+                        ),
                         flush=True,
                     )
             result["memory"].append(
