@@ -6,9 +6,11 @@ stream's items applied all or none), learned from by ``models.online`` and writt
 compare-and-set. Streams are independent: one stream's error is reported on its items and
 never fails another stream. The request is refused as a whole only when its body is.
 
-Store round trips per request: one read of every stream (:meth:`StateStore.get_many`) and one
-write of every changed stream (:meth:`StateStore.write_many`, one compare-and-set per stream);
-only streams that lost a race are read and computed again. Model calls: one per (model,
+Store round trips per request: one read of every stream (:meth:`StateStore.get_many`; for a
+stream whose record this process holds, :meth:`StateStore.confirm_many` checks its version
+instead, at the same time) and one write of every changed stream
+(:meth:`StateStore.write_many`, one compare-and-set per stream); only streams that lost a race
+are read and computed again. Model calls: one per (model,
 update mode) group (:func:`service.compute.compute_many`).
 """
 
@@ -56,7 +58,6 @@ class _Stream:
     plan: Plan | None = None
     mode: str | None = None
     created: bool = False
-    trust_hint: bool = True  # start from the store's hint (service/store/cache.py), once
 
 
 @dataclass
@@ -68,7 +69,6 @@ class _Job:
     model: LoadedModel
     mode: UpdateMode
     plan: Plan
-    hinted: bool  # ``current`` is the store's hint: any outcome but a write is re-read first
     step: Step | None = None
 
 
@@ -143,64 +143,53 @@ class BulkRequest:
                 await stack.enter_async_context(self.engine.locks.hold(sid))
             retries, attempt = self.engine.settings.store_retries, 0
             while todo and attempt < retries:
-                lost, stale = await self._attempt(todo)
-                todo = lost + stale
-                if lost:  # a stale hint is read again at once, without counting as a lost race
-                    attempt += 1
-                    if attempt < retries:
-                        self.engine.metrics.retry()
-                        await asyncio.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
+                todo = await self._attempt(todo)
+                attempt += 1
+                if todo and attempt < retries:
+                    self.engine.metrics.retry()
+                    await asyncio.sleep(random.uniform(0, min(0.1, 0.002 * 2**attempt)))
             for stream in todo:
                 stream.error = StoreContention(
                     f"stream {stream.stream_id!r} is being updated concurrently; try again"
                 )
         return self.response()
 
-    async def _read(self, streams: list[_Stream]) -> list[tuple[StreamRecord | None, bool]]:
-        """Each stream's record and whether it is the store's hint: hints where the store has
-        them (first attempt only), one round trip for the rest."""
+    async def _read(self, streams: list[_Stream]) -> list[StreamRecord | None]:
+        """Each stream's current record: the records this process holds (the store's hints,
+        ``service/store/cache.py``) confirmed by version, the others read; two store round
+        trips at most, the confirmations moving a few bytes per stream."""
         store = self.engine.store
-        hints = [store.hint(s.stream_id) if s.trust_hint else None for s in streams]
-        for stream in streams:
-            stream.trust_hint = False
+        hints = [store.hint(s.stream_id) for s in streams]
+        held = [hint for hint in hints if hint is not None]
         missing = [s.stream_id for s, hint in zip(streams, hints, strict=True) if hint is None]
-        fetched = iter(await store.get_many(missing) if missing else [])
-        return [(hint, True) if hint is not None else (next(fetched), False) for hint in hints]
+        confirmed, fetched = await asyncio.gather(
+            store.confirm_many(held) if held else _nothing(),
+            store.get_many(missing) if missing else _nothing(),
+        )
+        confirmed_it, fetched_it = iter(confirmed), iter(fetched)
+        return [next(confirmed_it) if hint is not None else next(fetched_it) for hint in hints]
 
-    async def _attempt(self, streams: list[_Stream]) -> tuple[list[_Stream], list[_Stream]]:
-        """Read, plan, compute and write ``streams``; return those that lost a race, and those
-        whose hint was stale or answered without a write (both read again)."""
+    async def _attempt(self, streams: list[_Stream]) -> list[_Stream]:
+        """Read, plan, compute and write ``streams``; return those that lost a race."""
         store = self.engine.store
         jobs: list[_Job] = []
-        stale: list[_Stream] = []
-        for stream, (record, hinted) in zip(streams, await self._read(streams), strict=True):
+        for stream, record in zip(streams, await self._read(streams), strict=True):
             try:
-                job = self._job(stream, record, hinted)
-            except ServiceError as exc:  # on a hint: perhaps only its own, read again
-                if hinted:
-                    stale.append(stream)
-                else:
-                    stream.error = exc
+                job = self._job(stream, record)
+            except ServiceError as exc:
+                stream.error = exc
                 continue
-            if job is None and hinted:  # every item a duplicate: answered from a fresh read only
-                stale.append(stream)
-            elif job is None:
+            if job is None:
                 assert stream.plan is not None and stream.mode is not None
                 self.engine.metrics.applied(stream.mode, 0, len(stream.plan.statuses), None)
             else:
                 jobs.append(job)
         await self._compute(jobs)
         writes: list[tuple[_Job, StreamRecord, Scored]] = []
-        for job in jobs:
-            if job.step is None and job.hinted:  # failed on the hint's state: try the current one
-                stale.append(job.stream)
-                job.stream.error = None
         stepped = [(job, job.step) for job in jobs if job.step is not None]
         nexts = self.engine.next_records([(j.current, j.plan, step, j.model) for j, step in stepped])
         for (job, _), following in zip(stepped, nexts, strict=True):
-            if isinstance(following, ServiceError) and job.hinted:
-                stale.append(job.stream)
-            elif isinstance(following, ServiceError):
+            if isinstance(following, ServiceError):
                 job.stream.error = following
             else:
                 writes.append((job, *following))
@@ -208,9 +197,9 @@ class BulkRequest:
         lost: list[_Stream] = []
         for (job, _, scored), outcome in zip(writes, outcomes, strict=True):
             stream = job.stream
-            if outcome is None or (isinstance(outcome, StreamNotFound) and job.hinted):
+            if outcome is None:
                 stream.created = False
-                (stale if job.hinted else lost).append(stream)
+                lost.append(stream)
             elif isinstance(outcome, StreamNotFound):
                 stream.error = outcome
             else:
@@ -220,9 +209,9 @@ class BulkRequest:
                     job.mode.value, applied, len(job.plan.statuses) - applied, len(outcome.state)
                 )
                 self.engine.metrics.scored(outcome.model, job.mode.value, scored)
-        return lost, stale
+        return lost
 
-    def _job(self, stream: _Stream, record: StreamRecord | None, hinted: bool) -> _Job | None:
+    def _job(self, stream: _Stream, record: StreamRecord | None) -> _Job | None:
         """Plan one stream; ``None`` when nothing is to be written (every item a duplicate)."""
         engine, req = self.engine, self.req
         if record is None:
@@ -242,7 +231,7 @@ class BulkRequest:
         if not plan.rows:  # every item a duplicate (never so for a new stream)
             stream.record, stream.plan, stream.mode = record, plan, mode.value
             return None
-        return _Job(stream, record, model, mode, plan, hinted)
+        return _Job(stream, record, model, mode, plan)
 
     async def _new_stream_template(self, spec: schemas.BulkCreate) -> tuple[StreamRecord, LoadedModel]:
         """A new stream's record (without its id): every new stream of one model and mode
@@ -396,6 +385,10 @@ def _reindex(plan: Plan, order: list[int]) -> Plan:
     ordered = sorted(order)
     statuses = [plan.statuses[position[i]] for i in ordered]
     return Plan(plan.rows, statuses, plan.last_timestamp, plan.last_values_hash, plan.recent)
+
+
+async def _nothing() -> list[StreamRecord | None]:
+    return []
 
 
 def _timestamp_out(ts: int | datetime) -> int | str:

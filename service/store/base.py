@@ -182,6 +182,12 @@ class StateStore(Protocol):
         """The current record of each stream (``None`` where there is none), in one round trip."""
         ...
 
+    async def confirm_many(self, hints: Sequence[StreamRecord]) -> list[StreamRecord | None]:
+        """The current record of each hint's stream (``None`` where there is none), in one round
+        trip: the hint itself where its version and incarnation are still the stored ones, so
+        that a hint kept by this process is checked without reading the record again."""
+        ...
+
     async def write_many(self, writes: Sequence[tuple[StreamRecord, int]]) -> list[WriteOutcome]:
         """Compare-and-set each ``(record, expected_version)`` (as :meth:`compare_and_set`; an
         expected version 0 creates the stream if absent, with a fresh incarnation), in one round

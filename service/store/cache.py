@@ -7,9 +7,12 @@ quarter of the event loop's CPU per bulk observation (``bench.bulk``: 1.43 -> 1.
 it), while it nearly always returned what this very process had written a moment before. A hint is never trusted on its own: the compare-and-set
 that writes the next record checks the version and incarnation the hint carries, so a hint
 another replica made stale costs one recomputation from a fresh read
-(:func:`~service.store.base.update_stream`, ``service.bulk``), and an answer that writes
-nothing (every observation a duplicate) is only given from a fresh read. Reads that answer a
-client (``GET``) never use it.
+(:func:`~service.store.base.update_stream`), and an answer that writes nothing (every
+observation a duplicate) is only given from a fresh read. A bulk request (``service.bulk``)
+confirms its hints before computing (``StateStore.confirm_many``: a check of two small fields
+per stream, the record read only where it is stale), so that with several server processes,
+each holding the streams it served last, a stale hint costs a read, not a wasted model step.
+Reads that answer a client (``GET``) never use it.
 
 When a record does not fit in ``max_bytes`` (the records' encoded size), the entries written
 longest ago make room only if that was more than ``min_age_s`` ago; otherwise the new record is

@@ -53,6 +53,9 @@ class EmbeddedStore:
         with self._lock:
             return [self._records.get(stream_id) for stream_id in stream_ids]
 
+    async def confirm_many(self, hints: Sequence[StreamRecord]) -> list[StreamRecord | None]:
+        return await self.get_many([hint.stream_id for hint in hints])
+
     async def write_many(self, writes: Sequence[tuple[StreamRecord, int]]) -> list[WriteOutcome]:
         outcomes: list[WriteOutcome] = []
         with self._lock:

@@ -61,6 +61,14 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return 1
 """
 
+# ARGV: the version and incarnation of the record this process holds (JSON-encoded, as
+# stored): 1 while they are still the stored ones, else the stored fields (0: no stream)
+_READ_IF_CHANGED = """
+local current = redis.call('HMGET', KEYS[1], 'version', 'incarnation')
+if not current[1] then return 0 end
+if current[1] == ARGV[1] and (current[2] or '""') == ARGV[2] then return 1 end
+return redis.call('HGETALL', KEYS[1])
+"""
 
 # ARGV: the version and incarnation read (JSON-encoded, as stored): a stream written or
 # re-created since is kept
@@ -125,6 +133,7 @@ class RedisStore:
         self._delete_if_unchanged = self._redis.register_script(_DELETE_IF_UNCHANGED)
         self._write = self._redis.register_script(_WRITE)
         self._delete = self._redis.register_script(_DELETE)
+        self._read_if_changed = self._redis.register_script(_READ_IF_CHANGED)
         # a cluster client refuses scripts in pipelines and scans node by node
         self._cluster = isinstance(self._redis, aioredis.RedisCluster)
         # hints for the next write (service/store/cache.py); 0: every write reads first
@@ -140,6 +149,7 @@ class RedisStore:
             self._delete,
             self._delete_if_unchanged,
             self._put_snapshot,
+            self._read_if_changed,
         )
 
     def key(self, stream_id: str) -> str:
@@ -227,9 +237,7 @@ class RedisStore:
         return records
 
     async def write_many(self, writes: Sequence[tuple[StreamRecord, int]]) -> list[WriteOutcome]:
-        """One pipeline of per-stream write scripts, sent as EVALSHA (a Redis that lost its
-        script cache answers NOSCRIPT for a command it did not run: those are loaded and sent
-        again)."""
+        """One pipeline of per-stream write scripts (:meth:`_run_many`)."""
         stored = [
             r.replace(version=1, incarnation=new_incarnation()) if v == 0 else r.replace(version=v + 1)
             for r, v in writes
@@ -243,39 +251,10 @@ class RedisStore:
             )
             for (r, v), s in zip(writes, stored, strict=True)
         ]
-        pending = list(range(len(commands)))
-        replies: list[object] = [None] * len(commands)
-        if self._cluster:  # one script call per stream, each to its node, all in flight at once
-            async with self._translate():
-                answers = await asyncio.gather(
-                    *(
-                        self._write(keys=[key], args=[version, incarnation, *fields])
-                        for key, version, incarnation, fields in commands
-                    ),
-                    return_exceptions=True,
-                )
-            for answer in answers:
-                if isinstance(answer, BaseException):
-                    async with self._translate():
-                        raise answer
-            replies = list(answers)
-            pending = []
-        async with self._translate():
-            for _ in range(2 if pending else 0):
-                pipe = self._redis.pipeline(transaction=False)
-                for i in pending:
-                    key, version, incarnation, fields = commands[i]
-                    pipe.evalsha(self._write.sha, 1, key, version, incarnation, *fields)
-                answers = await pipe.execute(raise_on_error=False)
-                for i, answer in zip(pending, answers, strict=True):
-                    replies[i] = answer
-                pending = [i for i in pending if isinstance(replies[i], NoScriptError)]
-                if not pending:
-                    break
-                await self._redis.script_load(_WRITE)
-            for answer in replies:
-                if isinstance(answer, Exception):
-                    raise answer
+        replies = await self._run_many(
+            self._write,
+            [(key, [version, incarnation, *fields]) for key, version, incarnation, fields in commands],
+        )
         outcomes: list[WriteOutcome] = []
         for (record, _), reply, new, command in zip(writes, replies, stored, commands, strict=True):
             if reply == 1:
@@ -287,6 +266,62 @@ class RedisStore:
             else:
                 outcomes.append(new if reply == 1 else None)
         return outcomes
+
+    async def confirm_many(self, hints: Sequence[StreamRecord]) -> list[StreamRecord | None]:
+        """One pipeline of per-stream scripts that answer 1 for a hint still current and the
+        record's fields otherwise: a check of two small fields where a read would move the
+        whole record (about 140 KB) and decode it."""
+        replies = await self._run_many(
+            self._read_if_changed,
+            [(self.key(h.stream_id), [json.dumps(h.version), json.dumps(h.incarnation)]) for h in hints],
+        )
+        records: list[StreamRecord | None] = []
+        for hint, reply in zip(hints, replies, strict=True):
+            if reply == 1:
+                records.append(hint)
+            elif not reply:
+                self._forget(hint.stream_id)
+                records.append(None)
+            else:
+                flat = cast(list[bytes], reply)
+                records.append(self._read(dict(zip(flat[::2], flat[1::2], strict=True))))
+        return records
+
+    async def _run_many(
+        self, script: AsyncScript, calls: Sequence[tuple[str, Sequence[bytes | str]]]
+    ) -> list[object]:
+        """``script`` once per ``(key, args)``, in one pipeline sent as EVALSHA (a Redis that lost
+        its script cache answers NOSCRIPT for a command it did not run: those are loaded and
+        sent again); on a cluster, one call per key, all in flight at once."""
+        if self._cluster:
+            async with self._translate():
+                answers = await asyncio.gather(
+                    *(script(keys=[key], args=list(args)) for key, args in calls), return_exceptions=True
+                )
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    async with self._translate():
+                        raise answer
+            return list(answers)
+        pending = list(range(len(calls)))
+        replies: list[object] = [None] * len(calls)
+        async with self._translate():
+            for _ in range(2 if pending else 0):
+                pipe = self._redis.pipeline(transaction=False)
+                for i in pending:
+                    key, args = calls[i]
+                    pipe.evalsha(script.sha, 1, key, *args)
+                answers = await pipe.execute(raise_on_error=False)
+                for i, answer in zip(pending, answers, strict=True):
+                    replies[i] = answer
+                pending = [i for i in pending if isinstance(replies[i], NoScriptError)]
+                if not pending:
+                    break
+                await self._redis.script_load(script.script)
+            for answer in replies:
+                if isinstance(answer, Exception):
+                    raise answer
+        return replies
 
     async def delete(self, stream_id: str) -> None:
         self._forget(stream_id)

@@ -150,6 +150,22 @@ async def test_bulk_reads_and_writes_keep_the_hints(replicas: tuple[RedisStore, 
     assert lost[0] == one.hint("a") and lost[0] is not None and lost[0].version == 2
 
 
+async def test_bulk_confirms_its_hints_and_reads_only_the_stale(
+    replicas: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A confirmation moves two small fields per current hint and the whole record only for a
+    stream written by another replica since: never a record read for a hint still current."""
+    one, two = replicas
+    a, b = await one.write_many([(record("a"), 0), (record("b"), 0)])
+    assert a is not None and b is not None and not isinstance(a, StreamNotFound)
+    [b2] = await two.write_many([(b.replace(steps=5), b.version)])  # type: ignore[union-attr]
+    reads: list[int] = []
+    read = one._read
+    monkeypatch.setattr(one, "_read", lambda fields: reads.append(1) or read(fields))
+    assert await one.confirm_many([a, b]) == [a, b2]  # type: ignore[list-item]
+    assert reads == [1] and one.hint("b") == b2  # only b read, and now held
+
+
 async def test_a_refusal_is_given_from_a_fresh_read_only(replicas: tuple[RedisStore, RedisStore]) -> None:
     """Replica two resets the stream behind one's back: one's hint still shows observations,
     and a request refused for them would be refused wrongly."""

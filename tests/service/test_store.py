@@ -203,6 +203,7 @@ async def test_cluster_lua_scripts_keys_in_one_slot(
             assert await store.compare_and_set(created.replace(steps=9), expected_version=1) is None
             [written] = await store.write_many([(stored.replace(steps=2), 2)])
             assert isinstance(written, StreamRecord)
+            assert await store.confirm_many([written, stored]) == [written, written]
             await store.put_snapshot(Snapshot("s1", "2026-01-01T00:00:00+00:00", written))
             assert not await store.delete_if_unchanged(stored)  # written since
             await store.delete(stream_id)

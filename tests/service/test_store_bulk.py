@@ -44,6 +44,19 @@ async def test_write_many_refuses_another_incarnation(store: StateStore) -> None
     assert (await store.get("x")).mode == "none"
 
 
+@with_cluster
+async def test_confirm_many_answers_each_stream_as_it_is_now(store: StateStore) -> None:  # noqa: F811
+    """A record still current comes back as given; one written, deleted or re-created since
+    comes back as stored (None: gone)."""
+    a, b, c, d = [await store.create(record(s)) for s in "abcd"]
+    [b2] = await store.write_many([(b.replace(steps=4), b.version)])
+    await store.delete("c")
+    await store.delete("d")
+    d2 = await store.create(record("d", mode="none"))
+    assert await store.confirm_many([a, b, c, d]) == [a, b2, None, d2]
+    assert await store.confirm_many([]) == []
+
+
 async def test_write_many_reloads_a_flushed_script_cache(redis_url: str) -> None:
     redis_store = RedisStore(redis_url, prefix="test")
     try:
@@ -51,5 +64,7 @@ async def test_write_many_reloads_a_flushed_script_cache(redis_url: str) -> None
         redis.Redis.from_url(redis_url).script_flush()
         [outcome] = await redis_store.write_many([(a.replace(steps=2), a.version)])
         assert outcome is not None and not isinstance(outcome, StreamNotFound) and outcome.steps == 2
+        redis.Redis.from_url(redis_url).script_flush()
+        assert await redis_store.confirm_many([outcome, a]) == [outcome, outcome]
     finally:
         await redis_store.aclose()
