@@ -399,6 +399,10 @@ def advance_many(
         else:
             out[i] = advance(acc, spec, steps_before[i], rows[i], forecasts[i])
     for members in groups.values():
+        if len(members) == 1:  # (a batch of one costs more than the call it replaces)
+            i = members[0]
+            out[i] = advance(accs[i], spec, steps_before[i], rows[i], forecasts[i])
+            continue
         for i, result in zip(
             members, _advance_batch(accs, spec, steps_before, rows, forecasts, members), strict=True
         ):
