@@ -67,7 +67,11 @@ def learn_many(
         ratios, scales, counts = [], [], []
         for i in members:
             data = datas[i]
-            if data is not None and data.get("ratio") is not None:
+            if isinstance(data, _Learned):
+                ratios.append(data.ratio)
+                scales.append(data.scale)
+                counts.append(data.count)
+            elif data is not None and data.get("ratio") is not None:
                 ratios.append(data["ratio"])
                 scales.append(data["scale"])
                 counts.append(data["count"])
@@ -91,17 +95,32 @@ def learn_many(
         for t in range(rows):
             state = update(state, matured[:, t], lv)
         seen = state.count > 0
-        ratio_out = state.ratio.tolist()
-        scale_out = torch.where(seen, state.scale, torch.zeros_like(state.scale)).tolist()
-        count_out = state.count.tolist()
+        arrays = (
+            state.ratio.numpy(),
+            torch.where(seen, state.scale, torch.zeros_like(state.scale)).numpy(),
+            state.count.numpy(),
+        )
+        lists = [array.tolist() for array in arrays]
         for j, i in enumerate(members):
-            out[i] = {
-                "levels": list(key),
-                "ratio": ratio_out[j],
-                "scale": scale_out[j],
-                "count": count_out[j],
-            }
+            data = {"levels": list(key), "ratio": lists[0][j], "scale": lists[1][j], "count": lists[2][j]}
+            out[i] = _Learned(data, *(array[j].copy() for array in arrays))
     return out  # type: ignore[return-value]
+
+
+class _Learned(dict[str, Any]):
+    """:func:`learn_many`'s JSON dict for one stream, holding its ratio ``[p, c, l]``, scale and
+    count ``[p, c]`` as the arrays they were made from: a record kept in process (the Redis
+    store's hints) is learned from and served again without reading nested lists back into
+    arrays, which cost more than the learning. Plain JSON to everything else (a ``dict``,
+    equal to one)."""
+
+    __slots__ = ("count", "ratio", "scale")
+
+    def __init__(self, data: dict[str, Any], ratio: np.ndarray, scale: np.ndarray, count: np.ndarray) -> None:
+        super().__init__(data)
+        for array in (ratio, scale, count):
+            array.flags.writeable = False
+        self.ratio, self.scale, self.count = ratio, scale, count
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,9 +150,14 @@ def _bounds(data: dict[str, Any] | None, forecast: Sequence[Sequence[float]]) ->
         return [], [], [], []
     levels = np.asarray(data["levels"], dtype=np.float64)
     order = np.argsort(levels, kind="stable")
-    count = np.asarray(data["count"], dtype=np.float64)
-    scale = np.where(count > 0, np.asarray(data["scale"], dtype=np.float64), math.nan)  # [p, c]
-    ratio = np.asarray(data["ratio"], dtype=np.float64)[..., order]  # [p, c, l]
+    if isinstance(data, _Learned):
+        count, scale, ratio = data.count, data.scale, data.ratio
+    else:
+        count = np.asarray(data["count"], dtype=np.float64)
+        scale = np.asarray(data["scale"], dtype=np.float64)
+        ratio = np.asarray(data["ratio"], dtype=np.float64)
+    scale = np.where(count > 0, scale, math.nan)  # [p, c]
+    ratio = ratio[..., order]  # [p, c, l]
     radius = np.moveaxis(ratio * scale[..., None], -1, 0)  # [l, p, c]
     f = np.asarray(forecast, dtype=np.float64)
     lower = f - radius

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import torch
 
@@ -189,4 +190,17 @@ def test_learn_many_equals_learn_one_by_one() -> None:
     datas = [None, intervals.initial([0.5]), learned, learned, intervals.initial([0.8, 0.95]), learned]
     errors = [rows(3, 0.7), rows(1, 0.9), rows(2, 0.5), rows(1, 0.0), rows(4, 1.0), rows(0, 1.0)]
     expected = [_learn_alone(d, p, c, e) for d, e in zip(datas, errors, strict=True)]
-    assert intervals.learn_many(datas, p, c, errors) == expected
+    first = intervals.learn_many(datas, p, c, errors)
+    assert first == expected
+    # learned again from its own output (arrays kept in process) or from the output's JSON (a
+    # record read back from Redis): the same radii and the same served bounds
+    again = intervals.learn_many(first, p, c, errors)
+    as_json = [orjson.loads(orjson.dumps(d)) for d in first]
+    assert any(type(d) is not dict for d in first) and all(type(d) is dict for d in as_json)
+    assert again == intervals.learn_many(as_json, p, c, errors)
+    forecast = [[rng.gauss(0, 5) for _ in range(c)] for _ in range(p)]
+    for learned_i, read in zip(again, (orjson.loads(orjson.dumps(d)) for d in again), strict=True):
+        body = intervals.forecast_body(TARGETS, forecast, [None] * p, learned_i)
+        assert orjson.dumps(body) == orjson.dumps(
+            intervals.forecast_body(TARGETS, forecast, [None] * p, read)
+        )
