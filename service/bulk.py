@@ -195,6 +195,7 @@ class BulkRequest:
                 writes.append((job, *following))
         outcomes = await store.write_many([(new, job.current.version) for job, new, _ in writes])
         lost: list[_Stream] = []
+        scored_by: dict[tuple[str, str], list[Scored]] = {}
         for (job, _, scored), outcome in zip(writes, outcomes, strict=True):
             stream = job.stream
             if outcome is None:
@@ -208,7 +209,9 @@ class BulkRequest:
                 self.engine.metrics.applied(
                     job.mode.value, applied, len(job.plan.statuses) - applied, len(outcome.state)
                 )
-                self.engine.metrics.scored(outcome.model, job.mode.value, scored)
+                scored_by.setdefault((outcome.model, job.mode.value), []).append(scored)
+        for (model, mode), scores in scored_by.items():
+            self.engine.metrics.scored(model, mode, *scores)
         return lost
 
     def _job(self, stream: _Stream, record: StreamRecord | None) -> _Job | None:

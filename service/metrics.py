@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.accuracy import Scored
@@ -104,9 +104,16 @@ class Metrics:
         if state_bytes is not None:
             self.state_bytes.observe(state_bytes)
 
-    def scored(self, model: str, mode: str, scored: Scored) -> None:
-        observe_all(self.forecast_errors.labels(model=model, mode=mode), scored.errors)
-        observe_all(self.last_value_errors.labels(model=model, mode=mode), scored.last_value_errors)
+    def scored(self, model: str, mode: str, *scored: Scored) -> None:
+        """The errors of one or more streams' scoring (a bulk request's streams of one model and
+        mode together: one pass over the buckets, not one per stream)."""
+        observe_all(
+            self.forecast_errors.labels(model=model, mode=mode), [e for s in scored for e in s.errors]
+        )
+        observe_all(
+            self.last_value_errors.labels(model=model, mode=mode),
+            [e for s in scored for e in s.last_value_errors],
+        )
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()
@@ -122,10 +129,8 @@ def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
     as ``Histogram.observe`` does; ``tests/service/test_metrics.py`` holds the two equal."""
     if not values:
         return
-    bounds = histogram._upper_bounds
-    counts = [0] * len(bounds)
-    for v in values:
-        counts[bisect.bisect_left(bounds, v)] += 1
+    bounds = histogram._upper_bounds  # ends with +inf: every (finite or infinite) value has a bucket
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds)).tolist()
     histogram._sum.inc(math.fsum(values))
     for bucket, n in zip(histogram._buckets, counts, strict=True):
         if n:

@@ -21,6 +21,7 @@ from service.compute import compute, compute_many, decode
 from service.registry import load_registry
 from service.settings import Settings
 from tests.service.conftest import SEQ_LEN, Api, running, series
+from tests.service.test_accuracy import _sample
 from tests.service.test_streams import forecast_matrix
 
 
@@ -286,3 +287,23 @@ def test_compute_many_equals_compute_per_stream(small, mode: UpdateMode) -> None
         a, b = decode(small, got.state), decode(small, alone.state)
         for key, value in b.items(include_nested=True, leaves_only=True):
             torch.testing.assert_close(a[key], value, rtol=1e-4, atol=1e-5)
+
+
+async def test_bulk_scores_reach_the_error_histograms_once(api: Api) -> None:
+    """The errors a bulk request scores are counted in the aggregate histograms once each, per
+    model and mode (one pass for all the request's streams)."""
+    data = {f"s{k}": series(SEQ_LEN + 6, scale=1 + k) for k in range(3)}
+    for sid, rows in data.items():
+        await api.create(sid, rows[:SEQ_LEN])
+    for t in range(SEQ_LEN, SEQ_LEN + 6):
+        items = [{"stream_id": sid, **rows[t]} for sid, rows in data.items()]
+        response = await api.client.post("/v1/observations", json={"observations": items})
+        assert response.status_code == 200 and response.json()["applied"] == 3
+    counts = [
+        (await api.client.get(f"/v1/streams/{sid}/accuracy")).json()["since_creation"]["count"]
+        for sid in data
+    ]
+    text = (await api.client.get("/metrics")).text
+    assert min(counts) > 0
+    for name in ("memcast_forecast_abs_error_count", "memcast_last_value_abs_error_count"):
+        assert _sample(text, f'{name}{{mode="memory_only",model="small"}}') == sum(counts)
