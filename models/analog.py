@@ -196,11 +196,11 @@ def update(
     ``analog`` of ``window [b, n, c]``, observed ``target [b, p, c]``. Streams without an analog
     forecast (``has`` false) or masked out are unchanged."""
     num, den = state["num"], state["den"]
-    std = (as_dtype(window, num.dtype).var(dim=1, keepdim=True, correction=0) + EPS).sqrt()  # [b, 1, c]
-    gap = (as_dtype(analog, num.dtype) - as_dtype(forecast_, num.dtype)) / std  # [b, p, c]
-    residual = ((as_dtype(target, num.dtype) - as_dtype(forecast_, num.dtype)) / std).clamp(
-        -ERROR_CLIP, ERROR_CLIP
-    )
+    dtype = num.dtype
+    std = (as_dtype(window, dtype).var(dim=1, keepdim=True, correction=0) + EPS).sqrt()  # [b, 1, c]
+    base = as_dtype(forecast_, dtype)
+    gap = (as_dtype(analog, dtype) - base) / std  # [b, p, c]
+    residual = ((as_dtype(target, dtype) - base) / std).clamp(-ERROR_CLIP, ERROR_CLIP)
     learns = has if mask is None else has & mask
     new_num = FORGET * num + (gap * residual).sum(dim=-1)
     new_den = FORGET * den + (gap * gap).sum(dim=-1)

@@ -70,7 +70,8 @@ def features(window: Tensor, forecast: Tensor) -> tuple[Tensor, Tensor]:
 def correct(state: TensorDict, window: Tensor, forecast: Tensor) -> Tensor:
     """The corrected forecast ``[b, p, c]`` of ``forecast`` made from ``window [b, n, c]``."""
     weights = state["weights"]
-    phi, std = features(as_dtype(window, weights.dtype), as_dtype(forecast, weights.dtype))
+    dtype = weights.dtype
+    phi, std = features(as_dtype(window, dtype), as_dtype(forecast, dtype))
     correction = torch.bmm(phi, weights) * std[..., None]  # [b, c, p]
     return forecast + as_dtype(correction.transpose(1, 2), forecast.dtype)
 
@@ -87,12 +88,9 @@ def update(
     ``forecast [b, p, c]`` from ``window [b, n, c]``, and the observed ``target [b, p, c]``.
     Streams where ``mask [b]`` is false are unchanged."""
     weights = state["weights"]
-    phi, std = features(
-        as_dtype(window, weights.dtype), as_dtype(forecast, weights.dtype)
-    )  # [b, c, f], [b, c]
-    residual = (as_dtype(target, weights.dtype) - as_dtype(forecast, weights.dtype)).transpose(1, 2) / std[
-        ..., None
-    ]
+    dtype = weights.dtype
+    phi, std = features(as_dtype(window, dtype), as_dtype(forecast, dtype))  # [b, c, f], [b, c]
+    residual = (as_dtype(target, dtype) - as_dtype(forecast, dtype)).transpose(1, 2) / std[..., None]
     error = (residual - torch.bmm(phi, weights)).clamp(-ERROR_CLIP, ERROR_CLIP)  # [b, c, p]
     energy = phi.pow(2).sum(dim=(1, 2)) + EPS  # [b]
     step = lr * torch.bmm(phi.transpose(1, 2), error) / energy[:, None, None]  # [b, f, p]

@@ -94,17 +94,16 @@ def states_to_bytes(
     if b == 0:
         return []
     signature = (tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in flat.items()), tuple(meta.items()))
-    known = _HEADERS.get(signature)  # a layout met before: its header, then each stream's bytes
-    if known is None:
+    if signature in _HEADERS:  # a layout met before: its header, then each stream's bytes
+        known = _HEADERS[signature]
+    else:
         known = _learn_header(flat, meta, b)
-        if known is None:  # a layout the shortcut does not reproduce: one save per stream
-            return [
-                st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta) for i in range(b)
-            ]
         with _HEADERS_LOCK:  # (the service's model threads encode side by side)
             if len(_HEADERS) >= _MAX_HEADERS:
                 _HEADERS.pop(next(iter(_HEADERS)))
             _HEADERS[signature] = known
+    if known is None:  # a layout the shortcut does not reproduce: one save per stream
+        return [st_save({k: v[i : i + 1].clone() for k, v in flat.items()}, metadata=meta) for i in range(b)]
     prefix, order = known
     rows = _rows(flat, order, b)  # [b, data bytes]; the signature holds the keys, so never None
     assert rows is not None
@@ -123,9 +122,10 @@ def _learn_header(flat: dict[str, Tensor], meta: dict[str, str], b: int) -> tupl
     return first[:header_end], order
 
 
-# layouts met by states_to_bytes: (keys, dtypes, shapes, metadata) -> (header bytes, key order);
+# layouts met by states_to_bytes: (keys, dtypes, shapes, metadata) -> (header bytes, key order),
+# None for a layout the shortcut does not reproduce (saved stream by stream, without trying again);
 # a model and mode has one, so a handful serve a server (a single stream's save was ~60% of its encoding)
-_HEADERS: dict[tuple[object, ...], tuple[bytes, list[str]]] = {}
+_HEADERS: dict[tuple[object, ...], tuple[bytes, list[str]] | None] = {}
 _MAX_HEADERS = 256
 _HEADERS_LOCK = threading.Lock()
 

@@ -26,7 +26,7 @@ import binascii
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -391,63 +391,77 @@ def advance_many(
     stream in steady state) is scored for all such streams in one set of operations; the rest
     one by one."""
     out: list[tuple[Accuracy, Scored] | None] = [None] * len(accs)
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int], list[tuple[int, _Steady]]] = {}
     for i, acc in enumerate(accs):
-        if _batchable(acc, spec, rows[i], forecasts[i]):
-            assert acc.pending is not None and acc.matured is not None
-            groups.setdefault((len(acc.pending), len(acc.matured)), []).append(i)
-        else:
+        steady = _steady(acc, spec, rows[i], forecasts[i])
+        if steady is None:
             out[i] = advance(acc, spec, steps_before[i], rows[i], forecasts[i])
-    for members in groups.values():
-        if len(members) == 1:  # (a batch of one costs more than the call it replaces)
-            i = members[0]
+        else:
+            groups.setdefault((len(steady.pending), len(steady.matured)), []).append((i, steady))
+    for group in groups.values():
+        if len(group) == 1:  # (a batch of one costs more than the call it replaces)
+            i = group[0][0]
             out[i] = advance(accs[i], spec, steps_before[i], rows[i], forecasts[i])
             continue
-        for i, result in zip(
-            members, _advance_batch(accs, spec, steps_before, rows, forecasts, members), strict=True
-        ):
+        members = [i for i, _ in group]
+        batch = _advance_batch(
+            [steady for _, steady in group],
+            spec,
+            [steps_before[i] for i in members],
+            [rows[i][0] for i in members],
+            [forecasts[i] for i in members],
+        )
+        for i, result in zip(members, batch, strict=True):
             out[i] = result
     return out  # type: ignore[return-value]
 
 
-def _batchable(
+class _Steady(NamedTuple):
+    """The parts of a stream's :class:`Accuracy` in steady state (every one present)."""
+
+    pending: Pending
+    matured: MaturedRows
+    totals: np.ndarray
+    window: Ring
+
+
+def _steady(
     acc: Accuracy, spec: Spec, rows: Sequence[Sequence[float]], forecast: Sequence[Sequence[float]] | None
-) -> bool:
-    return (
-        len(rows) == 1
-        and forecast is not None
-        and spec.keep > 0
-        and acc.pending is not None
-        and acc.matured is not None
-        and acc.totals is not None
-        and acc.window is not None
-        and acc.window.data.shape[:2] == (spec.pred_len, spec.window)
-    )
+) -> _Steady | None:
+    """``acc``'s parts when this observation is scored in a batch (one new row, a forecast to
+    keep, every part present and the window of the spec's size); None otherwise."""
+    if (
+        len(rows) != 1
+        or forecast is None
+        or spec.keep <= 0
+        or acc.pending is None
+        or acc.matured is None
+        or acc.totals is None
+        or acc.window is None
+        or acc.window.data.shape[:2] != (spec.pred_len, spec.window)
+    ):
+        return None
+    return _Steady(acc.pending, acc.matured, acc.totals, acc.window)
 
 
 def _advance_batch(
-    accs: Sequence[Accuracy],
+    parts: Sequence[_Steady],
     spec: Spec,
     steps_before: Sequence[int],
-    rows: Sequence[Sequence[Sequence[float]]],
+    rows: Sequence[Sequence[float]],
     forecasts: Sequence[Sequence[Sequence[float]] | None],
-    members: list[int],
 ) -> list[tuple[Accuracy, Scored]]:
-    """:func:`advance`'s loop body for ``members`` at once (axis ``b``), each with one row, ``k``
-    pending forecasts and ``m`` matured values (see :func:`advance_many`)."""
+    """:func:`advance`'s loop body for streams in steady state at once (axis ``b``), each with
+    its one new row, ``k`` pending forecasts and ``m`` matured values (see :func:`advance_many`)."""
     p, c, size = spec.pred_len, len(spec.targets), spec.window
-    pending = [accs[i].pending for i in members]
-    matured = [accs[i].matured for i in members]
-    origin = np.stack([q.origin for q in pending])  # type: ignore[union-attr]  # [b, k]
-    made_all = np.stack([q.forecast for q in pending])  # type: ignore[union-attr]  # [b, k, p, c]
-    last = np.stack([q.last for q in pending])  # type: ignore[union-attr]  # [b, k, c]
-    totals = np.stack([accs[i].totals for i in members])  # type: ignore[misc]  # [b, p, 5]
-    data = np.stack([accs[i].window.data for i in members])  # type: ignore[union-attr]  # [b, p, size, 4]
-    inserted = np.array([accs[i].window.inserted for i in members], dtype=np.int64)  # type: ignore[union-attr]
-    observed = np.array([rows[i][0] for i in members], dtype=np.float64)[
-        :, np.array(spec.targets, dtype=np.int64)
-    ]
-    s = np.array([steps_before[i] for i in members], dtype=np.int64) + 1  # [b]
+    origin = np.stack([part.pending.origin for part in parts])  # [b, k]
+    made_all = np.stack([part.pending.forecast for part in parts])  # [b, k, p, c]
+    last = np.stack([part.pending.last for part in parts])  # [b, k, c]
+    totals = np.stack([part.totals for part in parts])  # [b, p, 5]
+    data = np.stack([part.window.data for part in parts])  # [b, p, size, 4]
+    inserted = np.array([part.window.inserted for part in parts], dtype=np.int64)  # [b, p]
+    observed = np.array(rows, dtype=np.float64)[:, np.array(spec.targets, dtype=np.int64)]  # [b, c]
+    s = np.array(steps_before, dtype=np.int64) + 1  # [b]
     b, k = origin.shape
     streams = np.arange(b)[:, None]
     step = s[:, None] - origin - 1  # [b, k]
@@ -474,7 +488,7 @@ def _advance_batch(
     new_step = step[np.arange(b), closest] + 1
     new_values = made[np.arange(b), closest]  # [b, c]
     live = origin + p > s[:, None]  # [b, k]
-    forecast = np.array([forecasts[i] for i in members], dtype=np.float64).reshape(b, 1, p, c)
+    forecast = np.array(forecasts, dtype=np.float64).reshape(b, 1, p, c)
     keep = spec.keep
     out = []
     for j in range(b):
@@ -488,9 +502,9 @@ def _advance_batch(
             totals=totals[j].copy(),
             window=Ring(data[j].copy(), tuple(inserted[j].tolist())),
             matured=MaturedRows(
-                np.append(matured[j].index, s[j])[-keep:],  # type: ignore[union-attr]
-                np.append(matured[j].step, new_step[j])[-keep:],  # type: ignore[union-attr]
-                np.concatenate([matured[j].values, new_values[j : j + 1]])[-keep:],  # type: ignore[union-attr]
+                np.append(parts[j].matured.index, s[j])[-keep:],
+                np.append(parts[j].matured.step, new_step[j])[-keep:],
+                np.concatenate([parts[j].matured.values, new_values[j : j + 1]])[-keep:],
             ),
         )
         out.append((acc, Scored(scaled[j], scaled_naive[j], [row_errors[j].tolist()])))

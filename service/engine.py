@@ -360,9 +360,10 @@ class Engine:
         self, work: Sequence[tuple[StreamRecord, Plan, Step, LoadedModel]], prefix: str = "observations"
     ) -> list[tuple[StreamRecord, Scored] | ServiceError]:
         """:meth:`next_record` for several streams (a bulk request's), each outcome its own:
-        the record and its scored errors, or the stream's error. Accuracy is scored stream by
-        stream; the interval radii are learned for all streams of a model at once
-        (:func:`service.intervals.learn_many`, equal to learning them one by one)."""
+        the record and its scored errors, or the stream's error. Accuracy is scored and the
+        interval radii are learned for all streams of a model at once
+        (:func:`service.accuracy.advance_many`, :func:`service.intervals.learn_many`, each equal
+        to doing it stream by stream)."""
         outcomes: list[tuple[StreamRecord, Scored] | ServiceError | None] = [None] * len(work)
         by_model: dict[str, list[int]] = {}
         for k, (record, plan, step, model) in enumerate(work):
