@@ -16,7 +16,9 @@ except where a setting names its own):
 - method groups, each one ``trainer.evaluate.evaluate`` call (the code ``memcast evaluate``
   runs): the served default (naive, titans_none, titans_memory_only, combo_memory_only);
   memory_only without its output corrector and analog mix (``corrector_lr`` 0, ``analog_rows``
-  0), and pure (no outcome step either: the seed's); full_model and its combination (the models' own online defaults); ogd
+  0), and pure (no outcome step either: the seed's); with immediate feedback, the served default
+  without its corrector's known-value term (``known_lr`` 0: what it learns, without the
+  horizon values the protocol reveals before the next forecast); full_model and its combination (the models' own online defaults); ogd
   and fsnet as their papers run them (online lr 1e-3, no clipping, no anchor);
 - River's SNARIMAX and Holt-Winters (``bench.accuracy.run_river``, settings picked on the
   validation split), once per setting: River learns value by value, so both feedback modes are
@@ -82,6 +84,7 @@ class Group:
     online_lr: float | None = None  # overrides every model's online lr (the baselines' papers)
     rename: dict[str, str] = field(default_factory=dict)  # a method's row name in the tables
     cost: int = 1  # rough relative run time, to start the long jobs first
+    feedbacks: tuple[str, ...] = ("delayed", "immediate")  # where the group's rows differ
 
 
 GROUPS = (
@@ -90,6 +93,11 @@ GROUPS = (
           rename={"titans_memory_only": "memory_only_pure"}),
     Group("no_corrector", ("titans_memory_only",), {"corrector_lr": 0.0, "analog_rows": 0},
           rename={"titans_memory_only": "memory_only_no_corrector"}),
+    # the served default without the known-value term (``known_lr`` 0): with delayed feedback
+    # no value is known in advance, so its rows equal the default's bit for bit (not run)
+    Group("unknown", ("titans_memory_only", "combo_memory_only"), {"known_lr": 0.0},
+          rename={"titans_memory_only": "memory_only_unknown", "combo_memory_only": "combo_memory_only_unknown"},
+          cost=3, feedbacks=("immediate",)),
     Group("full", ("titans_full_model", "combo_full_model"), cost=10),
     Group("ogd", ("ogd",), REFERENCE_ONLINE, online_lr=REFERENCE_ONLINE_LR, cost=3),
     Group("fsnet", ("fsnet",), REFERENCE_ONLINE, online_lr=REFERENCE_ONLINE_LR, cost=6),
@@ -240,7 +248,7 @@ def plan(found: list[Setting]) -> tuple[list[Job], list[Job]]:
     """(pretraining and River jobs, evaluation jobs), each list longest first."""
     first = [Job("pretrain", s, model=m) for s in found for m in MODELS]
     first += [Job("river", s) for s in found]
-    evals = [Job("evaluate", s, f, g) for s in found for f in FEEDBACKS for g in GROUPS]
+    evals = [Job("evaluate", s, f, g) for s in found for f in FEEDBACKS for g in GROUPS if f in g.feedbacks]
     key = lambda j: -j.cost  # noqa: E731
     return sorted(first, key=key), sorted(evals, key=key)
 

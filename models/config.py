@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # fields added after checkpoints were written: at their default they do not enter the digest
 # (an older checkpoint reads their defaults)
-LATER_FIELDS = ("online_clip", "online_anchor", "outcome_lr", "corrector_lr", "analog_rows")
+LATER_FIELDS = ("online_clip", "online_anchor", "outcome_lr", "corrector_lr", "analog_rows", "known_lr")
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,10 @@ class ModelConfig:
     # a linear map from the window and the forecast to the residual, learned from matured
     # pairs; 0: no corrector (forecasts are the forecaster's own)
     corrector_lr: float = 0.005
+    # its normalised LMS step size on the values already known at a forecast's own target times:
+    # used only when a pair is learned before the stream observes its horizon (immediate
+    # feedback, the literature's protocol); the service never knows one. 0: not used
+    known_lr: float = 0.1
     # memory_only per-stream analog mix (models/analog.py): rows of the stream's past values
     # kept to find the windows most like the current one; 0: no analog mix
     analog_rows: int = 2048
@@ -132,6 +136,8 @@ class ModelConfig:
             raise ConfigError("outcome_lr must be >= 0 (0: memory_only learns nothing from outcomes)")
         if not 0 <= self.corrector_lr < 2:
             raise ConfigError("corrector_lr must be in [0, 2) (normalised LMS; 0: no corrector)")
+        if not 0 <= self.known_lr < 2:
+            raise ConfigError("known_lr must be in [0, 2) (normalised LMS; 0: no known-value term)")
         if self.analog_rows < 0:
             raise ConfigError("analog_rows must be >= 0 (0: no analog mix)")
         if self.seq_len < 2 or self.pred_len < 1 or self.channels < 1:

@@ -157,13 +157,17 @@ def _corrected(model: ContinualForecaster, state: TensorDict, inputs: Tensor, fo
     """``forecast`` from ``inputs [b, seq_len, c]`` (the stream's current window) through the
     stream's output corrector, then mixed with its analog forecast, for the parts its state
     has (unchanged without either)."""
-    return _mixed(model, state, inputs, _by_corrector(model, state, inputs, forecast))[0]
+    return _mixed(model, state, inputs, _by_corrector(model, state, inputs, forecast, state["count"]))[0]
 
 
-def _by_corrector(model: ContinualForecaster, state: TensorDict, inputs: Tensor, forecast: Tensor) -> Tensor:
+def _by_corrector(
+    model: ContinualForecaster, state: TensorDict, inputs: Tensor, forecast: Tensor, at: Tensor | None
+) -> Tensor:
+    """``forecast`` through the stream's output corrector; ``at [b]``: the observation count it
+    was made at (the stream's current one for a new forecast; None: not known, no known errors)."""
     if "corrector" not in state.keys():
         return forecast
-    return corrector.correct(state["corrector"], model.forecast_channels(inputs), forecast)
+    return corrector.correct(state["corrector"], model.forecast_channels(inputs), forecast, at)
 
 
 def _mixed(
@@ -238,7 +242,7 @@ def observe(
         stored = replaced(state, {"model": model_state})
     else:
         forecast, stored = _forward(model, state, inputs, policy, now)
-    forecast = _by_corrector(model, state, inputs, forecast)
+    forecast = _by_corrector(model, state, inputs, forecast, count)
     changed: dict[str, Tensor | TensorDict] = {}
     if archives:  # (after learning: a matured pair reads only the forecasts kept for it)
         archive, found, has = analog.observe(
@@ -340,6 +344,7 @@ def learn(
     mask: Tensor | None = None,
     encoded: Encoded | None = None,
     observed: bool = False,
+    ahead: bool = False,
 ) -> TensorDict:
     """Learn from fully observed pairs: ``inputs [b, seq_len, c]`` -> ``targets [b, pred_len, c_out]``.
 
@@ -354,13 +359,16 @@ def learn(
     completed (delayed feedback, :func:`observe`), so its analog evidence comes from the
     forecasts kept since it was served; false for a pair learned right after its forecast
     (immediate feedback), whose analog forecast is made again from the archive as it is.
+    ``ahead``: ``inputs`` is the stream's current window and ``targets`` the horizon its last
+    forecast was of, revealed before the stream observes it (immediate feedback): the output
+    corrector keeps its target as values known at the next forecasts' target times.
     """
     if not learns_from_targets(model, mode):
         return state
     if mode is UpdateMode.MEMORY_ONLY:
         state = ensure_mode(model, state, mode)
         state, raw = _outcome_step(model, state, inputs, targets, mask, encoded)
-        state = _learn_corrector(model, state, inputs, targets, mask, raw, encoded, observed)
+        state = _learn_corrector(model, state, inputs, targets, mask, raw, encoded, observed, ahead)
         if not model.learns_from_gradients:
             return state
     state = ensure_mode(model, state, mode)
@@ -504,6 +512,7 @@ def _learn_corrector(
     raw: Tensor | None,
     encoded: Encoded | None = None,
     observed: bool = False,
+    ahead: bool = False,
 ) -> TensorDict:
     """One normalised LMS step of each stream's output corrector on the matured pair ``inputs``
     -> ``targets``, then the pair's evidence for its analog mix; ``raw`` is the forecaster's
@@ -511,26 +520,31 @@ def _learn_corrector(
     not make one. Why the forecast before the outcome step: it is the memory the corrector's
     last forecasts were read from. The analog mix learns from the corrected and the analog
     forecasts that were mixed when the pair was forecast (made again when the pair is learned
-    right after its forecast: :func:`learn`, ``observed``)."""
+    right after its forecast: :func:`learn`, ``observed``). The pair's forecast was made at the
+    stream's current count when ``ahead``, ``pred_len`` observations ago when ``observed``, at a
+    count not known otherwise (a replayed pair: the corrector then uses no known errors)."""
     has_parts = "corrector" in state.keys() or "analog" in state.keys()
     if not has_parts or (mask is not None and not bool(mask.any())):
         return state
     if raw is None:
         raw, _ = _forward(model, state, inputs, StorePolicy.NONE, encoded)
     window = model.forecast_channels(inputs)
+    count = state["count"]
+    at = count if ahead else count - model.config.pred_len if observed else None
     changed: dict[str, TensorDict] = {}
     if "analog" in state.keys():
         if observed:
             corrected, *found = analog.matured(state["analog"])
         else:
-            corrected = _by_corrector(model, state, inputs, raw)
+            corrected = _by_corrector(model, state, inputs, raw, at)
             found = list(analog.forecast(state["analog"], window, model.config.pred_len))
         changed["analog"] = analog.update(
             state["analog"], window, corrected, found[0], found[1], targets, mask
         )
     if "corrector" in state.keys():
+        cfg = model.config
         changed["corrector"] = corrector.update(
-            state["corrector"], window, raw, targets, model.config.corrector_lr, mask
+            state["corrector"], window, raw, targets, cfg.corrector_lr, mask, at, ahead, cfg.known_lr
         )
     return replaced(state, changed)
 

@@ -124,7 +124,8 @@ def replay_stream(
             forecasts.append(forecast[0])
             learned: int | None = None  # forecast origin of the pair learned from at this step
             if not delayed:
-                state = learn(model, state, series[None, t - seq : t], targets[None, t : t + pred], mode)
+                window, horizon = series[None, t - seq : t], targets[None, t : t + pred]
+                state = learn(model, state, window, horizon, mode, ahead=True)
                 learned = t
             if k + 1 < steps:
                 state, next_forecast = observe(model, state, series[None, t], mode, feedback)

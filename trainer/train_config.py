@@ -29,6 +29,7 @@ ONLINE_ONLY_MODEL_FIELDS = (
     "online_anchor",
     "outcome_lr",
     "corrector_lr",
+    "known_lr",
     "analog_rows",
 )
 # how carried pretraining lays out a batch (part of the digest: checkpoints cached when it was

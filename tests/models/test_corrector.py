@@ -1,7 +1,8 @@
 """The memory_only output corrector (``models/corrector.py``): it lives in the stream state and
 survives a bytes round trip, B streams in one call equal B single calls, each matured pair is
 learned from once, delayed feedback never uses a value not yet observed, it lowers the error it
-learns from, and ``corrector_lr=0`` is memory_only without it."""
+learns from, and ``corrector_lr=0`` is memory_only without it. Its known-value term reads a
+revealed horizon at the right target times, only under immediate feedback."""
 
 from __future__ import annotations
 
@@ -97,9 +98,9 @@ def test_each_matured_pair_is_learned_from_once(monkeypatch: pytest.MonkeyPatch)
     real = corrector.update
     counts: list[int] = []
 
-    def spy(state, window, forecast, target, lr, mask=None):  # type: ignore[no-untyped-def]
+    def spy(state, window, forecast, target, lr, mask=None, *rest):  # type: ignore[no-untyped-def]
         learned.append((counts[-1], window.clone(), target.clone()))
-        return real(state, window, forecast, target, lr, mask)
+        return real(state, window, forecast, target, lr, mask, *rest)
 
     monkeypatch.setattr(corrector, "update", spy)
     values = series(1, T)
@@ -145,3 +146,106 @@ def test_state_round_trip_keeps_the_corrector() -> None:
     _, direct = observe_many(model, state, values[:, T:], MEMORY_ONLY)
     _, resumed = observe_many(model, loaded, values[:, T:], MEMORY_ONLY)
     torch.testing.assert_close(direct, resumed, rtol=0, atol=0)
+
+
+def immediate_forecasts(model: online.ContinualForecaster, values: torch.Tensor) -> torch.Tensor:
+    """Every forecast ``[t, b, p, c]`` of fresh streams under immediate feedback: each full
+    window's forecast is followed at once by learning its pair, the horizon revealed."""
+    b, steps = values.shape[0], values.shape[1] - PRED
+    state = init_stream_state(model, b, MEMORY_ONLY)
+    state, forecast = observe_many(model, state, values[:, :SEQ], MEMORY_ONLY, online.Feedback.IMMEDIATE)
+    out = [forecast]
+    for t in range(SEQ, steps):
+        horizon = values[:, t : t + PRED]
+        state = online.learn(model, state, values[:, t - SEQ : t], horizon, MEMORY_ONLY, ahead=True)
+        state, forecast = online.observe(model, state, values[:, t], MEMORY_ONLY, online.Feedback.IMMEDIATE)
+        assert forecast is not None
+        out.append(forecast)
+    return torch.stack(out)
+
+
+def test_known_values_are_read_at_the_forecasts_own_target_times() -> None:
+    """A horizon revealed after a forecast made at count ``o`` holds the values at counts ``o + 1
+    .. o + p``: a forecast made at ``o + d`` compares its first ``p - d`` steps with entries ``d
+    ..`` (zero past the end); the forecast it came from, and every forecast from ``o + p`` on,
+    know none."""
+    torch.manual_seed(0)
+    state = corrector.init_state(1, SEQ, PRED, dtype=torch.float64)
+    window, forecast = (
+        torch.randn(1, SEQ, 2, dtype=torch.float64),
+        torch.randn(1, PRED, 2, dtype=torch.float64),
+    )
+    target = torch.randn(1, PRED, 2, dtype=torch.float64)
+    origin = torch.tensor([10])
+    state = corrector.update(state, window, forecast, target, 0.5, at=origin, ahead=True, known_lr=0.1)
+    revealed = target.transpose(1, 2)  # [1, c, p]
+    later = torch.randn(1, 2, PRED, dtype=torch.float64)  # a later forecast, [b, c, p]
+    std = torch.full((1, 2), 2.0, dtype=torch.float64)
+    for d in range(1, PRED):
+        expected = torch.zeros(1, 2, PRED, dtype=torch.float64)
+        expected[..., : PRED - d] = (revealed[..., d:] - later[..., : PRED - d]) / 2.0
+        torch.testing.assert_close(
+            corrector.known_gaps(state, origin + d, later, std), expected, rtol=0, atol=0
+        )
+    assert corrector.known_gaps(state, origin, later, std) is None
+    assert corrector.known_gaps(state, origin + PRED, later, std) is None
+    assert corrector.known_gaps(state, None, later, std) is None
+
+
+def test_delayed_feedback_never_knows_a_value_in_advance() -> None:
+    """The service's regime: no target time of a forecast is known before the stream observes
+    it, so states carry no known-value parts and forecasts are those with ``known_lr=0`` bit
+    for bit."""
+    values = series(2, T + 6)
+    on = make_model("lstm", "titans", "add", corrector_lr=0.5, known_lr=0.5)
+    off = make_model("lstm", "titans", "add", corrector_lr=0.5, known_lr=0.0)
+    torch.testing.assert_close(
+        forecasts_one_by_one(on, values), forecasts_one_by_one(off, values), rtol=0, atol=0
+    )
+    state, _ = observe_many(on, init_stream_state(on, 2, MEMORY_ONLY), values, MEMORY_ONLY)
+    assert set(state["corrector"].keys()) == {"weights"}
+
+
+def test_immediate_feedback_learns_from_the_revealed_horizon() -> None:
+    """Learned right after its forecast, a pair's horizon overlaps the next forecasts' target
+    times: with the known-value term the forecasts come much closer to their targets than
+    without it, and changing a value changes no forecast made before it was revealed."""
+    values = series(1, 80)
+    targets = torch.stack([values[:, t + 1 : t + 1 + PRED] for t in range(SEQ - 1, 80 - PRED)])
+    on = make_model("lstm", "titans", "add", known_lr=0.5)
+    off = make_model("lstm", "titans", "add", known_lr=0.0)
+    with_known, without = immediate_forecasts(on, values), immediate_forecasts(off, values)
+    late = slice(30, None)  # once the term has learned from a few dozen pairs
+    error_on = (with_known[late] - targets[late]).pow(2).mean()
+    error_off = (without[late] - targets[late]).pow(2).mean()
+    assert float(error_on) < 0.5 * float(error_off)
+    cut = 40
+    changed = values.clone()
+    changed[:, cut:] += 5.0
+    # forecast i is made after value SEQ - 1 + i; value cut is revealed with the horizon of the
+    # one made after value cut - PRED, so every forecast up to that one ignores it
+    before = cut - PRED - SEQ + 2
+    after_change = immediate_forecasts(on, changed)
+    torch.testing.assert_close(after_change[:before], with_known[:before], rtol=0, atol=0)
+    assert not torch.allclose(after_change[before], with_known[before])
+
+
+def test_immediate_feedback_batched_streams_equal_single_streams() -> None:
+    model = make_model("lstm", "titans", "add", known_lr=0.5)
+    values = series(3, 40) * torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)[:, None, None]
+    together = immediate_forecasts(model, values)
+    for i in range(3):
+        alone = immediate_forecasts(model, values[i : i + 1])
+        torch.testing.assert_close(together[:, i : i + 1], alone, atol=1e-10, rtol=0)
+
+
+def test_state_round_trip_keeps_the_known_values() -> None:
+    model = make_model("lstm", "titans", "add", known_lr=0.5)
+    fp = model_fingerprint(model, model.config.digest())
+    values = series(1, 30)
+    state = init_stream_state(model, 1, MEMORY_ONLY)
+    state, _ = observe_many(model, state, values[:, :SEQ], MEMORY_ONLY, online.Feedback.IMMEDIATE)
+    state = online.learn(model, state, values[:, :SEQ], values[:, SEQ : SEQ + PRED], MEMORY_ONLY, ahead=True)
+    loaded, _ = state_from_bytes(state_to_bytes(state, fp), fp)
+    assert {"known", "revealed", "origin", "has_revealed"} <= set(loaded["corrector"].keys())
+    assert_states_close(loaded, state, atol=0)

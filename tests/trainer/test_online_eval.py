@@ -94,9 +94,9 @@ def test_experience_replay_calls_learn_again_on_past_pairs(monkeypatch: pytest.M
     calls: list[int] = []
     real_learn = online_eval.learn
 
-    def counting_learn(model, state, inputs, targets, mode, mask=None):  # type: ignore[no-untyped-def]
+    def counting_learn(model, state, inputs, targets, mode, mask=None, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(int(inputs.shape[1]))
-        return real_learn(model, state, inputs, targets, mode, mask)
+        return real_learn(model, state, inputs, targets, mode, mask, **kwargs)
 
     monkeypatch.setattr(online_eval, "learn", counting_learn)
     plain = replay_stream(model, series, UpdateMode.FULL_MODEL, Feedback.IMMEDIATE)
