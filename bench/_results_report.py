@@ -251,7 +251,8 @@ def plot(rows: Rows, settings: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = [m for m in LABELS if m not in ("titans_none", "naive")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
+    colors = plt.get_cmap("tab20").colors  # one color per method (the default cycle has ten)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2), sharey=True)
     width = 0.8 / len(methods)
     for ax, feedback in zip(axes, FEEDBACK_TITLES, strict=True):
         for i, method in enumerate(methods):
@@ -262,14 +263,20 @@ def plot(rows: Rows, settings: list[dict[str, Any]], path: Path) -> None:
                 if value is not None and frozen:
                     xs.append(k + (i - len(methods) / 2) * width)
                     ys.append(max(min(100 * (value / frozen - 1), CLIP), -CLIP))
-            ax.bar(xs, ys, width, label=method)
+            ax.bar(xs, ys, width, label=method, color=colors[i % len(colors)])
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(settings)), [s["title"].split(",")[0] for s in settings], fontsize=8)
+        names = [s["title"].split(",")[0].replace("ETTh1-", "ETTh1-\n") for s in settings]
+        if len({*names}) < len(names):  # the same data and window under another protocol
+            names = [s["title"].replace(", ", "\n").replace("ETTh1-", "ETTh1-\n") for s in settings]
+        ax.set_xticks(range(len(settings)), names, fontsize=7)
         ax.set_title(f"{feedback} feedback", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].set_ylabel(f"MSE vs the frozen checkpoint (%, clipped at ±{CLIP})")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[i % len(colors)], label=m) for i, m in enumerate(methods)]
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
