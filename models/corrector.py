@@ -167,7 +167,7 @@ def _masked(mask: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
 
 
 def _with_known(state: TensorDict, channels: int) -> TensorDict:
-    """``state`` with the known-error term's parts, empty: made at the first pair learned ahead
+    """``state`` with the known-value term's parts, empty: made at the first pair learned ahead
     of the window, so streams that never learn one (every stream of the service) carry none."""
     weights = state["weights"]
     b, p = weights.shape[0], weights.shape[-1]

@@ -164,7 +164,7 @@ def _by_corrector(
     model: ContinualForecaster, state: TensorDict, inputs: Tensor, forecast: Tensor, at: Tensor | None
 ) -> Tensor:
     """``forecast`` through the stream's output corrector; ``at [b]``: the observation count it
-    was made at (the stream's current one for a new forecast; None: not known, no known errors)."""
+    was made at (the stream's current one for a new forecast; None: not known, no known values)."""
     if "corrector" not in state.keys():
         return forecast
     return corrector.correct(state["corrector"], model.forecast_channels(inputs), forecast, at)
@@ -522,7 +522,7 @@ def _learn_corrector(
     forecasts that were mixed when the pair was forecast (made again when the pair is learned
     right after its forecast: :func:`learn`, ``observed``). The pair's forecast was made at the
     stream's current count when ``ahead``, ``pred_len`` observations ago when ``observed``, at a
-    count not known otherwise (a replayed pair: the corrector then uses no known errors)."""
+    count not known otherwise (a replayed pair: the corrector then uses no known values)."""
     has_parts = "corrector" in state.keys() or "analog" in state.keys()
     if not has_parts or (mask is not None and not bool(mask.any())):
         return state
