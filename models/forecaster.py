@@ -105,6 +105,12 @@ class ContinualForecaster(nn.Module):
             and self._outcome_paths == tuple(("memory", *p) for p in memory.outcome_paths())
         )
 
+    @property
+    def writes_outcome_gradient(self) -> bool:
+        """:meth:`outcome_gradient` writes the chain rule out for this configuration (the
+        outcome step then needs no autograd)."""
+        return self._writes_outcome_gradient
+
     def stateful_children(self) -> dict[str, StatefulModule]:
         children: dict[str, StatefulModule] = {"backbone": self.backbone}
         if self.memory is not None:

@@ -25,11 +25,13 @@ learned from when its last value arrives, and never before.
 
 from __future__ import annotations
 
+import functools
 import struct
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,8 @@ from models.forecaster import ContinualForecaster, Encoded
 from models.optim import adamw_step
 
 K = TypeVar("K")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class UpdateMode(StrEnum):
@@ -182,10 +186,61 @@ def _mixed(
     return analog.mix(state["analog"], forecast, *found), found
 
 
-@torch.no_grad()
+def needs_autograd(model: ContinualForecaster, state: TensorDict, mode: UpdateMode) -> bool:
+    """Whether an online step of ``mode`` on ``state`` takes a gradient by autograd: full_model
+    (and any stream with its own weights), gradient-driven memories (FSNet), and an outcome
+    step whose gradient the model does not write out."""
+    if "params" in state.keys() or mode is UpdateMode.FULL_MODEL or model.learns_from_gradients:
+        return True
+    if mode is UpdateMode.NONE:
+        return False
+    return model.config.outcome_lr > 0 and bool(model.outcome_paths()) and not model.writes_outcome_gradient
+
+
+def _grad_mode(
+    model: ContinualForecaster, state: TensorDict, mode: UpdateMode
+) -> AbstractContextManager[Any]:
+    """``torch.inference_mode`` for a step that takes no gradient by autograd: it skips
+    autograd's bookkeeping on every operation (one memory_only stream, ETTh1-S: 10-21% more
+    steps per second, the same forecasts); ``torch.no_grad`` otherwise (the parts that need a
+    gradient enable it themselves, on tensors made outside inference mode: :func:`_for_autograd`)."""
+    return torch.no_grad() if needs_autograd(model, state, mode) else torch.inference_mode()
+
+
+def _online_step(mode_at: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run a step function under :func:`_grad_mode` of its ``(model, state)`` (its first two
+    arguments) and its update mode (positional argument ``mode_at`` or keyword ``mode``)."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def step(*args: P.args, **kwargs: P.kwargs) -> R:
+            mode = kwargs["mode"] if "mode" in kwargs else args[mode_at]
+            with _grad_mode(
+                cast(ContinualForecaster, args[0]), cast(TensorDict, args[1]), cast(UpdateMode, mode)
+            ):
+                return fn(*args, **kwargs)
+
+        return step
+
+    return wrap
+
+
+def _for_autograd(state: TensorDict) -> TensorDict:
+    """``state`` with tensors autograd may save: a copy where a step under inference mode made
+    any (a stream that changes to full_model in the same process, without a bytes round trip)."""
+    if any(cast(Tensor, t).is_inference() for t in state.values(include_nested=True, leaves_only=True)):
+        return state.clone()
+    return state
+
+
 def predict(model: ContinualForecaster, state: TensorDict) -> Tensor:
     """The forecast ``[b, pred_len, c_out]`` from the current window, learning nothing (the
     combination of the experts' forecasts for a state that combines, pushing nothing)."""
+    with _grad_mode(model, state, UpdateMode.NONE):
+        return _predict(model, state)
+
+
+def _predict(model: ContinualForecaster, state: TensorDict) -> Tensor:
     inputs = window(model, state)
     forecast, _ = _forward(model, state, inputs, StorePolicy.NONE)
     forecast = _corrected(model, state, inputs, forecast)
@@ -194,7 +249,7 @@ def predict(model: ContinualForecaster, state: TensorDict) -> Tensor:
     return combination.mix(state["combo"]["log_weights"], _experts(model, state, forecast))
 
 
-@torch.no_grad()
+@_online_step(mode_at=3)
 def observe(
     model: ContinualForecaster,
     state: TensorDict,
@@ -334,7 +389,7 @@ def _forecasts_to_learn(model: ContinualForecaster, state: TensorDict, mode: Upd
     )
 
 
-@torch.no_grad()
+@_online_step(mode_at=4)
 def learn(
     model: ContinualForecaster,
     state: TensorDict,
@@ -488,6 +543,7 @@ def _outcome_gradient(
     """The forecast of ``inputs`` and each stream's gradient of its loss w.r.t. the outcome
     paths (what :meth:`~models.forecaster.ContinualForecaster.outcome_gradient` writes out),
     by autograd."""
+    state = _for_autograd(state)
     components = state["model"]
     leaves = {p: cast(Tensor, components.get(p)).detach().requires_grad_(True) for p in model.outcome_paths()}
     reading = replaced(state, {"model": _with_leaves(components, leaves)})
@@ -553,6 +609,7 @@ def _learn_one(
     model: ContinualForecaster, row: TensorDict, inputs: Tensor, targets: Tensor, mode: UpdateMode
 ) -> TensorDict:
     cfg = model.config
+    row = _for_autograd(row)
     full = mode is UpdateMode.FULL_MODEL
     source = _stream_params(row) if full else {k: v.detach() for k, v in model.named_parameters()}
     params = {k: v.detach().requires_grad_(True) for k, v in source.items()}
@@ -596,6 +653,7 @@ def _learn_batched(
     weights reach only stream i's loss, so each gets exactly its own gradient), and the AdamW
     step on the stacked weights. Equals :func:`_learn_one` per stream up to float rounding."""
     cfg = model.config
+    state = _for_autograd(state)
     b = state.batch_size[0]
     idx = None if mask is None or bool(mask.all()) else mask.nonzero().squeeze(1)  # [k]
     rows = state if idx is None else state[idx]
