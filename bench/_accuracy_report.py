@@ -130,7 +130,10 @@ def headline_accuracy(acc: dict[str, Any]) -> list[str]:
         f"Online test MSE on {where}, {acc['data']['features']} features, seq_len {acc['data']['seq_len']}"
         f"{capped} ({', '.join(f'{n:,}' for n in steps)} forecasts per method); details in *Accuracy* below. "
         "The full test splits, both feedback modes and every learning mode beside its frozen checkpoint "
-        "are in [results.md](results.md) (`python -m bench.results`).",
+        "are in [results.md](results.md) (`python -m bench.results`). In the *immediate* rows memcast's "
+        "output corrector also uses the horizon values the protocol reveals before the next forecast "
+        "(its known-value term, `known_lr`): they measure the protocol more than learning; the "
+        "*delayed* rows are the service's accuracy.",
         "",
     ]
     body = []
