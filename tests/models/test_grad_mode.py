@@ -56,3 +56,14 @@ def test_a_state_made_under_inference_mode_learns_full_model_in_process() -> Non
     torch.testing.assert_close(direct_forecast, loaded_forecast, rtol=0, atol=0)
     assert_states_close(direct, loaded, atol=0)
     assert int(direct["opt"]["step"][0]) > 0  # it took AdamW steps on its own weights
+
+
+def test_step_functions_take_their_arguments_by_keyword_too() -> None:
+    model = make_model("lstm", "titans", "add")
+    state = init_stream_state(model, 1, MEMORY_ONLY)
+    values = series(1, 1)[:, 0]
+    by_position, forecast = online.observe(model, state, values, MEMORY_ONLY)
+    by_keyword, same = online.observe(model=model, state=state, values=values, mode=MEMORY_ONLY)
+    assert forecast is not None and same is not None
+    torch.testing.assert_close(forecast, same, rtol=0, atol=0)
+    assert by_keyword["history"].is_inference()
