@@ -84,7 +84,7 @@ class Group:
     online_lr: float | None = None  # overrides every model's online lr (the baselines' papers)
     rename: dict[str, str] = field(default_factory=dict)  # a method's row name in the tables
     cost: int = 1  # rough relative run time, to start the long jobs first
-    feedbacks: tuple[str, ...] = ("delayed", "immediate")  # where the group's rows differ
+    feedbacks: tuple[str, ...] = FEEDBACKS  # where the group's rows differ
 
 
 GROUPS = (

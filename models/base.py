@@ -56,6 +56,11 @@ def replaced(td: TensorDict, entries: Mapping[str, Tensor | TensorDict]) -> Tens
     return TensorDict._new_unsafe(source=source, batch_size=td.batch_size, device=td.device, nested=False)
 
 
+def where_rows(rows: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Per stream: ``new`` where ``rows [b]`` is true, else ``old`` (``[b, *]``, the same shape)."""
+    return torch.where(rows.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
 def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, skipping the call when ``t`` has that dtype already (the usual case: the
     online step converts some twenty tensors to the state's dtype, each call a dispatch that

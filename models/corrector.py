@@ -54,7 +54,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from models.base import as_dtype, replaced
+from models.base import as_dtype, replaced, where_rows
 
 EPS = 1e-5  # the forecaster's RevIN epsilon: the same normalised units
 ERROR_CLIP = 10.0  # largest residual (in window standard deviations) one pair can teach
@@ -109,9 +109,9 @@ def correct(state: TensorDict, window: Tensor, forecast: Tensor, at: Tensor | No
     dtype = weights.dtype
     phi, std = features(as_dtype(window, dtype), as_dtype(forecast, dtype))
     correction = torch.bmm(phi, weights)  # [b, c, p]
-    known = known_gaps(state, at, as_dtype(forecast, dtype).transpose(1, 2), std)
-    if known is not None:
-        correction = correction + torch.bmm(known, state["known"])
+    gaps = known_gaps(state, at, as_dtype(forecast, dtype).transpose(1, 2), std)
+    if gaps is not None:
+        correction = correction + torch.bmm(gaps, state["known"])
     correction = correction * std[..., None]
     return forecast + as_dtype(correction.transpose(1, 2), forecast.dtype)
 
@@ -137,16 +137,16 @@ def update(
     phi, std = features(as_dtype(window, dtype), as_dtype(forecast, dtype))  # [b, c, f], [b, c]
     residual = (as_dtype(target, dtype) - as_dtype(forecast, dtype)).transpose(1, 2) / std[..., None]
     fitted = torch.bmm(phi, weights)
-    known = known_gaps(state, at, as_dtype(forecast, dtype).transpose(1, 2), std)
-    if known is not None:
-        fitted = fitted + torch.bmm(known, state["known"])
+    gaps = known_gaps(state, at, as_dtype(forecast, dtype).transpose(1, 2), std)
+    if gaps is not None:
+        fitted = fitted + torch.bmm(gaps, state["known"])
     error = (residual - fitted).clamp(-ERROR_CLIP, ERROR_CLIP)  # [b, c, p]
     energy = phi.pow(2).sum(dim=(1, 2)) + EPS  # [b]
     step = lr * torch.bmm(phi.transpose(1, 2), error) / energy[:, None, None]  # [b, f, p]
     changed = {"weights": _masked(mask, weights + step, weights)}
-    if known is not None and known_lr > 0:
-        energy = known.pow(2).sum(dim=(1, 2)) + EPS
-        known_step = known_lr * torch.bmm(known.transpose(1, 2), error) / energy[:, None, None]
+    if gaps is not None and known_lr > 0:
+        energy = gaps.pow(2).sum(dim=(1, 2)) + EPS
+        known_step = known_lr * torch.bmm(gaps.transpose(1, 2), error) / energy[:, None, None]
         changed["known"] = _masked(mask, state["known"] + known_step, state["known"])
     if ahead and known_lr > 0 and at is not None:
         horizon = as_dtype(target, dtype).transpose(1, 2)  # [b, c, p]
@@ -161,9 +161,7 @@ def update(
 
 def _masked(mask: Tensor | None, new: Tensor, old: Tensor) -> Tensor:
     """``new`` where ``mask [b]`` is true (everywhere for None), ``old`` elsewhere."""
-    if mask is None:
-        return new
-    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+    return new if mask is None else where_rows(mask, new, old)
 
 
 def _with_known(state: TensorDict, channels: int) -> TensorDict:

@@ -51,7 +51,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.func import grad
 
-from models.base import MemoryUnit, StatePath, StorePolicy, replaced, tree
+from models.base import MemoryUnit, StatePath, StorePolicy, replaced, tree, where_rows
 from models.config import ConfigError, ModelConfig, NeuralMemoryConfig
 
 Params = dict[str, Tensor]
@@ -647,7 +647,7 @@ class NeuralMemory(MemoryUnit):
                 )
                 momentum[name] = _at_step(momentum[name], s_all, done)
                 latest[name] = _at_step(latest[name], m_all, done)
-            committed = {k: _where_rows(commit[:, end], latest[k], w) for k, w in committed.items()}
+            committed = {k: where_rows(commit[:, end], latest[k], w) for k, w in committed.items()}
             start = end + 1
         parts = {"weights": committed, "pending": latest, "momentum": momentum}
         return {part: {k: w.unflatten(0, (-1, h)) for k, w in ws.items()} for part, ws in parts.items()}
@@ -698,11 +698,6 @@ def _segment_ends(boundary: Tensor) -> list[int]:
     ends = boundary.any(0).nonzero().flatten().tolist()
     last = boundary.shape[1] - 1
     return ends if ends and ends[-1] == last else [*ends, last]
-
-
-def _where_rows(rows: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``a`` where ``rows [s]`` is true, else ``b`` (``[s, *]``)."""
-    return torch.where(rows.view(-1, *([1] * (a.dim() - 1))), a, b)
 
 
 def _build_chunk_grads(memory_fn: MemoryFn) -> Callable[..., Params]:

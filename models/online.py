@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from models import analog, combination, corrector
-from models.base import StatePath, StorePolicy, as_dtype, replaced
+from models.base import StatePath, StorePolicy, as_dtype, replaced, where_rows
 from models.forecaster import ContinualForecaster, Encoded
 from models.optim import adamw_step
 
@@ -851,5 +851,5 @@ def _where(mask: Tensor, new: TensorDict, old: TensorDict) -> TensorDict:
     """Per stream: ``new`` where ``mask`` holds, else ``old`` (same keys and shapes)."""
     if bool(mask.all()):
         return new
-    merged = new.apply(lambda a, b: torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b), old)
+    merged = new.apply(lambda a, b: where_rows(mask, a, b), old)
     return cast(TensorDict, merged)  # apply returns None only when told to work in place
