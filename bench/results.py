@@ -22,7 +22,9 @@ except where a setting names its own):
   and fsnet as their papers run them (online lr 1e-3, no clipping, no anchor);
 - River's SNARIMAX and Holt-Winters (``bench.accuracy.run_river``, settings picked on the
   validation split), once per setting: River learns value by value, so both feedback modes are
-  the same run.
+  the same run;
+- last, memory_only on the first setting again, three times, each run alone: issue 10's cost line
+  (steps/s of one stream) measured with nothing beside it, where the tables' steps/s are not.
 
 Every job runs in its own process with one torch thread; ``--jobs N`` runs N at a time, each
 evaluation as soon as the checkpoints it needs are pretrained (cached under ``<work>/models``,
@@ -103,6 +105,10 @@ GROUPS = (
     Group("fsnet", ("fsnet",), REFERENCE_ONLINE, online_lr=REFERENCE_ONLINE_LR, cost=6),
 )  # fmt: skip
 MODELS = ("titans_none", "ogd", "fsnet")  # one checkpoint each per setting (titans_* share theirs)
+# issue 10's cost line (memory_only >= 500 steps/s on one stream) measured alone after every
+# other job: the tables' steps/s run beside ``--jobs - 1`` other processes on a 2-core machine
+SPEED = Group("speed", ("titans_memory_only",), feedbacks=("delayed",))
+SPEED_ROUNDS = 3
 
 
 def settings(etth1: Path | None, quick: bool) -> list[Setting]:
@@ -128,16 +134,17 @@ def settings(etth1: Path | None, quick: bool) -> list[Setting]:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
-    kind: str  # "pretrain", "evaluate" or "river"
+    kind: str  # "pretrain", "evaluate", "river" or "speed" (an evaluation run alone)
     setting: Setting
     feedback: str = ""
     group: Group | None = None
     model: str = ""  # pretrain: the method whose checkpoint to make
+    round: int = 0  # speed: which of the repeated runs
 
     @property
     def name(self) -> str:
         parts = [self.kind, self.setting.key, self.feedback, self.group.key if self.group else "", self.model]
-        return "-".join(p for p in parts if p)
+        return "-".join(p for p in parts if p) + (f"-r{self.round}" if self.round else "")
 
     @property
     def cost(self) -> int:
@@ -235,6 +242,7 @@ def run_job(job: Job, ctx: Context) -> dict[str, Any]:
         )
         out["feedback"] = job.feedback
         out["group"] = group.key
+        out["round"] = job.round
         out["test_steps"] = report["data"]["test_steps"]
         out["methods"] = {group.rename.get(k, k): v for k, v in report["methods"].items()}
     out["wall_s"] = time.perf_counter() - started
@@ -244,13 +252,16 @@ def run_job(job: Job, ctx: Context) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Scheduling
 # ---------------------------------------------------------------------------------------------
-def plan(found: list[Setting]) -> tuple[list[Job], list[Job]]:
-    """(pretraining and River jobs, evaluation jobs), each list longest first."""
+def plan(found: list[Setting]) -> tuple[list[Job], list[Job], list[Job]]:
+    """(pretraining and River jobs, evaluation jobs, speed jobs), the first two longest first.
+    The speed jobs time memory_only on the first setting (ETTh1-S 48 -> 12 where it is found),
+    one at a time with nothing beside them."""
     first = [Job("pretrain", s, model=m) for s in found for m in MODELS]
     first += [Job("river", s) for s in found]
     evals = [Job("evaluate", s, f, g) for s in found for f in FEEDBACKS for g in GROUPS if f in g.feedbacks]
+    speed = [Job("speed", found[0], "delayed", SPEED, round=r) for r in range(1, SPEED_ROUNDS + 1)]
     key = lambda j: -j.cost  # noqa: E731
-    return sorted(first, key=key), sorted(evals, key=key)
+    return sorted(first, key=key), sorted(evals, key=key), speed
 
 
 def run_all(found: list[Setting], ctx: Context, jobs: int, resume: bool) -> None:
@@ -258,13 +269,14 @@ def run_all(found: list[Setting], ctx: Context, jobs: int, resume: bool) -> None
     checkpoints exist (two jobs never pretrain the same model at once)."""
     for s in found:
         data_path(s, ctx)
-    first, evals = plan(found)
-    done = {j.name for j in first + evals if resume and kept(j, ctx)}
+    first, evals, speed = plan(found)
+    done = {j.name for j in first + evals + speed if resume and kept(j, ctx)}
     ready = {s.key for s in found if all(f"pretrain-{s.key}-{m}" in done for m in MODELS)}
     pending_pretrain = {s.key: {f"pretrain-{s.key}-{m}" for m in MODELS} - done for s in found}
     queue = [j for j in first if j.name not in done]
     waiting = [j for j in evals if j.name not in done]
-    total, finished, failures = len(queue) + len(waiting), 0, []
+    alone = [j for j in speed if j.name not in done]
+    total, finished, failures = len(queue) + len(waiting) + len(alone), 0, []
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # torch in forked children is not safe
     with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
@@ -298,6 +310,19 @@ def run_all(found: list[Setting], ctx: Context, jobs: int, resume: bool) -> None
                     if not pending_pretrain[job.setting.key]:
                         ready.add(job.setting.key)
             fill()
+        if not waiting:  # the pool is empty now: each speed job runs alone
+            for job in alone:
+                finished += 1
+                try:
+                    write_json(job_file(job, ctx), pool.submit(run_job, job, ctx).result())
+                except Exception as exc:  # noqa: BLE001  # as above
+                    failures.append(f"{job.name}: {exc!r}")
+                    print(f"[{finished}/{total}] FAILED {job.name}: {exc!r}", flush=True)
+                    continue
+                print(
+                    f"[{finished}/{total} {time.perf_counter() - started:5.0f} s] {job.name} (alone)",
+                    flush=True,
+                )
     if failures or waiting:
         raise SystemExit(
             "results: jobs failed or never ran:\n  " + "\n  ".join(failures + [j.name for j in waiting])

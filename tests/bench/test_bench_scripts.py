@@ -218,8 +218,10 @@ def test_results_writes_every_table_and_the_acceptance_from_job_files(tmp_path: 
     jobs = sorted(p.stem for p in (work / "quick" / "jobs").glob("*.json"))
     groups = ("served", "pure", "no_corrector", "full", "ogd", "fsnet")
     expected = {f"evaluate-regimes-{f}-{g}" for f in ("delayed", "immediate") for g in groups}
-    assert expected | {"river-regimes"} <= set(jobs)
+    speed = {f"speed-regimes-delayed-speed-r{r}" for r in (1, 2, 3)}  # issue 10's cost line, run alone
+    assert expected | speed | {"river-regimes"} <= set(jobs)
     text = page.read_text()
+    assert "3 runs one after the other with nothing beside them;" in text
     for row in ("frozen checkpoint", "combo_memory_only", "pure (`outcome_lr` 0, `corrector_lr` 0, `analog_rows` 0)", "no corrector", "combo_full_model",
                 "`ogd`", "`fsnet`", "River SNARIMAX", "River Holt-Winters"):  # fmt: skip
         assert text.count(row) >= 4, row  # two summaries and two detail tables
