@@ -171,6 +171,12 @@ class Backbone(StatefulModule):
         self, x: Tensor, state: TensorDict, store: StorePolicy
     ) -> tuple[Tensor, TensorDict]: ...
 
+    def forward_last(self, x: Tensor, state: TensorDict, store: StorePolicy) -> tuple[Tensor, TensorDict]:
+        """The last position's features ``[b, 1, d]`` and the next state, for a caller that
+        reads no other position (a backbone may skip the work the others take)."""
+        features, next_state = self(x, state, store)
+        return features[:, -1:], next_state
+
 
 class MemoryUnit(StatefulModule):
     """A memory read beside the backbone: features ``[b, n, d]`` -> memory output ``[b, n, d]``.

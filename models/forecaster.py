@@ -174,7 +174,8 @@ class ContinualForecaster(nn.Module):
             return None
         x, mean, std = self._normalise(torch.cat(windows))
         embedded = F.linear(x, self.embed.weight, self.embed.bias)  # (self.embed's function, no module call)
-        features, _ = self.backbone(embedded, state["backbone"], StorePolicy.NONE)
+        encode = self.backbone.forward_last if self._reads_last_only(None) else self.backbone
+        features, _ = encode(embedded, state["backbone"], StorePolicy.NONE)
         # views, no copies (chunk: split's equal parts without its Python wrapper)
         parts = zip(*(t.chunk(len(windows)) for t in (x, mean, std, features)), strict=True)
         return [Encoded(*part) for part in parts]
@@ -186,8 +187,15 @@ class ContinualForecaster(nn.Module):
         if encoded is not None:  # from encode_together: a backbone without state keeps it
             return (encoded.x, encoded.mean, encoded.std, encoded.features), state["backbone"]
         x, mean, std = self._normalise(window)  # [b, n, c]
-        features, backbone_state = self.backbone(self.embed(x), state["backbone"], store)
+        encode = self.backbone.forward_last if self._reads_last_only(store) else self.backbone
+        features, backbone_state = encode(self.embed(x), state["backbone"], store)
         return (x, mean, std, features), backbone_state
+
+    def _reads_last_only(self, store: StorePolicy | None) -> bool:
+        """Whether the forecast reads the backbone's last position only (:meth:`_fused_last`):
+        always without a memory unit, and with one unless it stores the whole window (``store``
+        None: whatever the caller's policy)."""
+        return self.memory is None or self.fusion is None or store not in (None, StorePolicy.WINDOW)
 
     def forward_and_frozen(
         self, window: Tensor, state: TensorDict, store: StorePolicy, encoded: Encoded | None = None

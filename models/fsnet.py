@@ -122,7 +122,9 @@ def normalise_memory(memory: Tensor) -> Tensor:
     return memory / norm[:, None, None]
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor, dilation: int) -> Tensor:
+def causal_conv1d(
+    x: Tensor, weight: Tensor, bias: Tensor, dilation: int, gather: Tensor | None = None
+) -> Tensor:
     """Causal dilated conv of ``x [b, i, n]`` -> ``[b, o, n]``: output ``t`` sees inputs ``<= t``.
 
     ``weight [o, i, k]`` and ``bias [o]`` are shared; ``weight [b, o, i, k]`` and ``bias
@@ -135,8 +137,19 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor, dilation: int) -> Ten
     gradient is zero either way): a block whose dilation is at least the window's length is a
     1x1 conv, not a conv over a mostly zero input many times the window's length (the
     reference size's dilation 1024 on a 48-step window).
+
+    ``gather [taps, m]``: only ``m`` outputs, of inputs ``x`` at some of the window's
+    positions; entry ``[j, t]`` is the column of ``x`` that tap ``j`` of output ``t`` reads, or
+    ``x``'s column count for the zero padding (:class:`models.tcn.LastPlan` makes them).
     """
     k, n = weight.shape[-1], x.shape[-1]
+    if gather is not None:
+        taps, m = gather.shape
+        cols = F.pad(x, (0, 1))[..., gather].flatten(-3, -2)  # [b, i * taps, m]; the last column: 0
+        kernel = weight[..., k - taps :].flatten(-2)
+        if weight.dim() == 3:
+            return torch.matmul(kernel, cols) + bias[:, None]
+        return torch.baddbmm(bias[..., None], kernel, cols)
     taps = min(k, (n - 1) // dilation + 1)  # tap j looks back (k - 1 - j) * dilation steps
     padded = F.pad(x, ((taps - 1) * dilation, 0))  # left pad only: no look-ahead
     if weight.dim() == 3 and dilation == 1:  # torch's own undilated conv is the faster one
@@ -233,16 +246,17 @@ class FSNetConv(nn.Module):
         """``x [b, i, n] -> [b, o, n]`` with each stream's calibration; ``state`` is only read."""
         return self.calibrated(x, self.current_calibration(state))
 
-    def calibrated(self, x: Tensor, u: Tensor | None) -> Tensor:
+    def calibrated(self, x: Tensor, u: Tensor | None, gather: Tensor | None = None) -> Tensor:
         """``x [b, i, n] -> [b, o, n]`` with the calibration ``u [b, c]`` already computed
-        (:func:`stacked_current_calibrations` computes every layer's together)."""
+        (:func:`stacked_current_calibrations` computes every layer's together); ``gather``: only
+        some outputs (:func:`causal_conv1d`)."""
         if u is None:
             raise ValueError("an FSNet conv needs its calibration")
         b, (o, _, k) = x.shape[0], self.weight.shape
         scales = u.view(b, o, k + 2) + 1.0  # offsets around identity
         scale_w, scale_b, scale_f = scales[..., :k], scales[..., k], scales[..., k + 1]
         weight = self.weight[None] * scale_w[:, :, None, :]  # [b, o, i, k]
-        y = causal_conv1d(x, weight, self.bias[None] * scale_b, self.dilation)  # [b, o, n]
+        y = causal_conv1d(x, weight, self.bias[None] * scale_b, self.dilation, gather)  # [b, o, n]
         return scale_f[..., None] * y
 
     def current_calibration(self, state: TensorDict) -> Tensor:

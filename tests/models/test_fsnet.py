@@ -417,3 +417,75 @@ def test_causal_conv_drops_only_taps_that_see_padding(dilation: int) -> None:
     torch.testing.assert_close(shared, want[:1], rtol=1e-12, atol=1e-12)
     seen = min(K, (N - 1) // dilation + 1)  # taps j >= K - seen look inside the window
     assert bool((got_grad[..., : K - seen] == 0).all()) and bool((got_grad[..., K - seen :] != 0).all())
+
+
+# ---------------------------------------------------------------- 7. the last position only
+
+
+@pytest.mark.parametrize("memory", ["fsnet", "none"])
+@pytest.mark.parametrize(("n", "layers"), [(16, 2), (60, 11), (7, 4), (2, 3)])
+def test_forward_last_equals_the_full_forward_at_the_last_position(memory: str, n: int, layers: int) -> None:
+    """Computing only the positions that reach the last output gives its features and every
+    weight's gradient as the full forward does (float64, rounding only), per-stream states too."""
+    torch.manual_seed(0)
+    model = TCNBackbone(
+        ModelConfig(backbone="tcn", memory=memory, d_model=D, n_layers=layers, kernel_size=K, seq_len=n)
+    ).double()
+    _randomise_controller(model)
+    state = _random_state(model, batch=2)
+    x = torch.randn(2, n, D, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    full, _ = model(x, state, StorePolicy.NONE)
+    want = full[:, -1:]
+    want_grads = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    got, next_state = model.forward_last(x, state, StorePolicy.NONE)
+    got_grads = torch.autograd.grad(got.square().sum(), params, allow_unused=True)
+
+    assert got.shape == (2, 1, D) and next_state is state
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_last_plan_computes_only_the_positions_that_reach_the_last_output() -> None:
+    """At 60 steps, kernel 3 and dilations 1..1024 (the FSNet reference's size): 189 conv
+    outputs instead of 1,320; the blocks whose dilation reaches past the window one each."""
+    from models.tcn import LastPlan
+
+    plan = LastPlan.of(60, 3, [2**i for i in range(11)], torch.device("cpu"))
+    sizes = [(60, 60) if b is None else (b.conv1.shape[1], b.conv2.shape[1]) for b in plan.blocks]
+    assert sum(a + b for a, b in sizes) == 189
+    assert sizes[0] == (60, 30) and sizes[5:] == [(2, 1)] + [(1, 1)] * 5
+    assert plan.inputs is None  # the first block reads the whole window
+    # every gathered column is a real input or the one zero column past them
+    for block, width in zip(plan.blocks[1:], [30, 15, 8, 4, 2, 1, 1, 1, 1, 1], strict=True):
+        assert block is not None and int(block.conv1.max()) <= width
+
+
+def test_forecaster_reads_the_tcn_last_position_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forecast of a TCN forecaster goes through forward_last and equals the forecast
+    from the full features (the head reads the last position)."""
+    from models import ContinualForecaster
+
+    torch.manual_seed(0)
+    model = ContinualForecaster(_config("fsnet", pred_len=3, channels=2)).double().eval()
+    _randomise_controller(model)
+    state = model.init_state(2, dtype=torch.float64)
+    window = torch.randn(2, N, 2, dtype=torch.float64)
+    calls: list[int] = []
+    planned = model.backbone.forward_last
+
+    def counted(x: Tensor, s: TensorDict, p: StorePolicy) -> tuple[Tensor, TensorDict]:
+        calls.append(x.shape[1])
+        return planned(x, s, p)
+
+    monkeypatch.setattr(model.backbone, "forward_last", counted)
+    got, _ = model(window, state)
+    assert calls == [N]
+    full = model.backbone.forward
+    monkeypatch.setattr(model.backbone, "forward_last", lambda x, s, p: (full(x, s, p)[0][:, -1:], s))
+    want, _ = model(window, state)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
