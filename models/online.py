@@ -622,8 +622,7 @@ def _learn_one(
         k: torch.zeros_like(p) if g is None else g.detach()
         for (k, p), g in zip(params.items(), grads, strict=True)
     }
-    row = row.clone(recurse=False)
-    row["model"] = model.adapt(row["model"], grad_map)
+    changed: dict[str, Tensor | TensorDict] = {"model": model.adapt(row["model"], grad_map)}
     if full:
         grad_map = _clip(grad_map, cfg.online_clip)
         opt = row["opt"]
@@ -639,11 +638,11 @@ def _learn_one(
             anchor={k: v.detach() for k, v in model.named_parameters()},
             anchor_strength=cfg.online_anchor,
         )
-        row["params"] = _nest(new_p)
-        row["opt"] = TensorDict(
+        changed["params"] = _nest(new_p)
+        changed["opt"] = TensorDict(
             {"exp_avg": _nest(avg), "exp_avg_sq": _nest(avg_sq), "step": step.reshape(1)}, batch_size=[1]
         )
-    return row
+    return replaced(row, changed)
 
 
 def _learn_batched(
@@ -766,8 +765,10 @@ def _clip(grads: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
     """
     if max_norm <= 0:
         return grads
-    norms = torch._foreach_norm(list(grads.values()), dtype=torch.float64)  # one call for every tensor
-    norm = torch.linalg.vector_norm(torch.stack(norms))
+    # one call for every tensor; each tensor's norm in its own dtype (a float64 copy of every
+    # gradient cost more than the rest of the clipping), their total in float64
+    norms = torch._foreach_norm(list(grads.values()))
+    norm = torch.linalg.vector_norm(torch.stack(norms).double())
     factor = float(torch.clamp(max_norm / (norm + 1e-12), max=1.0))
     if factor == 1.0:
         return grads
@@ -800,10 +801,10 @@ def _forward(
             return forecast, replaced(state, {"model": model_state})
     forecasts, rows = [], []
     for i in range(state.batch_size[0]):
-        row = (state if state.batch_size[0] == 1 else state[i : i + 1]).clone(recurse=False)
-        f, row["model"] = _call(model, _stream_params(row), (inputs[i : i + 1], row["model"], policy))
+        row = state if state.batch_size[0] == 1 else state[i : i + 1]
+        f, model_state = _call(model, _stream_params(row), (inputs[i : i + 1], row["model"], policy))
         forecasts.append(f)
-        rows.append(row)
+        rows.append(replaced(row, {"model": model_state}))
     if len(rows) == 1:
         return forecasts[0], rows[0]
     return torch.cat(forecasts, dim=0), TensorDict.cat(rows, dim=0)
