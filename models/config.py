@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # fields added after checkpoints were written: at their default they do not enter the digest
 # (an older checkpoint reads their defaults)
 LATER_FIELDS = ("online_clip", "online_anchor", "outcome_lr", "corrector_lr", "analog_rows", "known_lr")
+LATER_NESTED_FIELDS = {"neural_memory": ("max_grad_norm",)}  # the same, inside a nested config
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,7 @@ class NeuralMemoryConfig:
     batch_size: int | None = None  # commit weight updates only every this many tokens
     min_lr: float = 1e-3  # data-dependent learning rate theta is mapped exponentially into
     max_lr: float = 1.0  # [min_lr, max_lr] (keys have |k|^2 = dim_head, so 0.5 corrects ~all)
+    max_grad_norm: float = 10.0  # each token's surprise clipped to this norm (0: none); see clip_surprise
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,11 @@ class ModelConfig:
         checkpoints were written are left out at their defaults, so those keep their fingerprint."""
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in LATER_FIELDS}
         data = {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
+        for name, later in LATER_NESTED_FIELDS.items():
+            nested = getattr(self, name)
+            data[name] = {
+                k: v for k, v in data[name].items() if k not in later or v != getattr(type(nested), k)
+            }
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -9,7 +9,13 @@ from tensordict import TensorDict
 
 from models.base import StorePolicy
 from models.config import ConfigError, ModelConfig, NeuralMemoryConfig
-from models.neural_memory import MLPMemory, NeuralMemory, _build_chunk_grads, momentum_decay_scan
+from models.neural_memory import (
+    MLPMemory,
+    NeuralMemory,
+    _build_chunk_grads,
+    clip_surprise,
+    momentum_decay_scan,
+)
 from models.titans_backbone import TitansBackbone
 
 D = 16
@@ -338,3 +344,61 @@ def test_mlp_chunk_grads_written_out_equal_torch_func_to_second_order(depth: int
     outer_written = torch.autograd.grad(sum((g * g).sum() for g in written.values()), inputs)
     for a, b in zip(outer_written, outer_generic, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- surprise clipping
+
+
+def unstable_memory(max_grad_norm: float) -> NeuralMemory:
+    """Gates at their limits: theta ~ 1 and momentum eta ~ 0.98 for every token, the regime in
+    which a default memory diverged on ETTh1-M (see ``clip_surprise``)."""
+    memory = make_memory(max_grad_norm=max_grad_norm)
+    with torch.no_grad():
+        for gate, logit in ((memory.to_lr, 10.0), (memory.to_momentum, 4.0)):
+            gate.weight.zero_()
+            gate.bias.fill_(logit)
+    return memory
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 10.0])
+def test_clipped_surprise_keeps_an_unstable_memory_finite(max_grad_norm: float) -> None:
+    """Without clipping (the control) the weights overflow within 300 tokens; clipped, every
+    weight and read stays finite."""
+    memory = unstable_memory(max_grad_norm)
+    x = tokens(1, 300)
+    state = memory.init_state(1)
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            read, state = memory(x[:, t : t + 1], state, StorePolicy.WINDOW)
+    finite = all(bool(torch.isfinite(w).all()) for w in state["weights"].values())
+    finite = finite and bool(torch.isfinite(read).all())
+    assert finite == (max_grad_norm > 0)
+
+
+def test_clip_surprise_scales_only_the_rows_above_the_bound() -> None:
+    gen = torch.Generator().manual_seed(3)
+    grads = {
+        "w0": torch.randn(4, 3, 8, 16, dtype=torch.float64, generator=gen),
+        "w1": torch.randn(4, 3, 16, 8, dtype=torch.float64, generator=gen),
+    }
+    grads = {
+        k: g * torch.tensor([0.01, 1.0, 0.02, 3.0], dtype=torch.float64).view(4, 1, 1, 1)
+        for k, g in grads.items()
+    }
+    norms = torch.sqrt(sum(g.flatten(2).square().sum(-1) for g in grads.values()))  # [4, 3]
+    bound = 1.0
+    assert bool((norms[[0, 2]] < bound).all()) and bool((norms[[1, 3]] > bound).all())
+    clipped = clip_surprise(grads, bound, lead=2)
+    after = torch.sqrt(sum(g.flatten(2).square().sum(-1) for g in clipped.values()))
+    for k in grads:  # below the bound: the very same numbers
+        assert torch.equal(clipped[k][[0, 2]], grads[k][[0, 2]])
+    torch.testing.assert_close(after[[1, 3]], torch.full((2, 3), bound, dtype=torch.float64))
+    for k in grads:  # each row only rescaled, in its own direction
+        ratio = clipped[k][[1, 3]] / grads[k][[1, 3]]
+        torch.testing.assert_close(ratio, ratio[..., :1, :1].expand_as(ratio))
+    assert clip_surprise(grads, 0.0, lead=2) is grads
+
+
+def test_negative_surprise_bound_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        make_memory(max_grad_norm=-1.0)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from models.config import LATER_FIELDS, ModelConfig
+from models.config import LATER_FIELDS, LATER_NESTED_FIELDS, ModelConfig, NeuralMemoryConfig
 from models.forecaster import ContinualForecaster
 from models.online import Feedback, UpdateMode, init_stream_state, observe_many
 from models.optim import adam_direction_bound, adamw_step
@@ -147,9 +147,13 @@ def test_older_checkpoints_keep_their_fingerprint() -> None:
     """Fields added later enter the digest only when changed from their default."""
     config = ModelConfig()
     old_layout = {k: v for k, v in config.to_dict().items() if k not in LATER_FIELDS}
+    for name, later in LATER_NESTED_FIELDS.items():  # e.g. neural_memory.max_grad_norm
+        old_layout[name] = {k: v for k, v in old_layout[name].items() if k not in later}
     old_digest = hashlib.sha256(json.dumps(old_layout, sort_keys=True).encode()).hexdigest()
     assert ModelConfig.from_dict(old_layout).digest() == old_digest
     assert config.replace(online_anchor=1.0).digest() != old_digest
+    clipped = config.replace(neural_memory=NeuralMemoryConfig(max_grad_norm=5.0))
+    assert clipped.digest() != old_digest
 
 
 def test_adamw_step_takes_transposed_tensors() -> None:
