@@ -218,7 +218,9 @@ def acceptance(rows: Rows, settings: list[dict[str, Any]], alone: list[tuple[str
             min(speeds) >= 500,
             f"memory_only >= 500 steps/s on one stream: {num(min(speeds))}-{num(max(speeds))} steps/s "
             f"({title}, delayed, full test split, {len(speeds)} runs one after the other with nothing beside "
-            f"them{beside})",
+            f"them{beside}); an absolute figure of this machine, whose speed varies 2x between days: the "
+            "same command beside the code the issue was filed against is in "
+            "[investigations.md](investigations.md)",
         )
     elif loaded:
         check(
