@@ -144,7 +144,7 @@ def causal_conv1d(
     """
     k, n = weight.shape[-1], x.shape[-1]
     if gather is not None:
-        taps, m = gather.shape
+        taps = gather.shape[0]
         cols = F.pad(x, (0, 1))[..., gather].flatten(-3, -2)  # [b, i * taps, m]; the last column: 0
         kernel = weight[..., k - taps :].flatten(-2)
         if weight.dim() == 3:

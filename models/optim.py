@@ -36,19 +36,18 @@ def adamw_step(
     p = [params[n] for n in names]
     g = [grads[n] for n in names]
     m, v = [exp_avg[n] for n in names], [exp_avg_sq[n] for n in names]
-    anchored = anchor is not None and anchor_strength > 0
+    p0 = [anchor[n] for n in names] if anchor is not None and anchor_strength > 0 else None
     if step.dim() == 0 and _fusable(p):
         # the pull as weight decay: p (1 - lr (wd + a)) - lr update + lr a p0, the same step
         # with one in-place add per tensor where a subtraction made a new tensor per tensor
-        decay = weight_decay + (anchor_strength if anchored else 0.0)
+        decay = weight_decay + (anchor_strength if p0 is not None else 0.0)
         new_p, m, v = _fused_step(p, g, m, v, t, lr, betas, decay, eps)
-        if anchor is not None and anchored:
-            torch._foreach_add_(new_p, [anchor[n] for n in names], alpha=lr * anchor_strength)
+        if p0 is not None:
+            torch._foreach_add_(new_p, p0, alpha=lr * anchor_strength)
     else:
         new_p, m, v = _listwise_step(p, g, m, v, t, lr, betas, weight_decay, eps)
-        if anchor is not None and anchored:
-            pull = torch._foreach_sub(p, [anchor[n] for n in names])
-            torch._foreach_add_(new_p, pull, alpha=-lr * anchor_strength)
+        if p0 is not None:
+            torch._foreach_add_(new_p, torch._foreach_sub(p, p0), alpha=-lr * anchor_strength)
     return (
         dict(zip(names, new_p, strict=True)),
         dict(zip(names, m, strict=True)),

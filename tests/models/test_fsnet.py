@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from models import fsnet
+from models import ContinualForecaster, fsnet
 from models.base import StorePolicy
 from models.config import FSNetConfig, ModelConfig
 from models.fsnet import FSNetConv, read_memory
-from models.tcn import TCNBackbone
+from models.tcn import LastPlan, TCNBackbone
 
 D, K, N = 4, 3, 16
 CFG = FSNetConfig()
@@ -453,8 +453,6 @@ def test_forward_last_equals_the_full_forward_at_the_last_position(memory: str, 
 def test_last_plan_computes_only_the_positions_that_reach_the_last_output() -> None:
     """At 60 steps, kernel 3 and dilations 1..1024 (the FSNet reference's size): 189 conv
     outputs instead of 1,320; the blocks whose dilation reaches past the window one each."""
-    from models.tcn import LastPlan
-
     plan = LastPlan.of(60, 3, [2**i for i in range(11)], torch.device("cpu"))
     sizes = [(60, 60) if b is None else (b.conv1.shape[1], b.conv2.shape[1]) for b in plan.blocks]
     assert sum(a + b for a, b in sizes) == 189
@@ -468,8 +466,6 @@ def test_last_plan_computes_only_the_positions_that_reach_the_last_output() -> N
 def test_forecaster_reads_the_tcn_last_position_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The forecast of a TCN forecaster goes through forward_last and equals the forecast
     from the full features (the head reads the last position)."""
-    from models import ContinualForecaster
-
     torch.manual_seed(0)
     model = ContinualForecaster(_config("fsnet", pred_len=3, channels=2)).double().eval()
     _randomise_controller(model)
