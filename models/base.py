@@ -109,11 +109,20 @@ class StatefulModule(nn.Module, metaclass=ABCMeta):
     #: calls has a batching rule), so ``full_model`` streams learn in one batched call.
     vmaps_stream_weights: bool = True
 
-    def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
+    def adapted_from(self) -> tuple[str, ...]:
+        """The parameter names (relative to this module) whose gradients :meth:`adapt` reads:
+        in ``memory_only`` the online step takes the gradient of these only."""
+        return ()
+
+    def adapt(
+        self, state: TensorDict, grads: dict[str, Tensor], weights: dict[str, Tensor] | None = None
+    ) -> TensorDict:
         """Update the state of ONE stream (batch 1) from the gradients of its forecast loss.
 
         ``grads`` maps this module's own parameter names (relative to this module) to the
-        gradients of that stream's loss. The default keeps the state unchanged.
+        gradients of that stream's loss; ``weights``, keyed alike, the stream's own weights
+        where it has them (``full_model``), which then replace the shared ones. The default
+        keeps the state unchanged.
         """
         return state
 

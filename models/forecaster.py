@@ -94,6 +94,9 @@ class ContinualForecaster(nn.Module):
         self._outcome_paths = nested_outcome_paths(self.stateful_children())
         self._stores_tokens = any(c.stores_tokens for c in children)
         self._learns_from_gradients = any(c.learns_from_gradients for c in children)
+        self._adapted_from = tuple(
+            f"{name}.{p}" for name, c in self.stateful_children().items() for p in c.adapted_from()
+        )
         self._stateless_backbone = not self.backbone.init_state(1).keys()  # the LSTM, the transformer
         memory = self.memory
         # the memory weights reach the forecast only through an add fusion of the MLP memory's read
@@ -139,6 +142,10 @@ class ContinualForecaster(nn.Module):
     @property
     def learns_from_gradients(self) -> bool:
         return self._learns_from_gradients
+
+    def adapted_from(self) -> tuple[str, ...]:
+        """The parameters whose loss gradients :meth:`adapt` reads (FSNet's conv weights)."""
+        return self._adapted_from
 
     def outcome_paths(self) -> tuple[StatePath, ...]:
         """Paths into the component state of the per-stream memory weights that ``memory_only``
@@ -309,12 +316,20 @@ class ContinualForecaster(nn.Module):
         std = (window.var(dim=1, keepdim=True, unbiased=False) + _EPS).sqrt()
         return (window - mean) / std, mean, std
 
-    def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
-        """Gradient-driven state updates (FSNet) of one stream; grads keyed by parameter name."""
+    def adapt(
+        self, state: TensorDict, grads: dict[str, Tensor], weights: dict[str, Tensor] | None = None
+    ) -> TensorDict:
+        """Gradient-driven state updates (FSNet) of one stream; ``grads`` (and the stream's own
+        ``weights``, when it has them) keyed by parameter name."""
         adapted = {}
         for name, child in self.stateful_children().items():
             if child.learns_from_gradients:
                 prefix = name + "."
-                sub = {k[len(prefix) :]: g for k, g in grads.items() if k.startswith(prefix)}
-                adapted[name] = child.adapt(state[name], sub)
+
+                def own(named: dict[str, Tensor], prefix: str = prefix) -> dict[str, Tensor]:
+                    return {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
+
+                adapted[name] = child.adapt(
+                    state[name], own(grads), None if weights is None else own(weights)
+                )
         return replaced(state, adapted)

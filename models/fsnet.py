@@ -40,8 +40,9 @@ Where this departs from the reference code (github.com/salesforce/fsnet, ``fsnet
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,8 @@ from torch import Tensor, nn
 from models.config import ConfigError, FSNetConfig
 
 CONTROLLER_HIDDEN = 64  # the reference controller's width
+# the controller's weights by name, in the order FSNetConv.calibration takes them
+CONTROLLER_PARTS = ("controller.0.weight", "controller.0.bias", "head.weight", "head.bias")
 _COS_EPS = 1e-6
 _NORM_EPS = 1e-12  # F.normalize's
 
@@ -238,9 +241,13 @@ class FSNetConv(nn.Module):
             entries["memory"] = memory.expand(batch, -1, -1).clone()  # [b, s, c], own storage
         return TensorDict(entries, batch_size=[batch], device=device)
 
-    def calibration(self, grad_long: Tensor) -> Tensor:
-        """``[b, o, e] -> [b, c]``: the controller's calibration, laid out ``[o, (taps, b, f)]``."""
-        return self.head(self.controller(grad_long)).flatten(1)
+    def calibration(self, grad_long: Tensor, controller: Sequence[Tensor] | None = None) -> Tensor:
+        """``[b, o, e] -> [b, c]``: the controller's calibration, laid out ``[o, (taps, b, f)]``;
+        ``controller``: other weights for it (:data:`CONTROLLER_PARTS`), a stream's own."""
+        if controller is None:
+            return self.head(self.controller(grad_long)).flatten(1)
+        w1, b1, w2, b2 = controller
+        return F.linear(F.silu(F.linear(grad_long, w1, b1)), w2, b2).flatten(1)
 
     def forward(self, x: Tensor, state: TensorDict) -> Tensor:  # type: ignore[override]
         """``x [b, i, n] -> [b, o, n]`` with each stream's calibration; ``state`` is only read."""
@@ -283,12 +290,116 @@ class FSNetConv(nn.Module):
 # ---------------------------------------------------------------- every layer at once
 
 
-def stacked_calibrations(layers: Sequence[FSNetConv], grad_long: Sequence[Tensor]) -> Tensor:
+def stacked_calibrations(
+    layers: Sequence[FSNetConv],
+    grad_long: Sequence[Tensor],
+    remember: bool = False,
+    controllers: Sequence[Sequence[Tensor]] | None = None,
+) -> Tensor:
     """Each layer's controller on its own slow EMA (``[b, o, e]`` each), stacked ``[L, b, c]``.
 
     The products stay one per layer: stacking the layers' controller weights (and EMAs) for
-    batched products copied more memory per step than the batching saved."""
-    return torch.stack([layer.calibration(g) for layer, g in zip(layers, grad_long, strict=True)])
+    batched products copied more memory per step than the batching saved. ``remember``: keep
+    the result for the forwards that read these EMAs with these weights (:class:`_Known`).
+    ``controllers``: each layer's controller weights where they are not its own (a stream's).
+    """
+    if controllers is None:
+        known = _known(layers, grad_long)
+        if known is not None:
+            return known
+    weights = [None] * len(layers) if controllers is None else controllers
+    u = torch.stack([layer.calibration(g, w) for layer, g, w in zip(layers, grad_long, weights, strict=True)])
+    if remember:
+        _remember(layers, grad_long, u, controllers)
+    return u
+
+
+class _Known(NamedTuple):
+    """Calibrations :func:`stacked_adapt` computed, for the forwards that follow it.
+
+    ``adapt`` evaluates every controller on the new slow EMAs for the memory's query; the
+    forecast that follows (and, in ``memory_only``, the output corrector's forward of the next
+    step) evaluates the same controllers on the same EMAs again. Kept per EMA tensor (the
+    layers' EMAs are views of one tensor, the key) while it lives, and used only where every
+    input is provably the same: each layer's EMA at the same address of the key's storage, no
+    in-place change since (tensor versions), and the same controller weights: the same
+    addresses (the entry keeps those tensors alive, so no other tensor can take their
+    addresses) at the same versions. Never where the controllers' weights need a gradient: the
+    entry holds no autograd graph.
+    """
+
+    calibrations: Tensor  # [L, b, c]
+    addresses: tuple[int, ...]  # each layer's EMA's
+    version: int  # the EMAs' (views share their base's counter)
+    weights: tuple[Tensor, ...]  # the controllers' weights, kept alive
+    signature: tuple[tuple[int, int], ...]  # their (address, version)
+
+
+# by id of the key, which the entry follows weakly (tensors compare elementwise: no WeakKeyDictionary)
+_KNOWN: dict[int, tuple[weakref.ref[Tensor], _Known]] = {}
+
+
+def _controller_weights(layers: Sequence[FSNetConv]) -> list[Tensor]:
+    """What a calibration depends on besides the EMA (under ``functional_call``, a stream's own),
+    in the order of :data:`CONTROLLER_PARTS`."""
+    weights: list[Tensor] = []
+    for layer in layers:
+        linear = cast(nn.Linear, layer.controller[0])
+        weights += [linear.weight, linear.bias, layer.head.weight, layer.head.bias]
+    return weights
+
+
+def _signature(weights: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
+    return tuple((w.data_ptr(), w._version) for w in weights)
+
+
+def _base(grad_long: Sequence[Tensor]) -> Tensor | None:
+    """The tensor every layer's EMA is a view of, where there is one (a state from adapt)."""
+    first = grad_long[0]
+    if torch._C._functorch.is_batchedtensor(first) or torch._C._functorch.is_gradtrackingtensor(first):
+        return None
+    base = first._base
+    if base is None or any(g._base is not base for g in grad_long):
+        return None
+    return base
+
+
+def _known(layers: Sequence[FSNetConv], grad_long: Sequence[Tensor]) -> Tensor | None:
+    base = _base(grad_long)
+    if base is None:
+        return None
+    held = _KNOWN.get(id(base))
+    if held is None or held[0]() is not base:
+        return None
+    entry = held[1]
+    weights = _controller_weights(layers)
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return None
+    same = (
+        base._version == entry.version
+        and tuple(g.data_ptr() for g in grad_long) == entry.addresses
+        and _signature(weights) == entry.signature
+    )
+    return entry.calibrations if same else None
+
+
+def _remember(
+    layers: Sequence[FSNetConv],
+    grad_long: Sequence[Tensor],
+    u: Tensor,
+    controllers: Sequence[Sequence[Tensor]] | None,
+) -> None:
+    base = _base(grad_long)
+    if base is None or u.requires_grad:
+        return
+    weights = tuple(
+        _controller_weights(layers) if controllers is None else (w for c in controllers for w in c)
+    )
+    key = id(base)
+    _KNOWN[key] = (
+        weakref.ref(base, lambda _: _KNOWN.pop(key, None)),
+        _Known(u, tuple(g.data_ptr() for g in grad_long), base._version, weights, _signature(weights)),
+    )
 
 
 def stacked_current_calibrations(layers: Sequence[FSNetConv], states: Sequence[TensorDict]) -> list[Tensor]:
@@ -319,11 +430,15 @@ def may_be_set(flags: Tensor) -> bool:
 
 
 def stacked_adapt(
-    layers: Sequence[FSNetConv], states: Sequence[TensorDict], weight_grads: Sequence[Tensor]
+    layers: Sequence[FSNetConv],
+    states: Sequence[TensorDict],
+    weight_grads: Sequence[Tensor],
+    controllers: Sequence[Sequence[Tensor]] | None = None,
 ) -> list[TensorDict]:
     """:meth:`FSNetConv.adapt` of every layer from its conv weight's gradient, computed
     together (the same steps, in the same order, on the layers stacked along a new leading
-    dimension); returns each layer's next state."""
+    dimension); returns each layer's next state. ``controllers``: each layer's controller
+    weights (:data:`CONTROLLER_PARTS`) where the stream has its own (``full_model``)."""
     _check_alike(layers)
     first, n_layers, batch = layers[0], len(layers), states[0].batch_size[0]
     cfg = first.fsnet
@@ -340,9 +455,8 @@ def stacked_adapt(
         long = ema(before_long, g, cfg.gamma_long)
         entries: dict[str, Tensor] = {"grad_long": long, "grad_short": short, "trigger": trigger}
         if first.use_memory:
-            u = stacked_calibrations(layers, long.view(n_layers, batch, *long.shape[1:]).unbind(0)).flatten(
-                0, 1
-            )
+            per_layer_long = long.view(n_layers, batch, *long.shape[1:]).unbind(0)
+            u = stacked_calibrations(layers, per_layer_long, True, controllers).flatten(0, 1)
             query = ema(torch.stack([s["q_ema"] for s in states]).flatten(0, 1), u, cfg.gamma_short)
             entries["q_ema"] = query
             if may_be_set(trigger):  # else every memory stays as it is

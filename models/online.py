@@ -612,7 +612,11 @@ def _learn_one(
     cfg = model.config
     row = _for_autograd(row)
     full = mode is UpdateMode.FULL_MODEL
-    source = _stream_params(row) if full else {k: v.detach() for k, v in model.named_parameters()}
+    if full:
+        source = _stream_params(row)
+    else:  # the shared weights, of which only those adapt reads need a gradient
+        shared = dict(model.named_parameters())
+        source = {k: shared[k].detach() for k in model.adapted_from()}
     params = {k: v.detach().requires_grad_(True) for k, v in source.items()}
     with torch.enable_grad():
         forecast, _ = _call(model, params, (inputs, row["model"], StorePolicy.NONE))
@@ -622,26 +626,32 @@ def _learn_one(
         k: torch.zeros_like(p) if g is None else g.detach()
         for (k, p), g in zip(params.items(), grads, strict=True)
     }
-    changed: dict[str, Tensor | TensorDict] = {"model": model.adapt(row["model"], grad_map)}
-    if full:
-        grad_map = _clip(grad_map, cfg.online_clip)
-        opt = row["opt"]
-        new_p, avg, avg_sq, step = adamw_step(
-            source,
-            grad_map,
-            _flat(opt["exp_avg"]),
-            _flat(opt["exp_avg_sq"]),
-            opt["step"][0],
-            lr=cfg.online_lr,
-            betas=cfg.online_betas,
-            weight_decay=cfg.online_weight_decay,
-            anchor={k: v.detach() for k, v in model.named_parameters()},
-            anchor_strength=cfg.online_anchor,
-        )
-        changed["params"] = _nest(new_p)
-        changed["opt"] = TensorDict(
-            {"exp_avg": _nest(avg), "exp_avg_sq": _nest(avg_sq), "step": step.reshape(1)}, batch_size=[1]
-        )
+    if not full:
+        return replaced(row, {"model": model.adapt(row["model"], grad_map)})
+    opt = row["opt"]
+    new_p, avg, avg_sq, step = adamw_step(
+        source,
+        _clip(grad_map, cfg.online_clip),
+        _flat(opt["exp_avg"]),
+        _flat(opt["exp_avg_sq"]),
+        opt["step"][0],
+        lr=cfg.online_lr,
+        betas=cfg.online_betas,
+        weight_decay=cfg.online_weight_decay,
+        anchor={k: v.detach() for k, v in model.named_parameters()},
+        anchor_strength=cfg.online_anchor,
+    )
+    # a gradient-driven memory (FSNet) adapts with the weights the stream forecasts with next,
+    # its own after this step, as the reference code's update after its optimiser step does: its
+    # query is then the calibration the next forward uses (from the unclipped gradient, as in
+    # memory_only)
+    adapted = model.adapt(row["model"], grad_map, new_p) if model.learns_from_gradients else None
+    opt_state = TensorDict(
+        {"exp_avg": _nest(avg), "exp_avg_sq": _nest(avg_sq), "step": step.reshape(1)}, batch_size=[1]
+    )
+    changed: dict[str, Tensor | TensorDict] = {"params": _nest(new_p), "opt": opt_state}
+    if adapted is not None:
+        changed["model"] = adapted
     return replaced(row, changed)
 
 

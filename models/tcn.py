@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from models.base import Backbone, StorePolicy, empty_state
 from models.config import ModelConfig
-from models.fsnet import FSNetConv, causal_conv1d, init_conv_, stacked_adapt, stacked_current_calibrations
+from models.fsnet import (
+    CONTROLLER_PARTS,
+    FSNetConv,
+    causal_conv1d,
+    init_conv_,
+    stacked_adapt,
+    stacked_current_calibrations,
+)
 
 ADAPTIVE_MEMORIES = ("fsnet", "fsnet_nomem")
 
@@ -218,8 +225,14 @@ class TCNBackbone(Backbone):
             h = block(h, u.get(f"block{i}_conv1"), u.get(f"block{i}_conv2"), step)
         return self.dropout(h.transpose(1, 2))  # [b, n | 1, d]
 
-    def adapt(self, state: TensorDict, grads: dict[str, Tensor]) -> TensorDict:
-        """Next state of each FSNet conv from its weight gradient (contract in the module doc).
+    def adapted_from(self) -> tuple[str, ...]:
+        return tuple(path + ".weight" for path in self.layer_paths.values())
+
+    def adapt(
+        self, state: TensorDict, grads: dict[str, Tensor], weights: dict[str, Tensor] | None = None
+    ) -> TensorDict:
+        """Next state of each FSNet conv from its weight gradient (contract in the module doc),
+        its calibrations from the stream's own controllers where ``weights`` has them.
 
         Written for one stream (batch 1, gradients shaped like the weights); a batch of
         ``b`` streams works too when each weight gradient has a leading ``[b]``.
@@ -233,7 +246,11 @@ class TCNBackbone(Backbone):
             if key not in grads:
                 raise KeyError(f"FSNet adapt needs grads[{key!r}] (layer {name})")
             weight_grads.append(grads[key])
-        adapted = stacked_adapt(list(layers.values()), [state[n] for n in layers], weight_grads)
+        controllers = None
+        if weights is not None:
+            parts = CONTROLLER_PARTS
+            controllers = [[weights[f"{self.layer_paths[n]}.{part}"] for part in parts] for n in layers]
+        adapted = stacked_adapt(list(layers.values()), [state[n] for n in layers], weight_grads, controllers)
         next_state = empty_state(state.batch_size[0], state.device)
         for name, layer_state in zip(layers, adapted, strict=True):
             next_state[name] = layer_state

@@ -5,6 +5,7 @@ Everything runs in float64 on tiny shapes (d_model 4) so tolerances can be tight
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -18,6 +19,7 @@ from models import ContinualForecaster, fsnet
 from models.base import StorePolicy
 from models.config import FSNetConfig, ModelConfig
 from models.fsnet import FSNetConv, read_memory
+from models.online import UpdateMode, init_stream_state, learn, observe, predict
 from models.tcn import LastPlan, TCNBackbone
 
 D, K, N = 4, 3, 16
@@ -485,3 +487,114 @@ def test_forecaster_reads_the_tcn_last_position_only(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(model.backbone, "forward_last", lambda x, s, p: (full(x, s, p)[0][:, -1:], s))
     want, _ = model(window, state)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- 8. the online step's calibrations
+
+
+def _online_model(memory: str = "fsnet") -> ContinualForecaster:
+    torch.manual_seed(0)
+    model = ContinualForecaster(_config(memory, pred_len=2, channels=2)).double().eval()
+    _randomise_controller(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _replay(model: ContinualForecaster, mode: UpdateMode, steps: int = 30) -> tuple[TensorDict, Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(steps, 2, generator=gen, dtype=torch.float64).cumsum(0)
+    state = init_stream_state(model, 1, mode)
+    forecasts = []
+    for value in values:
+        state, forecast = observe(model, state, value[None], mode)
+        assert forecast is not None
+        forecasts.append(forecast)
+    return state, torch.stack(forecasts)
+
+
+def _no_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fsnet, "_known", lambda layers, grad_long: None)
+
+
+@pytest.mark.parametrize("mode", [UpdateMode.MEMORY_ONLY, UpdateMode.FULL_MODEL])
+def test_calibrations_adapt_computed_serve_the_next_forwards_unchanged(
+    mode: UpdateMode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forwards after an adapt read the calibrations it computed (never the learning
+    forward of full_model, whose controllers need a gradient), and the stream's forecasts and
+    state are the same bits as when every forward computes them again."""
+    model = _online_model()
+    known = fsnet._known
+    used: list[bool] = []
+
+    def counted(layers: list[FSNetConv], grad_long: list[Tensor]) -> Tensor | None:
+        u = known(layers, grad_long)
+        used.append(u is not None)
+        return u
+
+    monkeypatch.setattr(fsnet, "_known", counted)
+    state, forecasts = _replay(model, mode)
+    assert sum(used) >= 10  # one forecast (and, in memory_only, the corrector's forward) per step
+    _no_known(monkeypatch)
+    again, recomputed = _replay(model, mode)
+    assert torch.equal(forecasts, recomputed)
+    _assert_leaves_equal(state, _clone_leaves(again))
+
+
+def test_full_model_adapts_with_the_streams_stepped_weights() -> None:
+    """full_model: the memory's query moves toward the calibration of the stream's own
+    controller after its AdamW step (the one the next forward uses), not the shared one's."""
+    model = _online_model()
+    state, _ = _replay(model, UpdateMode.FULL_MODEL)
+    history = state["history"]
+    past = history[:, : model.config.seq_len]
+    target = model.forecast_channels(history[:, model.config.seq_len :])
+    after = learn(model, state, past, target, UpdateMode.FULL_MODEL)
+    stepped = copy.deepcopy(model)
+    stepped.load_state_dict({k.replace("-", "."): v[0] for k, v in after["params"].items()}, strict=False)
+    gamma = model.config.fsnet.gamma_short
+    moved = False
+    for name, path in model.backbone.layer_paths.items():
+        before_layer, after_layer = state["model"]["backbone"][name], after["model"]["backbone"][name]
+        own = stepped.backbone.get_submodule(path).calibration(after_layer["grad_long"])
+        shared = model.backbone.get_submodule(path).calibration(after_layer["grad_long"])
+        torch.testing.assert_close(after_layer["q_ema"], fsnet.ema(before_layer["q_ema"], own, gamma))
+        moved |= not torch.allclose(own, shared)
+    assert moved  # the stream's controllers have left the shared ones: the test tells them apart
+
+
+def test_calibrations_kept_are_not_used_for_other_weights_or_a_changed_ema(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other controller weights with the same EMAs, or EMAs changed in place, compute afresh."""
+    model = _online_model()
+    state, _ = _replay(model, UpdateMode.FULL_MODEL)
+    other = state.clone(recurse=False)
+    other["params"] = TensorDict({k: v + 0.01 for k, v in state["params"].items()}, batch_size=[1])
+    got = predict(model, other)
+    with monkeypatch.context() as patched:
+        _no_known(patched)
+        assert torch.equal(got, predict(model, other))
+    layer = next(iter(model.backbone.layer_paths))
+    state["model"]["backbone"][layer]["grad_long"].mul_(1.5)  # a view of the adapt's EMAs
+    got = predict(model, state)
+    _no_known(monkeypatch)
+    assert torch.equal(got, predict(model, state))
+
+
+def test_memory_only_takes_the_gradient_of_the_conv_weights_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory_only asks autograd for the weights adapt reads (FSNet's conv weights), not every
+    weight: the same state and forecasts as taking every gradient."""
+    model = _online_model()
+    names = model.adapted_from()
+    assert names and all(re.fullmatch(r"backbone\.blocks\.\d+\.conv[12]\.weight", n) for n in names)
+    assert len(names) == 2 * model.config.n_layers
+    state, forecasts = _replay(model, UpdateMode.MEMORY_ONLY)
+    every = tuple(name for name, _ in model.named_parameters())
+    monkeypatch.setattr(model, "adapted_from", lambda: every)
+    again, recomputed = _replay(model, UpdateMode.MEMORY_ONLY)
+    assert torch.equal(forecasts, recomputed)
+    _assert_leaves_equal(state, _clone_leaves(again))
+    plain = ContinualForecaster(_config("none"))
+    assert plain.adapted_from() == ()
