@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import struct
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from enum import StrEnum
 from typing import Any, ParamSpec, TypeVar, cast
@@ -628,30 +628,31 @@ def _learn_one(
     }
     if not full:
         return replaced(row, {"model": model.adapt(row["model"], grad_map)})
-    opt = row["opt"]
+    # the step on the state's own [1, ...] tensors, keyed as stored: no per-tensor selection of
+    # the stream's row and no re-stacking of the results (the anchor broadcasts)
+    opt, clipped = row["opt"], _clip(grad_map, cfg.online_clip)
+    stored = {_key(k): v for k, v in clipped.items()}
     new_p, avg, avg_sq, step = adamw_step(
-        source,
-        _clip(grad_map, cfg.online_clip),
-        _flat(opt["exp_avg"]),
-        _flat(opt["exp_avg_sq"]),
+        cast(dict[str, Tensor], dict(row["params"].items())),
+        {k: g.unsqueeze(0) for k, g in stored.items()},
+        cast(dict[str, Tensor], dict(opt["exp_avg"].items())),
+        cast(dict[str, Tensor], dict(opt["exp_avg_sq"].items())),
         opt["step"][0],
         lr=cfg.online_lr,
         betas=cfg.online_betas,
         weight_decay=cfg.online_weight_decay,
-        anchor={k: v.detach() for k, v in model.named_parameters()},
+        anchor={_key(k): v.detach() for k, v in model.named_parameters()},
         anchor_strength=cfg.online_anchor,
     )
-    # a gradient-driven memory (FSNet) adapts with the weights the stream forecasts with next,
-    # its own after this step, as the reference code's update after its optimiser step does: its
-    # query is then the calibration the next forward uses (from the unclipped gradient, as in
-    # memory_only)
-    adapted = model.adapt(row["model"], grad_map, new_p) if model.learns_from_gradients else None
-    opt_state = TensorDict(
-        {"exp_avg": _nest(avg), "exp_avg_sq": _nest(avg_sq), "step": step.reshape(1)}, batch_size=[1]
-    )
-    changed: dict[str, Tensor | TensorDict] = {"params": _nest(new_p), "opt": opt_state}
-    if adapted is not None:
-        changed["model"] = adapted
+    new_params = _one_row(new_p)
+    opt_state = _one_row({"exp_avg": _one_row(avg), "exp_avg_sq": _one_row(avg_sq), "step": step.reshape(1)})
+    changed: dict[str, Tensor | TensorDict] = {"params": new_params, "opt": opt_state}
+    if model.learns_from_gradients:
+        # a gradient-driven memory (FSNet) adapts with the weights the stream forecasts with
+        # next, its own after this step, as the reference code's update after its optimiser
+        # step does: its query is then the calibration the next forward uses (from the
+        # unclipped gradient, as in memory_only)
+        changed["model"] = model.adapt(row["model"], grad_map, _flat(new_params))
     return replaced(row, changed)
 
 
@@ -839,8 +840,11 @@ def _flat(td: TensorDict) -> dict[str, Tensor]:
     return {k.replace("-", "."): cast(Tensor, v)[0] for k, v in td.items()}
 
 
-def _nest(flat: dict[str, Tensor]) -> TensorDict:
-    return TensorDict({_key(k): v.unsqueeze(0) for k, v in flat.items()}, batch_size=[1])
+def _one_row(entries: Mapping[str, Tensor | TensorDict]) -> TensorDict:
+    """A one-stream ``TensorDict`` of entries that have its batch dimension already (built
+    without validating each entry: the online step made them)."""
+    source: dict[Any, Any] = dict(entries)  # tensordict's stubs name no mapping of str keys
+    return TensorDict._new_unsafe(source=source, batch_size=torch.Size([1]), nested=False)
 
 
 def _with_leaves(td: TensorDict, leaves: dict[StatePath, Tensor]) -> TensorDict:
