@@ -7,7 +7,10 @@ default size, at the FSNet reference code's width and depth (a TCN of width 64 a
 blocks, ~0.55M weights with the adapters: ``_ref_size``) and at the reference's count of trained
 weights (its last block is 320 wide: 1.02M for FSNet, 0.64M for its OGD: ``_ref_weights``).
 Random weights: the cost of a step does not depend on their values; nor does the data's (a
-daily sine with noise is fed).
+daily sine with noise is fed). ``--as-published``: the step as the baselines' papers (and the
+reference code) take it and as the results page's ``ogd`` and ``fsnet`` rows learn, online lr
+1e-3 with no gradient clipping and no pull toward the pretrained weights, where the default is
+the service's full_model step (clipped, anchored AdamW).
 
 The reference code itself is not part of this repository; compare a run of it with these rows
 on the same machine, or compare two memcast commits side by side by running this module from
@@ -30,6 +33,7 @@ from bench._common import machine_info, now_iso, single_thread, write_json
 from bench._format import num
 from bench._format import table as markdown_table
 from bench.floor import series
+from bench.results import REFERENCE_ONLINE, REFERENCE_ONLINE_LR
 from models import ContinualForecaster, ModelConfig, UpdateMode, init_stream_state, observe
 
 SEQ_LEN, PRED_LEN, CHANNELS = 60, 1, 7
@@ -47,18 +51,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(name: str) -> ContinualForecaster:
+def build(name: str, as_published: bool = False) -> ContinualForecaster:
     torch.manual_seed(0)
-    config = ModelConfig(seq_len=SEQ_LEN, pred_len=PRED_LEN, channels=CHANNELS, **CONFIGS[name])
+    learning: dict[str, Any] = {**REFERENCE_ONLINE, "online_lr": REFERENCE_ONLINE_LR} if as_published else {}
+    config = ModelConfig(seq_len=SEQ_LEN, pred_len=PRED_LEN, channels=CHANNELS, **CONFIGS[name], **learning)
     model = ContinualForecaster(config).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def measure(name: str, steps: int, warm: int = 10) -> dict[str, Any]:
+def measure(name: str, steps: int, warm: int = 10, as_published: bool = False) -> dict[str, Any]:
     """``steps`` timed observations after the window filled and ``warm`` learning steps."""
-    model = build(name)
+    model = build(name, as_published)
     mode = UpdateMode.FULL_MODEL
     start = SEQ_LEN + PRED_LEN + warm
     data = series(start + steps, CHANNELS)  # bench.floor's: daily cycles plus noise
@@ -103,7 +108,8 @@ def section(result: dict[str, Any]) -> list[str]:
     return [
         "## The cost of a learning step",
         "",
-        f"`python -m bench.step_cost`: one stream, one thread, `full_model` with delayed feedback "
+        f"`python -m bench.step_cost{' --as-published' if result.get('as_published') else ''}`: "
+        "one stream, one thread, `full_model` with delayed feedback "
         f"(learn from the matured pair, then forecast), seq_len {shapes['seq_len']}, pred_len "
         f"{shapes['pred_len']}, {shapes['channels']} channels (the FSNet paper's ETTh2-M 60 -> 1 "
         "online test), random weights. `_ref_size`: the FSNet reference code's width and depth (a "
@@ -121,6 +127,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=100, help="timed steps per config")
+    p.add_argument(
+        "--as-published",
+        action="store_true",
+        help="learn as the baselines' papers do: online lr 1e-3, no clipping, no anchor",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench/step_cost.json"))
     return p
 
@@ -134,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown config(s) {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
     rows = []
     for name in names:
-        rows.append(measure(name, args.steps))
+        rows.append(measure(name, args.steps, as_published=args.as_published))
         r = rows[-1]
         print(
             f"step_cost {name:15s} {r['weights']:>8,} weights  {r['cpu_ms_per_step']:7.2f} ms/step",
@@ -145,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now_iso(),
         "machine": machine_info(),
         "shapes": {"seq_len": SEQ_LEN, "pred_len": PRED_LEN, "channels": CHANNELS},
+        "as_published": args.as_published,
         "command": " ".join(["python", *sys.argv]),
         "rows": rows,
     }

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from bench.step_cost import build
 from models import ContinualForecaster, ModelConfig
 from models.checkpoint import DataSchema, save_checkpoint
 from trainer.synthetic import write_synthetic_csv
@@ -86,7 +87,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         *("--work", str(work / "accuracy"), "--out", str(out["accuracy"])),
     )
     run_script(
-        "step_cost.py", "--configs", "ogd,fsnet_ref_size", "--steps", "2", "--out", str(out["step_cost"])
+        *("step_cost.py", "--configs", "ogd,fsnet_ref_size", "--steps", "2", "--as-published"),
+        *("--out", str(out["step_cost"])),
     )
     return out
 
@@ -255,3 +257,11 @@ def test_step_cost_reports_each_config_against_its_weights(outputs: dict[str, Pa
     assert set(rows) == {"ogd", "fsnet_ref_size"} and result["shapes"]["channels"] == 7
     assert 500_000 < rows["fsnet_ref_size"]["weights"] < 600_000 and rows["ogd"]["weights"] < 20_000
     assert all(r["steps"] == 2 and r["cpu_ms_per_step"] > 0 for r in rows.values())
+    assert result["as_published"] is True
+
+
+def test_step_cost_as_published_learns_as_the_baselines_papers() -> None:
+    """The switch gives the baselines' online settings (the results page's ogd and fsnet rows)."""
+    published, default = build("ogd", as_published=True).config, build("ogd").config
+    assert (published.online_lr, published.online_clip, published.online_anchor) == (1e-3, 0.0, 0.0)
+    assert default.online_clip > 0 and default.online_anchor > 0
