@@ -17,13 +17,17 @@ on the same machine, or compare two memcast commits side by side by running this
 each checkout (``PYTHONPATH=<checkout> python -m bench.step_cost``), alternating.
 
     python -m bench.step_cost --out runs/bench/step_cost.json
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect='ffi_call*' \
+        python -m bench.step_cost --configs fsnet_ref_size --steps 5 --region   # instructions
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +65,11 @@ def build(name: str, as_published: bool = False) -> ContinualForecaster:
     return model
 
 
-def measure(name: str, steps: int, warm: int = 10, as_published: bool = False) -> dict[str, Any]:
-    """``steps`` timed observations after the window filled and ``warm`` learning steps."""
+def measure(
+    name: str, steps: int, warm: int = 10, as_published: bool = False, region: bool = False
+) -> dict[str, Any]:
+    """``steps`` timed observations after the window filled and ``warm`` learning steps;
+    ``region``: the timed steps run inside one foreign-function call (:func:`in_region`)."""
     model = build(name, as_published)
     mode = UpdateMode.FULL_MODEL
     start = SEQ_LEN + PRED_LEN + warm
@@ -70,9 +77,14 @@ def measure(name: str, steps: int, warm: int = 10, as_published: bool = False) -
     state = init_stream_state(model, 1, mode)
     for i in range(start):
         state, _ = observe(model, state, data[None, i], mode)
+
+    def timed() -> None:
+        nonlocal state
+        for i in range(start, start + steps):
+            state, _ = observe(model, state, data[None, i], mode)
+
     cpu, wall = time.process_time(), time.perf_counter()
-    for i in range(start, start + steps):
-        state, _ = observe(model, state, data[None, i], mode)
+    in_region(timed) if region else timed()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     config = model.config
     return {
@@ -84,6 +96,15 @@ def measure(name: str, steps: int, warm: int = 10, as_published: bool = False) -
         "steps_per_s": steps / wall,
         "cpu_steps_per_s": steps / cpu,
     }
+
+
+def in_region(fn: Callable[[], None]) -> None:
+    """Call ``fn`` through ctypes, so that an instruction count can be limited to it: under
+    ``valgrind --tool=callgrind --collect-atstart=no --toggle-collect='ffi_call*'`` only what
+    runs inside the foreign call is counted (the timed steps, not the imports, the model's
+    construction or the warm-up). Counts repeat to a few parts in 10,000 whatever else the
+    machine runs, where times on a shared machine moved by a third between runs."""
+    ctypes.CFUNCTYPE(None)(fn)()
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -132,6 +153,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn as the baselines' papers do: online lr 1e-3, no clipping, no anchor",
     )
+    p.add_argument(
+        "--region",
+        action="store_true",
+        help="run the timed steps inside one ctypes call, for callgrind --toggle-collect='ffi_call*'",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench/step_cost.json"))
     return p
 
@@ -145,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown config(s) {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
     rows = []
     for name in names:
-        rows.append(measure(name, args.steps, as_published=args.as_published))
+        rows.append(measure(name, args.steps, as_published=args.as_published, region=args.region))
         r = rows[-1]
         print(
             f"step_cost {name:15s} {r['weights']:>8,} weights  {r['cpu_ms_per_step']:7.2f} ms/step",

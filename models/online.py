@@ -641,7 +641,7 @@ def _learn_one(
         lr=cfg.online_lr,
         betas=cfg.online_betas,
         weight_decay=cfg.online_weight_decay,
-        anchor={_key(k): v.detach() for k, v in model.named_parameters()},
+        anchor=_anchor(model, _key),
         anchor_strength=cfg.online_anchor,
     )
     new_params = _one_row(new_p)
@@ -693,7 +693,7 @@ def _learn_batched(
         lr=cfg.online_lr,
         betas=cfg.online_betas,
         weight_decay=cfg.online_weight_decay,
-        anchor={k: v.detach() for k, v in model.named_parameters()},  # broadcast over the streams
+        anchor=_anchor(model),  # broadcast over the streams
         anchor_strength=cfg.online_anchor,
     )
     k = rows.batch_size[0]
@@ -713,6 +713,14 @@ def _learn_batched(
     out[idx] = updated
     assert out.batch_size[0] == b
     return out
+
+
+def _anchor(model: ContinualForecaster, key: Callable[[str], str] = str) -> dict[str, Tensor] | None:
+    """The pretrained weights a full_model step pulls toward, by ``key(name)``; None where it
+    does not pull (``online_anchor`` 0, the baselines as published)."""
+    if model.config.online_anchor <= 0:
+        return None
+    return {key(k): v.detach() for k, v in model.named_parameters()}
 
 
 def _forecast_one(model: ContinualForecaster) -> Callable[[dict[str, Tensor], Tensor, TensorDict], Tensor]:

@@ -87,7 +87,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         *("--work", str(work / "accuracy"), "--out", str(out["accuracy"])),
     )
     run_script(
-        *("step_cost.py", "--configs", "ogd,fsnet_ref_size", "--steps", "2", "--as-published"),
+        *("step_cost.py", "--configs", "ogd,fsnet_ref_size", "--steps", "2", "--as-published", "--region"),
         *("--out", str(out["step_cost"])),
     )
     return out
