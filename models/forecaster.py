@@ -69,6 +69,12 @@ class Encoded:
     features: Tensor
 
 
+def _under(named: dict[str, Tensor], child: str) -> dict[str, Tensor]:
+    """The entries of ``named`` (keyed by parameter name) under module ``child``, keyed relative to it."""
+    prefix = child + "."
+    return {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
+
+
 class ContinualForecaster(nn.Module):
     """Shared, pretrained parameters only; per-stream state is passed in and returned."""
 
@@ -324,12 +330,6 @@ class ContinualForecaster(nn.Module):
         adapted = {}
         for name, child in self.stateful_children().items():
             if child.learns_from_gradients:
-                prefix = name + "."
-
-                def own(named: dict[str, Tensor], prefix: str = prefix) -> dict[str, Tensor]:
-                    return {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
-
-                adapted[name] = child.adapt(
-                    state[name], own(grads), None if weights is None else own(weights)
-                )
+                own = None if weights is None else _under(weights, name)
+                adapted[name] = child.adapt(state[name], _under(grads, name), own)
         return replaced(state, adapted)

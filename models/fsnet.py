@@ -318,8 +318,9 @@ class _Known(NamedTuple):
     """Calibrations :func:`stacked_adapt` computed, for the forwards that follow it.
 
     ``adapt`` evaluates every controller on the new slow EMAs for the memory's query; the
-    forecast that follows (and, in ``memory_only``, the output corrector's forward of the next
-    step) evaluates the same controllers on the same EMAs again. Kept per EMA tensor (the
+    forecast that follows (and, in ``memory_only``, the next step's output corrector forward
+    and learning forward, whose controllers need no gradient there) evaluates the same
+    controllers on the same EMAs again. Kept per EMA tensor (the
     layers' EMAs are views of one tensor, the key) while it lives, and used only where every
     input is provably the same: each layer's EMA at the same address of the key's storage, no
     in-place change since (tensor versions), and the same controller weights: the same
@@ -372,15 +373,12 @@ def _known(layers: Sequence[FSNetConv], grad_long: Sequence[Tensor]) -> Tensor |
     if held is None or held[0]() is not base:
         return None
     entry = held[1]
+    if base._version != entry.version or tuple(g.data_ptr() for g in grad_long) != entry.addresses:
+        return None
     weights = _controller_weights(layers)
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         return None
-    same = (
-        base._version == entry.version
-        and tuple(g.data_ptr() for g in grad_long) == entry.addresses
-        and _signature(weights) == entry.signature
-    )
-    return entry.calibrations if same else None
+    return entry.calibrations if _signature(weights) == entry.signature else None
 
 
 def _remember(
@@ -456,7 +454,9 @@ def stacked_adapt(
         entries: dict[str, Tensor] = {"grad_long": long, "grad_short": short, "trigger": trigger}
         if first.use_memory:
             per_layer_long = long.view(n_layers, batch, *long.shape[1:]).unbind(0)
-            u = stacked_calibrations(layers, per_layer_long, True, controllers).flatten(0, 1)
+            u = stacked_calibrations(layers, per_layer_long, remember=True, controllers=controllers).flatten(
+                0, 1
+            )
             query = ema(torch.stack([s["q_ema"] for s in states]).flatten(0, 1), u, cfg.gamma_short)
             entries["q_ema"] = query
             if may_be_set(trigger):  # else every memory stays as it is

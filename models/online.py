@@ -630,13 +630,12 @@ def _learn_one(
         return replaced(row, {"model": model.adapt(row["model"], grad_map)})
     # the step on the state's own [1, ...] tensors, keyed as stored: no per-tensor selection of
     # the stream's row and no re-stacking of the results (the anchor broadcasts)
-    opt, clipped = row["opt"], _clip(grad_map, cfg.online_clip)
-    stored = {_key(k): v for k, v in clipped.items()}
+    opt = row["opt"]
     new_p, avg, avg_sq, step = adamw_step(
-        cast(dict[str, Tensor], dict(row["params"].items())),
-        {k: g.unsqueeze(0) for k, g in stored.items()},
-        cast(dict[str, Tensor], dict(opt["exp_avg"].items())),
-        cast(dict[str, Tensor], dict(opt["exp_avg_sq"].items())),
+        _entries(row["params"]),
+        {_key(k): g.unsqueeze(0) for k, g in _clip(grad_map, cfg.online_clip).items()},
+        _entries(opt["exp_avg"]),
+        _entries(opt["exp_avg_sq"]),
         opt["step"][0],
         lr=cfg.online_lr,
         betas=cfg.online_betas,
@@ -846,6 +845,11 @@ def _stream_params(row: TensorDict) -> dict[str, Tensor]:
 def _flat(td: TensorDict) -> dict[str, Tensor]:
     """A one-stream per-parameter TensorDict as ``{parameter name: tensor without stream dim}``."""
     return {k.replace("-", "."): cast(Tensor, v)[0] for k, v in td.items()}
+
+
+def _entries(td: TensorDict) -> dict[str, Tensor]:
+    """A one-level per-parameter ``TensorDict``'s tensors by stored key, stream dim kept."""
+    return cast(dict[str, Tensor], dict(td.items()))
 
 
 def _one_row(entries: Mapping[str, Tensor | TensorDict]) -> TensorDict:

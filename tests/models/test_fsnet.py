@@ -535,7 +535,7 @@ def test_calibrations_adapt_computed_serve_the_next_forwards_unchanged(
 
     monkeypatch.setattr(fsnet, "_known", counted)
     state, forecasts = _replay(model, mode)
-    assert sum(used) >= 10  # one forecast (and, in memory_only, the corrector's forward) per step
+    assert sum(used) >= 10  # one forecast per step (in memory_only, the next step's forwards too)
     _no_known(monkeypatch)
     again, recomputed = _replay(model, mode)
     assert torch.equal(forecasts, recomputed)
